@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# The local stack: a real single-node Apache Kafka broker (KRaft, from Maven Central) and
+# Redis (Debian's redis-server), both bound to 127.0.0.1.
+#   scripts/stack.sh setup   fetch/install what is missing (idempotent)
+#   scripts/stack.sh up      setup, then start both (idempotent) and wait until they answer
+#   scripts/stack.sh down    stop what `up` started
+#   scripts/stack.sh status
+#   scripts/stack.sh kafka-stop|kafka-start|redis-stop|redis-start   (fault tests)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+state=${STACK_DIR:-$root/.stack}
+kafka_port=${KAFKA_PORT:-9092}
+controller_port=${KAFKA_CONTROLLER_PORT:-9093}
+redis_port=${REDIS_PORT:-6379}
+libs=$state/kafka/libs
+mkdir -p "$state"
+
+log() { echo "[stack] $*" >&2; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # port seconds name
+  local i
+  for ((i = 0; i < $2 * 5; i++)); do
+    if port_open "$1"; then return 0; fi
+    sleep 0.2
+  done
+  log "$3 did not open port $1 within $2 s"; return 1
+}
+
+setup_kafka() {
+  if [ -f "$libs/.complete" ]; then return; fi
+  log "fetching Apache Kafka from Maven Central (cached in ~/.m2)"
+  mvn -q -B -f "$root/scripts/kafka/pom.xml" dependency:copy-dependencies \
+    -DoutputDirectory="$libs" -DincludeScope=runtime >&2
+  touch "$libs/.complete"
+}
+
+setup_redis() {
+  if command -v redis-server >/dev/null 2>&1; then return; fi
+  log "installing redis-server from Debian's packages"
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >&2
+}
+
+kafka_start() {
+  if port_open "$kafka_port"; then log "kafka already up on $kafka_port"; return; fi
+  local dir=$state/kafka
+  mkdir -p "$dir/data"
+  cat > "$dir/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$controller_port
+listeners=PLAINTEXT://127.0.0.1:$kafka_port,CONTROLLER://127.0.0.1:$controller_port
+advertised.listeners=PLAINTEXT://127.0.0.1:$kafka_port
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$dir/data
+num.partitions=4
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=true
+delete.topic.enable=true
+log.retention.hours=24
+PROPS
+  cat > "$dir/log4j.properties" <<PROPS
+log4j.rootLogger=WARN, file
+log4j.appender.file=org.apache.log4j.FileAppender
+log4j.appender.file.File=$dir/server.log
+log4j.appender.file.layout=org.apache.log4j.PatternLayout
+log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
+PROPS
+  local java=(java -Xms256m -Xmx1g -XX:+UseG1GC -Dlog4j.configuration="file:$dir/log4j.properties"
+    -cp "$libs/*")
+  if [ ! -f "$dir/data/meta.properties" ]; then
+    "${java[@]}" kafka.tools.StorageTool format -t "$(cat /proc/sys/kernel/random/uuid | tr -d - | head -c 22)" \
+      -c "$dir/server.properties" >/dev/null
+  fi
+  log "starting kafka on 127.0.0.1:$kafka_port"
+  nohup "${java[@]}" kafka.Kafka "$dir/server.properties" >"$dir/stdout.log" 2>&1 &
+  echo $! > "$dir/pid"
+  wait_port "$kafka_port" 90 kafka || { tail -20 "$dir/stdout.log" "$dir/server.log" >&2; exit 1; }
+}
+
+kafka_stop() {
+  local pidf=$state/kafka/pid
+  [ -f "$pidf" ] || return 0
+  local pid; pid=$(cat "$pidf")
+  if kill -0 "$pid" 2>/dev/null; then
+    log "stopping kafka ($pid)"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidf"
+}
+
+redis_start() {
+  if port_open "$redis_port"; then log "redis already up on $redis_port"; return; fi
+  mkdir -p "$state/redis"
+  log "starting redis on 127.0.0.1:$redis_port"
+  redis-server --bind 127.0.0.1 --port "$redis_port" --daemonize yes --save '' --appendonly no \
+    --dir "$state/redis" --pidfile "$state/redis/pid" --logfile "$state/redis/server.log"
+  wait_port "$redis_port" 20 redis
+}
+
+redis_stop() {
+  local pidf=$state/redis/pid
+  [ -f "$pidf" ] || return 0
+  local pid; pid=$(cat "$pidf")
+  if kill -0 "$pid" 2>/dev/null; then
+    log "stopping redis ($pid)"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$pidf"
+}
+
+case "${1:-}" in
+  setup) setup_kafka; setup_redis ;;
+  up) setup_kafka; setup_redis; kafka_start; redis_start; log "stack is up" ;;
+  down) kafka_stop; redis_stop; log "stack is down" ;;
+  reset) kafka_stop; redis_stop; rm -rf "$state/kafka/data" "$state/redis" ;;
+  kafka-start) kafka_start ;;
+  kafka-stop) kafka_stop ;;
+  redis-start) redis_start ;;
+  redis-stop) redis_stop ;;
+  status)
+    port_open "$kafka_port" && echo "kafka: up ($kafka_port)" || echo "kafka: down"
+    port_open "$redis_port" && echo "redis: up ($redis_port)" || echo "redis: down" ;;
+  *) echo "usage: $0 setup|up|down|reset|status|kafka-start|kafka-stop|redis-start|redis-stop" >&2; exit 2 ;;
+esac

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run a command with the local stack up; stop the stack afterwards if this script started it.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+started=0
+if ! "$here/stack.sh" status | grep -q "kafka: up" || ! "$here/stack.sh" status | grep -q "redis: up"; then
+  "$here/stack.sh" up || exit 1
+  started=1
+fi
+"$@"
+rc=$?
+if [ "$started" = 1 ] && [ -z "${KEEP_STACK:-}" ]; then "$here/stack.sh" down; fi
+exit $rc

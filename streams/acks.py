@@ -1,0 +1,125 @@
+"""Per-partition in-flight tracker: release acks only for the contiguous prefix of finished offsets.
+
+faust commits whatever offsets it is told are acked, and its head-gap guard can commit past
+a single unfinished message (faust-streaming #606). So we never hand it an out-of-order ack:
+work finishes in any order, but an offset is released only when every earlier tracked offset
+of its partition has finished too.
+
+Rebalances: on revoke, every token of the partition goes stale (faust has reset its
+bookkeeping); the work keeps running. When faust redelivers an offset we already track, the
+new token is bound to the existing entry instead of starting the work again. The first offset
+redelivered after a revoke is faust's committed position, so anything tracked below it was
+committed already and is dropped.
+
+Usage::
+
+    tracker = AckTracker()
+    if tracker.add(tp, offset, event):   # True: new work, start it
+        ...
+    for event in tracker.finish(tp, offset):
+        event.ack()                      # in offset order, contiguous
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Generic, Hashable, TypeVar
+
+T = TypeVar("T")
+TP = Hashable
+
+
+@dataclass(slots=True)
+class _Entry(Generic[T]):
+    token: T | None
+    done: bool = False
+
+
+@dataclass(slots=True)
+class _Partition(Generic[T]):
+    offsets: list[int] = field(default_factory=list)  # sorted; usually appended in order
+    entries: dict[int, _Entry[T]] = field(default_factory=dict)
+    fresh: bool = False  # revoked: the next add() tells us faust's committed position
+
+    def release(self) -> list[T]:
+        out: list[T] = []
+        n = 0
+        for off in self.offsets:
+            entry = self.entries[off]
+            if not entry.done:
+                break
+            del self.entries[off]
+            n += 1
+            if entry.token is not None:
+                out.append(entry.token)
+        if n:
+            del self.offsets[:n]
+        return out
+
+
+class AckTracker(Generic[T]):
+    """Tracks in-flight offsets per partition; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._parts: dict[TP, _Partition[T]] = {}
+
+    def add(self, tp: TP, offset: int, token: T) -> bool:
+        """Track an offset; return False when it is already tracked (a redelivery)."""
+        part = self._parts.get(tp)
+        if part is None:
+            part = self._parts[tp] = _Partition()
+        if part.fresh:
+            part.fresh = False
+            cut = bisect.bisect_left(part.offsets, offset)
+            for off in part.offsets[:cut]:
+                del part.entries[off]
+            del part.offsets[:cut]
+        entry = part.entries.get(offset)
+        if entry is not None:
+            entry.token = token
+            return False
+        part.entries[offset] = _Entry(token)
+        if not part.offsets or offset > part.offsets[-1]:
+            part.offsets.append(offset)
+        else:
+            bisect.insort(part.offsets, offset)
+        return True
+
+    def finish(self, tp: TP, offset: int) -> list[T]:
+        """Mark an offset finished; return the tokens now safe to ack, in offset order."""
+        part = self._parts.get(tp)
+        if part is None:
+            return []
+        entry = part.entries.get(offset)
+        if entry is None:
+            return []
+        entry.done = True
+        if part.offsets[0] != offset:
+            return []
+        return part.release()
+
+    def pending(self, tp: TP) -> list[T]:
+        """Tokens whose offset is finished, now releasable (after a redelivery rebind)."""
+        part = self._parts.get(tp)
+        return part.release() if part is not None else []
+
+    def revoke(self, tps: set[TP] | list[TP]) -> None:
+        """Partitions were revoked: drop every token, keep the work."""
+        for tp in tps:
+            part = self._parts.get(tp)
+            if part is None:
+                continue
+            part.fresh = True
+            for entry in part.entries.values():
+                entry.token = None
+
+    def in_flight(self, tp: TP | None = None) -> int:
+        if tp is not None:
+            part = self._parts.get(tp)
+            return 0 if part is None else sum(not e.done for e in part.entries.values())
+        return sum(self.in_flight(t) for t in self._parts)
+
+    def tracked(self, tp: TP) -> list[int]:
+        part = self._parts.get(tp)
+        return list(part.offsets) if part is not None else []

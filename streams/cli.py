@@ -1,0 +1,130 @@
+"""Command line: parse, load settings, call the one function that does the work.
+
+    llm-streams worker [--config PATH] [--log-format text|json]
+    llm-streams batch REQUESTS.jsonl --save SAVE.jsonl [--errors ERRORS.jsonl] [--config PATH]
+    llm-streams mock-llm [--port] [--latency-ms] [--jitter-ms] [--error-rate]
+                         [--status-on-error] [--retry-after]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from streams.config import Settings, load_settings
+from streams.errors import ConfigError
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc).decode()
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("aiokafka", "faust", "mode"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging(settings.worker.log_level, args.log_format)
+    from streams.worker import run_worker  # faust is heavy to import: only when needed
+
+    return run_worker(settings)
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging("WARNING", args.log_format)
+    from streams.batch import run_batch
+
+    summary = asyncio.run(
+        run_batch(settings, Path(args.requests), Path(args.save),
+                  Path(args.errors) if args.errors else None, timeout=args.timeout)
+    )
+    return 3 if summary.missing else (1 if summary.failed else 0)
+
+
+def cmd_mock(args: argparse.Namespace) -> int:
+    from streams.mock_llm import MockBehaviour, run_mock
+
+    behaviour = MockBehaviour(
+        latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, error_rate=args.error_rate,
+        status_on_error=args.status_on_error, retry_after=args.retry_after,
+    )
+    run_mock(args.host, args.port, behaviour)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llm-streams", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="YAML config file (default: built-in local defaults)")
+        sp.add_argument("--log-format", choices=("text", "json"), default="text")
+
+    w = sub.add_parser("worker", help="run the stream processor until SIGINT/SIGTERM")
+    common(w)
+    w.set_defaults(func=cmd_worker)
+
+    b = sub.add_parser("batch", help="publish a JSONL file of requests and collect the answers")
+    b.add_argument("requests", help="JSONL file, one request object per line")
+    b.add_argument("--save", required=True, help="where to write responses (JSONL)")
+    b.add_argument("--errors", help="where to write dead letters (JSONL)")
+    b.add_argument("--timeout", type=float, default=3600.0, help="give up after SECONDS")
+    common(b)
+    b.set_defaults(func=cmd_batch)
+
+    m = sub.add_parser("mock-llm", help="serve an OpenAI-compatible mock endpoint")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=8001)
+    m.add_argument("--latency-ms", type=float, default=0.0)
+    m.add_argument("--jitter-ms", type=float, default=0.0)
+    m.add_argument("--error-rate", type=float, default=0.0)
+    m.add_argument("--status-on-error", type=int, default=500)
+    m.add_argument("--retry-after", type=float, default=None)
+    m.set_defaults(func=cmd_mock)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"llm-streams: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""One validated settings object, loaded once at the edge (the CLI) and passed down.
+
+Sources, highest priority first: environment variables ``LLM_STREAMS__SECTION__KEY``
+(``LLM_STREAMS__ENDPOINTS`` takes a JSON list), then the YAML file, then the defaults here.
+Nothing else in the package reads ``os.environ``: API keys are resolved here from each
+endpoint's ``api_key_env`` into a ``SecretStr``.
+
+Usage::
+
+    settings = load_settings("config/default.yaml")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from streams.errors import ConfigError
+
+ENV_PREFIX = "LLM_STREAMS__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "llm-streams"
+    partitions: int = Field(4, ge=1, le=10_000)
+    replication_factor: int = Field(1, ge=1)
+    client_id: str = "llm-streams"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password_env: str | None = None
+    sasl_password: SecretStr | None = Field(None, exclude=True)
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    session_timeout_seconds: float = Field(30.0, gt=0)
+    commit_interval_seconds: float = Field(1.0, gt=0)
+
+
+class TopicsConfig(_Section):
+    requests: str = "llm.requests"
+    responses: str = "llm.responses"
+    dead_letter: str = "llm.requests.dlq"
+
+
+class RedisConfig(_Section):
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    password_env: str | None = None
+    password: SecretStr | None = Field(None, exclude=True)
+    key_prefix: str = "llmstreams"
+    socket_timeout_seconds: float = Field(1.0, gt=0)
+
+
+class NormalizeConfig(_Section):
+    whitespace: bool = True
+    case_fold: bool = False
+
+
+class CacheConfig(_Section):
+    enabled: bool = True
+    ttl_seconds: int = Field(86_400, ge=1)
+    normalize: NormalizeConfig = NormalizeConfig()
+    max_value_bytes: int = Field(1_048_576, ge=1)
+    compress_min_bytes: int = Field(2_048, ge=0)
+    idempotency_ttl_seconds: int = Field(7 * 86_400, ge=1)
+    coalesce_wait_seconds: float = Field(120.0, gt=0)
+    coalesce_lock_seconds: float = Field(10.0, gt=0)
+    coalesce_poll_seconds: float = Field(0.05, gt=0)
+    batch_max_keys: int = Field(256, ge=1)
+    redis_retry_seconds: float = Field(1.0, ge=0)
+    error_log_interval_seconds: float = Field(10.0, ge=0)
+
+
+class LimitsConfig(_Section):
+    max_inflight: int = Field(2_000, ge=1)
+    max_requests_per_second: float | None = Field(None, gt=0)
+    max_value_bytes: int = Field(1_048_576, ge=1)
+    priority_aging_ms: int = Field(10_000, ge=0)
+
+
+class RetryConfig(_Section):
+    max_attempts: int = Field(4, ge=1, le=100)
+    base_delay_ms: int = Field(200, ge=0)
+    max_delay_ms: int = Field(20_000, ge=0)
+    max_retry_after_ms: int = Field(60_000, ge=0)
+    cooldown_seconds: float = Field(5.0, gt=0)
+    cooldown_after_failures: int = Field(3, ge=1)
+
+
+class EndpointConfig(_Section):
+    name: str = Field(min_length=1)
+    url: str = Field(min_length=1)
+    api_key_env: str | None = None
+    api_key: SecretStr | None = Field(None, exclude=True)
+    weight: float = Field(1.0, ge=0)
+    models: list[str] | None = None
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+    timeout_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) base URL ending in /v1")
+        return value.rstrip("/")
+
+    def serves(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+class MetricsConfig(_Section):
+    port: int = Field(9300, ge=0, le=65_535)
+    host: str = "127.0.0.1"
+
+
+class WorkerConfig(_Section):
+    default_model: str = "gpt-4o-mini"
+    shutdown_grace_seconds: float = Field(20.0, ge=0)
+    dlq_raw_limit_bytes: int = Field(65_536, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    gc_threshold: int | None = Field(100_000, ge=700)
+
+
+class Settings(BaseSettings):
+    """The whole configuration; see config/default.yaml for every key with a comment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    kafka: KafkaConfig = KafkaConfig()
+    topics: TopicsConfig = TopicsConfig()
+    redis: RedisConfig = RedisConfig()
+    cache: CacheConfig = CacheConfig()
+    limits: LimitsConfig = LimitsConfig()
+    retry: RetryConfig = RetryConfig()
+    endpoints: list[EndpointConfig] = [
+        EndpointConfig(name="mock-a", url="http://127.0.0.1:8001/v1")
+    ]
+    metrics: MetricsConfig = MetricsConfig()
+    worker: WorkerConfig = WorkerConfig()
+
+    @field_validator("endpoints")
+    @classmethod
+    def _unique_names(cls, value: list[EndpointConfig]) -> list[EndpointConfig]:
+        if not value:
+            raise ValueError("at least one endpoint is required")
+        names = [e.name for e in value]
+        if len(set(names)) != len(names):
+            raise ValueError("endpoint names must be unique")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the YAML file (passed as init kwargs).
+        return (env_settings, init_settings)
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"invalid config key {loc}: {err['msg']}{more}"
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def _resolve_secrets(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    def secret(env_name: str | None, what: str) -> SecretStr | None:
+        if env_name is None:
+            return None
+        value = environ.get(env_name)
+        if value is None:
+            raise ConfigError(f"invalid config key {what}: environment variable {env_name} is not set")
+        return SecretStr(value)
+
+    endpoints = [
+        e.model_copy(update={"api_key": secret(e.api_key_env, f"endpoints.{e.name}.api_key_env")})
+        for e in settings.endpoints
+    ]
+    kafka = settings.kafka.model_copy(
+        update={"sasl_password": secret(settings.kafka.sasl_password_env, "kafka.sasl_password_env")}
+    )
+    redis = settings.redis.model_copy(
+        update={"password": secret(settings.redis.password_env, "redis.password_env")}
+    )
+    return settings.model_copy(update={"endpoints": endpoints, "kafka": kafka, "redis": redis})
+
+
+def load_settings(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Load YAML (if given), apply env overrides and keyword overrides, resolve secrets.
+
+    Raises ConfigError with one line naming the offending key.
+    """
+    data = _read_yaml(Path(path)) if path is not None else {}
+    data.update(overrides)
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from None
+    return _resolve_secrets(settings, os.environ if environ is None else environ)

@@ -1,0 +1,110 @@
+"""Exceptions of llm-streams. Every class says whether a retry may help (``retryable``).
+
+::
+
+    StreamsError
+    ├── ConfigError                 wrong configuration; the CLI prints one line and exits 2
+    ├── ValidationFailed            a request record breaks the contract  -> DLQ "validation"
+    ├── UpstreamError               an endpoint call failed               -> DLQ "upstream"
+    │   ├── UpstreamStatusError     HTTP status >= 400 (retryable: 408, 429, 5xx)
+    │   ├── UpstreamTimeout         the hard per-call timeout fired (retryable)
+    │   ├── UpstreamConnectionError connect/reset/DNS (retryable)
+    │   └── UpstreamBadResponse     2xx whose body is not a chat completion (not retryable)
+    ├── AttemptsExhausted           retry.max_attempts used up            -> DLQ "exhausted"
+    ├── DeadlineExpired             the request's deadline passed         -> DLQ "expired"
+    └── NoEndpoint                  no configured endpoint serves the model -> DLQ "upstream"
+
+Foreign exceptions (aiohttp, redis, aiokafka) are translated where they enter, in
+``upstream.py``, ``cache.py`` and ``ratelimit.py``. Messages never contain secrets.
+"""
+
+from __future__ import annotations
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class StreamsError(Exception):
+    """Base of every llm-streams exception."""
+
+    retryable: bool = False
+    dlq_type: str = "internal"
+    status: int | None = None
+
+
+class ConfigError(StreamsError):
+    """The configuration is invalid; the message names the key."""
+
+
+class ValidationFailed(StreamsError):
+    """A request record does not satisfy the contract."""
+
+    dlq_type = "validation"
+
+
+class UpstreamError(StreamsError):
+    """An upstream endpoint call failed."""
+
+    dlq_type = "upstream"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.status = status
+        self.retry_after = retry_after  # seconds the endpoint asked us to wait, if it did
+
+
+class UpstreamStatusError(UpstreamError):
+    """The endpoint answered with an HTTP error status."""
+
+    @property  # type: ignore[override]
+    def retryable(self) -> bool:
+        return self.status in RETRYABLE_STATUS
+
+
+class UpstreamTimeout(UpstreamError):
+    retryable = True
+
+
+class UpstreamConnectionError(UpstreamError):
+    retryable = True
+
+
+class UpstreamBadResponse(UpstreamError):
+    """A 2xx answer that is not a chat completion."""
+
+
+class AttemptsExhausted(StreamsError):
+    dlq_type = "exhausted"
+
+    def __init__(self, message: str, last: StreamsError | None = None) -> None:
+        super().__init__(message)
+        self.last = last
+        self.status = last.status if last is not None else None
+        self.retryable = True
+
+
+class DeadlineExpired(StreamsError):
+    dlq_type = "expired"
+
+
+class NoEndpoint(StreamsError):
+    """No configured endpoint serves the request's model."""
+
+    dlq_type = "upstream"
+
+
+class DispatchFailed(StreamsError):
+    """A request could not be answered; carries what the dead letter reports."""
+
+    def __init__(self, error: StreamsError, attempts: int, endpoints: list[str]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.attempts = attempts
+        self.endpoints = endpoints

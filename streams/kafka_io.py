@@ -1,0 +1,145 @@
+"""Kafka plumbing outside faust: connection options, topic creation and the output publisher.
+
+Usage::
+
+    await ensure_topics(settings)
+    async with open_producer(settings) as producer:
+        publisher = KafkaPublisher(producer, metrics)
+        await publisher.publish("llm.responses", key, value)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    TopicAlreadyExistsError,
+)
+
+from streams.config import Settings
+from streams.metrics import PipelineMetrics
+from streams.processor import Headers, OutputTooLarge
+
+log = logging.getLogger("streams.kafka")
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    k = settings.kafka
+    if k.security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    ctx = ssl.create_default_context(cafile=k.ssl_cafile)
+    if k.ssl_certfile:
+        ctx.load_cert_chain(k.ssl_certfile, k.ssl_keyfile)
+    return ctx
+
+
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """aiokafka keyword arguments for bootstrap servers and security."""
+    k = settings.kafka
+    opts: dict[str, Any] = {
+        "bootstrap_servers": k.bootstrap_servers.split(","),
+        "security_protocol": k.security_protocol,
+    }
+    ctx = ssl_context(settings)
+    if ctx is not None:
+        opts["ssl_context"] = ctx
+    if k.security_protocol.startswith("SASL"):
+        opts["sasl_mechanism"] = k.sasl_mechanism or "PLAIN"
+        opts["sasl_plain_username"] = k.sasl_username
+        opts["sasl_plain_password"] = (
+            k.sasl_password.get_secret_value() if k.sasl_password is not None else None
+        )
+    return opts
+
+
+async def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
+    """Create the requests, responses and dead-letter topics if missing; return those created."""
+    admin = AIOKafkaAdminClient(
+        client_id=f"{settings.kafka.client_id}-admin", request_timeout_ms=int(timeout * 1000),
+        **connection_options(settings),
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        t = settings.topics
+        wanted = [n for n in (t.requests, t.responses, t.dead_letter) if n not in existing]
+        if not wanted:
+            return []
+        new = [
+            NewTopic(n, settings.kafka.partitions, settings.kafka.replication_factor)
+            for n in wanted
+        ]
+        try:
+            await admin.create_topics(new)
+        except TopicAlreadyExistsError:  # another worker won the race
+            pass
+        return wanted
+    finally:
+        await admin.close()
+
+
+@asynccontextmanager
+async def open_producer(settings: Settings, **overrides: Any) -> AsyncIterator[AIOKafkaProducer]:
+    options: dict[str, Any] = {
+        "client_id": settings.kafka.client_id,
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 2,
+        "max_batch_size": 256 * 1024,
+        "request_timeout_ms": 30_000,
+        **connection_options(settings),
+        **overrides,
+    }
+    producer = AIOKafkaProducer(**options)
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        await producer.stop()
+
+
+class KafkaPublisher:
+    """Publishes an output record and returns only once the broker acknowledged it.
+
+    Transient failures are retried with capped backoff for as long as it takes: the offset
+    of the request is not committed meanwhile, so the partition waits instead of losing it.
+    """
+
+    def __init__(
+        self, producer: AIOKafkaProducer, metrics: PipelineMetrics, max_backoff: float = 5.0
+    ) -> None:
+        self._producer = producer
+        self._metrics = metrics
+        self._max_backoff = max_backoff
+        self._last_log = 0.0
+
+    async def publish(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
+    ) -> None:
+        delay = 0.05
+        while True:
+            try:
+                fut = await self._producer.send(topic, value=value, key=key, headers=headers)
+                await fut
+                return
+            except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
+                raise OutputTooLarge(f"output record of {len(value)} bytes refused: {exc}") from None
+            except KafkaError as exc:
+                self._metrics.publish_errors.inc()
+                now = time.monotonic()
+                if now - self._last_log > 5.0:
+                    self._last_log = now
+                    log.warning("publish to %s failed (%s); retrying", topic, type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_backoff)

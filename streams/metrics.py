@@ -1,0 +1,98 @@
+"""Prometheus metrics of the pipeline, and the worker's small HTTP server.
+
+The registry is passed in, never the global one, so two workers in one process (tests) do not
+interfere. Labels are bounded: topic, outcome, error type, model (from config and requests).
+
+Usage::
+
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    server = await start_http(registry, "127.0.0.1", 9300, ready=lambda: True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)
+
+
+class PipelineMetrics:
+    """Counters and gauges of the consume -> answer -> publish pipeline."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.consumed = Counter(
+            "llm_streams_records_consumed", "Request records consumed", ["topic"],
+            registry=registry,
+        )
+        self.outputs = Counter(
+            "llm_streams_outputs",
+            "Output records published, by outcome (ok, cached, replayed) or dead-letter type",
+            ["outcome"],
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "llm_streams_dead_letters", "Dead letters published by error type", ["type"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "llm_streams_end_to_end_seconds",
+            "From the request record's timestamp to its output's publish",
+            ["outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "llm_streams_in_flight", "Requests consumed and not yet answered", registry=registry
+        )
+        self.publish_errors = Counter(
+            "llm_streams_publish_errors", "Failed attempts to publish an output record",
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "llm_streams_tokens", "Tokens reported by upstream usage", ["model", "kind"],
+            registry=registry,
+        )
+        self.consumer_lag = Gauge(
+            "llm_streams_consumer_lag",
+            "Records behind the partition's end offset",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.assigned_partitions = Gauge(
+            "llm_streams_assigned_partitions", "Partitions assigned to this worker",
+            registry=registry,
+        )
+
+
+async def start_http(
+    registry: CollectorRegistry, host: str, port: int, ready: Callable[[], bool]
+) -> web.AppRunner:
+    """Serve /metrics, /healthz and /readyz until the returned runner is cleaned up."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        resp = web.Response(body=generate_latest(registry))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok = ready()
+        return web.json_response({"ready": ok}, status=200 if ok else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

@@ -1,0 +1,198 @@
+"""Turns one consumed record into exactly one published output record.
+
+``Processor.process`` never raises (except on cancellation): every failure becomes a dead
+letter, so nothing a record contains can crash the agent or skip its offset
+(faust-streaming #315/#527). It returns only after the output is acknowledged by the broker;
+the caller acks the offset after that.
+
+Usage::
+
+    processor = Processor(settings, publisher, dispatcher, cache, metrics)
+    await processor.process(InRecord(source, key, value))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from streams.config import Settings
+from streams.contract import (
+    Completion,
+    Request,
+    Source,
+    dead_letter_record,
+    parse_request,
+    peek_id,
+    response_record,
+)
+from streams.errors import (
+    DispatchFailed,
+    StreamsError,
+    ValidationFailed,
+)
+from streams.metrics import PipelineMetrics
+
+log = logging.getLogger("streams.processor")
+
+Headers = list[tuple[str, bytes]]
+
+
+class InternalError(StreamsError):
+    """A bug or an unexpected failure while handling a request (dead letter "internal")."""
+
+
+class OutputTooLarge(StreamsError):
+    """The broker refuses an output record because of its size (not retryable)."""
+
+
+@dataclass(slots=True, frozen=True)
+class InRecord:
+    source: Source
+    key: bytes | None
+    value: bytes | None
+
+
+class Publisher(Protocol):
+    async def publish(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
+    ) -> None:
+        """Return once the broker acknowledged the record; retry transient failures inside."""
+
+
+class Answerer(Protocol):
+    async def dispatch(self, req: Request) -> Completion: ...
+
+
+class Cache(Protocol):
+    async def recall(self, request_id: str) -> bytes | None: ...
+    async def lookup(self, req: Request) -> Completion | None: ...
+    async def answer(self, req: Request, compute: Callable[[], Any]) -> Completion: ...
+    async def store(self, req: Request, comp: Completion) -> None: ...
+    async def remember(self, request_id: str, value: bytes) -> None: ...
+    def note_replay(self) -> None: ...
+
+
+class Processor:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: Publisher,
+        dispatcher: Answerer,
+        cache: Cache | None,
+        metrics: PipelineMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._publisher = publisher
+        self._dispatcher = dispatcher
+        self._cache = cache
+        self._metrics = metrics
+        self._clock = clock
+        self._topics = settings.topics
+
+    async def process(self, rec: InRecord) -> str:
+        """Answer or dead-letter one record; return the outcome label."""
+        try:
+            req = parse_request(
+                rec.value,
+                max_bytes=self._settings.limits.max_value_bytes,
+                default_model=self._settings.worker.default_model,
+            )
+        except ValidationFailed as exc:
+            return await self._dead_letter(rec, exc, None, peek_id(rec.value), 0, [])
+        try:
+            return await self._answer(rec, req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the agent's edge: a bug must become a dead letter, not a skip
+            log.exception("request %s: internal error", req.id)
+            err = InternalError(f"{type(exc).__name__}: {exc}")
+            return await self._dead_letter(rec, err, req, req.id, 0, [])
+
+    async def _answer(self, rec: InRecord, req: Request) -> str:
+        cache = self._cache
+        if cache is not None:
+            stored = await cache.recall(req.id)
+            if stored is not None:
+                cache.note_replay()
+                await self._publish(self._topics.responses, rec.key, stored)
+                self._metrics.outputs.labels("replayed").inc()
+                return "replayed"
+        try:
+            if cache is None:
+                comp = await self._dispatcher.dispatch(req)
+            else:
+                comp = await cache.answer(req, lambda: self._dispatcher.dispatch(req))
+        except DispatchFailed as failed:
+            return await self._dead_letter(
+                rec, failed.error, req, req.id, failed.attempts, failed.endpoints
+            )
+        return await self._respond(rec, req, comp)
+
+    async def _respond(self, rec: InRecord, req: Request, comp: Completion) -> str:
+        latency_ms = max(0, int(self._clock() * 1000) - rec.source.timestamp)
+        value = response_record(req, comp, latency_ms=latency_ms)
+        cache = self._cache
+        try:
+            if cache is not None and not comp.cached:
+                # Remember before the offset is committed, so a redelivery never pays twice.
+                await asyncio.gather(
+                    self._publish(self._topics.responses, rec.key, value),
+                    cache.store(req, comp),
+                    cache.remember(req.id, value),
+                )
+            else:
+                await self._publish(self._topics.responses, rec.key, value)
+        except OutputTooLarge as exc:
+            return await self._dead_letter(rec, exc, req, req.id, comp.attempts, comp.endpoints)
+        outcome = "cached" if comp.cached else "ok"
+        self._metrics.outputs.labels(outcome).inc()
+        self._metrics.latency.labels(outcome).observe(latency_ms / 1000.0)
+        if not comp.cached:
+            usage = comp.usage
+            self._metrics.tokens.labels(comp.model, "prompt").inc(usage["prompt_tokens"])
+            self._metrics.tokens.labels(comp.model, "completion").inc(usage["completion_tokens"])
+        return outcome
+
+    async def _publish(self, topic: str, key: bytes | None, value: bytes,
+                       headers: Headers | None = None) -> None:
+        await self._publisher.publish(topic, key, value, headers)
+
+    async def _dead_letter(
+        self,
+        rec: InRecord,
+        error: StreamsError,
+        req: Request | None,
+        request_id: str | None,
+        attempts: int,
+        endpoints: list[str],
+    ) -> str:
+        raw_limit = self._settings.worker.dlq_raw_limit_bytes
+        value, headers = dead_letter_record(
+            error=error, source=rec.source, value=rec.value, request=req, request_id=request_id,
+            attempts=attempts, endpoints=endpoints, raw_limit=raw_limit,
+        )
+        try:
+            await self._publish(self._topics.dead_letter, rec.key, value, headers)
+        except OutputTooLarge:
+            # Even the dead letter is too big: keep what identifies the request and its error.
+            doc = orjson.loads(value)
+            doc["request"] = None
+            doc["raw"] = (doc.get("raw") or "")[:1024]
+            doc["truncated"] = True
+            await self._publish(self._topics.dead_letter, rec.key, orjson.dumps(doc), headers)
+        kind = error.dlq_type
+        self._metrics.dead_letters.labels(kind).inc()
+        self._metrics.outputs.labels(f"dead_letter_{kind}").inc()
+        if kind != "validation":
+            log.warning("request %s: dead letter %s: %s", request_id, kind, error)
+        return f"dead_letter_{kind}"

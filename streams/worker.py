@@ -1,0 +1,280 @@
+"""The stream worker: a thin faust agent in front of our own in-flight tracker.
+
+The agent takes events with ``noack()``, hands each to a task, and acks to faust only the
+contiguous prefix of finished offsets per partition (see ``acks.py``). A semaphore of
+``limits.max_inflight`` slots is taken before each event is accepted: when it is empty the
+agent stops pulling, faust's buffer fills and faust pauses the partitions (backpressure).
+
+Shutdown (SIGINT/SIGTERM): stop accepting, let in-flight work finish within
+``worker.shutdown_grace_seconds``, commit, exit 0; unfinished work is redelivered later.
+
+Usage::
+
+    run_worker(load_settings("config/default.yaml"))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import tempfile
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+import faust
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from streams.acks import AckTracker
+from streams.cache import ResponseCache
+from streams.config import Settings
+from streams.contract import Source
+from streams.dispatcher import Dispatcher
+from streams.kafka_io import KafkaPublisher, connection_options, ensure_topics, open_producer
+from streams.metrics import PipelineMetrics, start_http
+from streams.processor import InRecord, Processor
+from streams.upstream import UpstreamClient
+
+log = logging.getLogger("streams.worker")
+
+
+class Runtime:
+    """Owns the resources and the in-flight work of one worker process."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self.metrics = PipelineMetrics(self.registry)
+        self.app: faust.App | None = None
+        self._tracker: AckTracker[Any] = AckTracker()
+        self._slots = asyncio.Semaphore(settings.limits.max_inflight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ready = asyncio.Event()
+        self._stopping = False
+        self._stack = AsyncExitStack()
+        self._processor: Processor | None = None
+        self._redis: aioredis.Redis | None = None
+        self.redis_ok = False
+        self.assigned = 0
+
+    async def start(self) -> None:
+        s = self.settings
+        stack = self._stack
+        producer = await stack.enter_async_context(open_producer(s))
+        publisher = KafkaPublisher(producer, self.metrics)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+        )
+        password = s.redis.password.get_secret_value() if s.redis.password else None
+        self._redis = aioredis.Redis.from_url(
+            s.redis.url.get_secret_value(),
+            password=password,
+            socket_timeout=s.redis.socket_timeout_seconds,
+            socket_connect_timeout=s.redis.socket_timeout_seconds,
+        )
+        stack.push_async_callback(self._redis.aclose)
+        dispatcher = await stack.enter_async_context(
+            Dispatcher(s, UpstreamClient(session), self._redis, self.registry)
+        )
+        cache = None
+        if s.cache.enabled:
+            cache = await stack.enter_async_context(ResponseCache(s, self._redis, self.registry))
+        self._processor = Processor(s, publisher, dispatcher, cache, self.metrics)
+        if s.metrics.port:
+            runner = await start_http(self.registry, s.metrics.host, s.metrics.port, self.ready)
+            stack.push_async_callback(runner.cleanup)
+        stack.enter_context(_RedisProbe(self))
+        self._ready.set()
+
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self._stopping and self.redis_ok and self.assigned > 0
+
+    async def submit(self, event: Any) -> None:
+        """Accept one faust event (blocks while every in-flight slot is taken)."""
+        if not self._ready.is_set():
+            await self._ready.wait()
+        if self._stopping:
+            await asyncio.Event().wait()  # take nothing more; the agent is cancelled at stop
+        await self._slots.acquire()
+        msg = event.message
+        tp = msg.tp
+        if not self._tracker.add(tp, msg.offset, event):
+            self._slots.release()  # a redelivery of work still in flight: no second task
+            _ack_all(self._tracker.pending(tp))
+            return
+        self.metrics.consumed.labels(msg.topic).inc()
+        self.metrics.in_flight.inc()
+        ts = msg.timestamp
+        rec = InRecord(
+            Source(msg.topic, msg.partition, msg.offset, int(ts * 1000) if ts else 0),
+            msg.key,
+            msg.value,
+        )
+        task = asyncio.create_task(self._run(tp, msg.offset, rec))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, tp: Any, offset: int, rec: InRecord) -> None:
+        assert self._processor is not None
+        try:
+            await self._processor.process(rec)
+        finally:
+            self._slots.release()
+            self.metrics.in_flight.dec()
+        _ack_all(self._tracker.finish(tp, offset))
+
+    def on_revoked(self, revoked: set[Any]) -> None:
+        self._tracker.revoke(revoked)
+
+    async def drain(self) -> None:
+        """Stop accepting; give in-flight work the grace period, then cancel the rest."""
+        self._stopping = True
+        grace = self.settings.worker.shutdown_grace_seconds
+        if self._tasks:
+            log.info("draining %d in-flight requests (grace %.0f s)", len(self._tasks), grace)
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("%d requests unfinished at shutdown; they will be redelivered",
+                            len(pending))
+                await asyncio.wait(pending, timeout=5)
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+
+def _ack_all(events: list[Any]) -> None:
+    for event in events:
+        event.ack()
+
+
+class _RedisProbe:
+    """Keeps ``runtime.redis_ok`` current for /readyz with a cheap periodic PING."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._task: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> _RedisProbe:
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _loop(self) -> None:
+        r = self._runtime
+        while True:
+            try:
+                assert r._redis is not None
+                r.redis_ok = bool(await r._redis.ping())
+            except Exception:  # any failure means "not ready"; the cause is logged by the cache
+                r.redis_ok = False
+            await asyncio.sleep(1.0)
+
+
+class StreamsApp(faust.App):
+    """faust.App whose stop drains our in-flight work and commits before faust stops."""
+
+    runtime: Runtime
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        await self.runtime.start()
+
+    async def on_stop(self) -> None:
+        await self.runtime.drain()
+        try:
+            await self.consumer.commit()
+        except Exception as exc:  # commit is best effort here: uncommitted work is redelivered
+            log.warning("final commit failed: %s", type(exc).__name__)
+        await super().on_stop()
+        await self.runtime.close()
+
+
+def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
+    s = settings
+    credentials = None
+    if s.kafka.security_protocol != "PLAINTEXT":
+        opts = connection_options(s)
+        if s.kafka.security_protocol.startswith("SASL"):
+            credentials = faust.SASLCredentials(
+                username=opts["sasl_plain_username"],
+                password=opts["sasl_plain_password"],
+                mechanism=opts["sasl_mechanism"],
+                ssl_context=opts.get("ssl_context"),
+            )
+        else:
+            credentials = faust.SSLCredentials(opts["ssl_context"])
+    app = StreamsApp(
+        s.kafka.group_id,
+        broker=[f"kafka://{b}" for b in s.kafka.bootstrap_servers.split(",")],
+        broker_credentials=credentials,
+        datadir=os.path.join(tempfile.gettempdir(), f"llm-streams-{s.kafka.group_id}"),
+        topic_partitions=s.kafka.partitions,
+        topic_replication_factor=s.kafka.replication_factor,
+        stream_wait_empty=False,  # we drain ourselves; faust's wait would hold rebalances hostage
+        broker_commit_interval=s.kafka.commit_interval_seconds,
+        broker_session_timeout=s.kafka.session_timeout_seconds,
+        consumer_auto_offset_reset="earliest",
+        stream_buffer_maxsize=min(4096, max(256, s.limits.max_inflight)),
+        producer_acks=-1,
+        web_enabled=False,
+        stream_processing_timeout=3600,
+    )
+    app.runtime = runtime
+    runtime.app = app
+    topic = app.topic(
+        s.topics.requests, key_type=bytes, value_type=bytes,
+        key_serializer="raw", value_serializer="raw",
+    )
+
+    async def requests(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.noack().events():
+            try:
+                await runtime.submit(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let an event escape the agent (faust would skip it)
+                log.exception("could not accept record at offset %s", event.message.offset)
+
+    app.agent(topic, name="llm-requests")(requests)
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(sender: Any, revoked: set[Any], **_: Any) -> None:
+        runtime.on_revoked(revoked)
+        runtime.assigned = 0
+
+    @app.on_partitions_assigned.connect
+    async def _assigned(sender: Any, assigned: set[Any], **_: Any) -> None:
+        runtime.assigned = len(assigned)
+        runtime.metrics.assigned_partitions.set(len(assigned))
+
+    return app
+
+
+def run_worker(settings: Settings) -> int:
+    """Run until SIGINT/SIGTERM; return the exit code."""
+    if settings.worker.gc_threshold:
+        # Fewer cyclic-GC passes with thousands of requests in flight (see BENCHMARKS.md).
+        gc.set_threshold(settings.worker.gc_threshold, 50, 100)
+    asyncio.run(ensure_topics(settings))
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    runtime = Runtime(settings)
+    app = build_app(settings, runtime)
+    worker = faust.Worker(
+        app, loop=loop, loglevel=settings.worker.log_level.lower(), quiet=True,
+        override_logging=False,
+    )
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import base64
+
+import orjson
+import pytest
+
+from streams.contract import (
+    Completion,
+    Source,
+    dead_letter_record,
+    parse_request,
+    peek_id,
+    response_record,
+)
+from streams.errors import UpstreamStatusError, ValidationFailed
+
+LIMIT = 1 << 20
+
+
+def parse(doc: object) -> object:
+    return parse_request(orjson.dumps(doc), max_bytes=LIMIT, default_model="m-default")
+
+
+def test_minimal_input_request_gets_defaults() -> None:
+    req = parse({"id": "a", "input": "hi"})
+    assert req.model == "m-default" and req.priority == 5 and req.tenant is None
+    assert req.chat_messages() == [{"role": "user", "content": "hi"}]
+
+
+def test_messages_request_keeps_everything() -> None:
+    req = parse({
+        "id": "b", "messages": [{"role": "user", "content": "x"}], "model": "gpt",
+        "params": {"temperature": 0}, "priority": 0, "tenant": "t", "deadline": 5,
+        "cache": {"ttl": 9, "no_store": True}, "metadata": {"k": [1, 2]},
+    })
+    assert req.model == "gpt" and req.params == {"temperature": 0} and req.cache.ttl == 9
+    assert req.metadata == {"k": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"input": "no id"},
+        {"id": "", "input": "empty id"},
+        {"id": "x" * 257, "input": "long id"},
+        {"id": 5, "input": "int id"},
+        {"id": "a"},
+        {"id": "a", "input": "x", "messages": [{"role": "user", "content": "y"}]},
+        {"id": "a", "messages": []},
+        {"id": "a", "messages": "nope"},
+        {"id": "a", "messages": [{"content": "no role"}]},
+        {"id": "a", "input": "x", "priority": 10},
+        {"id": "a", "input": "x", "priority": "high"},
+        {"id": "a", "input": "x", "params": {"stream": True}},
+        {"id": "a", "input": "x", "cache": {"ttl": 0}},
+        {"id": "a", "input": "x", "cache": {"bogus": 1}},
+        [1, 2],
+        "string",
+    ],
+)
+def test_invalid_requests_are_rejected_with_a_reason(doc: object) -> None:
+    with pytest.raises(ValidationFailed) as info:
+        parse(doc)
+    assert str(info.value)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"{not json", b"\xff\xfe\x00garbage", b"", b"{" * 5000 + b"}" * 5000, b'{"id": "a", "input": "\xc3\x28"}'],
+)
+def test_unparseable_values_are_validation_errors(raw: bytes) -> None:
+    with pytest.raises(ValidationFailed):
+        parse_request(raw, max_bytes=LIMIT, default_model="m")
+
+
+def test_oversize_and_tombstone() -> None:
+    with pytest.raises(ValidationFailed, match="over the 10 limit"):
+        parse_request(b'{"id":"a","input":"xxxxxxxx"}', max_bytes=10, default_model="m")
+    with pytest.raises(ValidationFailed, match="tombstone"):
+        parse_request(None, max_bytes=10, default_model="m")
+
+
+def test_peek_id() -> None:
+    assert peek_id(b'{"id": "x", "priority": 99}') == "x"
+    assert peek_id(b"garbage") is None and peek_id(b'{"id": 3}') is None and peek_id(None) is None
+
+
+def test_response_record_shape() -> None:
+    req = parse({"id": "r", "input": "q", "metadata": {"m": 1}})
+    body = {"choices": [{"message": {"content": "ans"}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+    comp = Completion(model="m-default", body=body, endpoint="ep", attempts=2)
+    doc = orjson.loads(response_record(req, comp, latency_ms=12))
+    assert doc == {
+        "id": "r", "status": "ok", "model": "m-default", "endpoint": "ep", "output": "ans",
+        "response": body, "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+        "cached": False, "attempts": 2, "latency_ms": 12, "metadata": {"m": 1},
+    }
+    cached = Completion(model="m", body=body, endpoint="ep", attempts=0, cached=True)
+    doc = orjson.loads(response_record(req, cached, latency_ms=1))
+    assert doc["endpoint"] is None and doc["cached"] is True
+
+
+def test_dead_letter_record_shape_and_headers() -> None:
+    src = Source("llm.requests", 2, 41, 1700000000000)
+    req = parse({"id": "d", "input": "q"})
+    err = UpstreamStatusError("HTTP 400: bad", endpoint="ep", status=400)
+    value, headers = dead_letter_record(
+        error=err, source=src, value=b'{"id":"d","input":"q"}', request=req, request_id="d",
+        attempts=1, endpoints=["ep"], raw_limit=1000,
+    )
+    doc = orjson.loads(value)
+    assert doc["id"] == "d"
+    assert doc["error"] == {"type": "upstream", "message": "HTTP 400: bad", "status": 400,
+                            "retryable": False}
+    assert doc["attempts"] == 1 and doc["endpoints"] == ["ep"]
+    assert doc["request"]["id"] == "d" and doc["raw"] == '{"id":"d","input":"q"}'
+    assert doc["source"] == {"topic": "llm.requests", "partition": 2, "offset": 41,
+                             "timestamp": 1700000000000}
+    assert doc["failed_at"].endswith("Z") and "raw_encoding" not in doc
+    h = dict(headers)
+    assert h["__connect.errors.topic"] == b"llm.requests"
+    assert h["__connect.errors.partition"] == b"2" and h["__connect.errors.offset"] == b"41"
+    assert h["__connect.errors.exception.class.name"] == b"UpstreamStatusError"
+    assert h["__connect.errors.exception.message"] == b"HTTP 400: bad"
+
+
+def test_dead_letter_raw_base64_and_truncation() -> None:
+    src = Source("t", 0, 0, 0)
+    err = ValidationFailed("bad")
+    value, _ = dead_letter_record(error=err, source=src, value=b"\xff\xfeabc", request=None,
+                                  request_id=None, attempts=0, endpoints=[], raw_limit=100)
+    doc = orjson.loads(value)
+    assert doc["raw_encoding"] == "base64" and base64.b64decode(doc["raw"]) == b"\xff\xfeabc"
+    assert doc["id"] is None and doc["request"] is None
+    value, _ = dead_letter_record(error=err, source=src, value="é".encode() * 10, request=None,
+                                  request_id=None, attempts=0, endpoints=[], raw_limit=5)
+    doc = orjson.loads(value)
+    assert doc["raw"] == "éé" and "raw_encoding" not in doc  # a split character is dropped
