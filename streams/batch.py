@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -67,11 +67,12 @@ def read_requests(path: Path, run: str) -> list[tuple[bytes, bytes]]:
     return out
 
 
-async def _end_offsets(consumer: AIOKafkaConsumer, topics: list[str]) -> None:
-    await consumer.topics()  # loads metadata for every topic
+async def _end_offsets(
+    consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, topics: list[str]
+) -> None:
     tps = []
     for topic in topics:
-        parts = consumer.partitions_for_topic(topic) or set()
+        parts = await producer.partitions_for(topic)  # fetches the topic's metadata
         tps.extend(TopicPartition(topic, p) for p in sorted(parts))
     consumer.assign(tps)
     await consumer.seek_to_end(*tps)
@@ -100,8 +101,8 @@ async def run_batch(
     await consumer.start()
     started = time.monotonic()
     try:
-        await _end_offsets(consumer, [t.responses, t.dead_letter])
         async with open_producer(settings) as producer:
+            await _end_offsets(consumer, producer, [t.responses, t.dead_letter])
             futures = [await producer.send(t.requests, value=v, key=k) for k, v in records]
             await asyncio.gather(*futures)
         with save_path.open("wb") as save, _open_errors(errors_path) as errors:

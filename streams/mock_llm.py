@@ -41,8 +41,15 @@ class MockStats:
     by_status: collections.Counter[int] = field(default_factory=collections.Counter)
     prompts: collections.Counter[str] = field(default_factory=collections.Counter)
     times: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=1_000_000))
+    statuses: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=1_000_000))
 
-    def summary(self) -> dict[str, Any]:
+    def record(self, when: float, status: int) -> None:
+        self.calls += 1
+        self.by_status[status] += 1
+        self.times.append(when)
+        self.statuses.append(status)
+
+    def summary(self, with_log: bool = False) -> dict[str, Any]:
         dup = sum(n - 1 for n in self.prompts.values() if n > 1)
         return {
             "calls": self.calls,
@@ -53,6 +60,7 @@ class MockStats:
             "max_per_second": _max_window(list(self.times), 1.0),
             "first_call": self.times[0] if self.times else None,
             "last_call": self.times[-1] if self.times else None,
+            **({"log": list(zip(self.times, self.statuses))} if with_log else {}),
         }
 
 
@@ -118,17 +126,13 @@ class MockLLM:
             await asyncio.sleep(delay / 1000.0)
         if b.down or (b.error_rate and self._rng.random() < b.error_rate):
             return self._error(b.status_on_error, "mock failure", now)
-        self.stats.calls += 1
         self.stats.ok += 1
-        self.stats.by_status[200] += 1
-        self.stats.times.append(now)
+        self.stats.record(now, 200)
         payload = completion_body(str(body.get("model", "mock")), prompt)
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
     def _error(self, status: int, message: str, now: float) -> web.Response:
-        self.stats.calls += 1
-        self.stats.by_status[status] += 1
-        self.stats.times.append(now)
+        self.stats.record(now, status)
         headers = {}
         if self.behaviour.retry_after is not None:
             headers["Retry-After"] = f"{self.behaviour.retry_after:g}"
@@ -138,7 +142,8 @@ class MockLLM:
         )
 
     async def get_stats(self, request: web.Request) -> web.Response:
-        return web.json_response(self.stats.summary(), dumps=lambda o: orjson.dumps(o).decode())
+        with_log = request.query.get("log") == "1"
+        return web.json_response(self.stats.summary(with_log), dumps=lambda o: orjson.dumps(o).decode())
 
     async def reset(self, request: web.Request) -> web.Response:
         self.stats = MockStats()

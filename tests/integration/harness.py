@@ -1,0 +1,275 @@
+"""Processes and clients for integration tests: mock endpoints, workers, a producer, a collector.
+
+Every test gets its own topics and consumer group, so tests never see each other's records.
+The producer and collector are plain aiokafka clients, independent of the worker's code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+ROOT = Path(__file__).resolve().parents[2]
+KAFKA = os.environ.get("TEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "15"))
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_http(url: str, timeout: float = 30.0, status: int = 200) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            try:
+                async with s.get(url) as r:
+                    if r.status == status:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer {status} within {timeout} s")
+
+
+@dataclass
+class Mock:
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stats(self, log: bool = False) -> dict[str, Any]:
+        url = f"{self.url}/stats" + ("?log=1" if log else "")
+        async with aiohttp.ClientSession() as s, s.get(url) as r:
+            return dict(await r.json())
+
+    async def configure(self, **changes: Any) -> None:
+        async with aiohttp.ClientSession() as s, s.post(f"{self.url}/config", json=changes) as r:
+            assert r.status == 200, await r.text()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def start_mock(*args: str) -> Mock:
+    port = free_port()
+    proc = subprocess.Popen(
+        [PY, "-m", "streams.cli", "mock-llm", "--port", str(port), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return Mock(port, proc)
+
+
+async def start_mocks(n: int, *args: str) -> list[Mock]:
+    mocks = [start_mock(*args) for _ in range(n)]
+    for m in mocks:
+        await wait_http(f"{m.url}/stats")
+    return mocks
+
+
+@dataclass
+class Stack:
+    """One test's topics, group and config file."""
+
+    tmp: Path
+    endpoints: list[dict[str, Any]]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    name: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+
+    @property
+    def requests(self) -> str:
+        return f"it-{self.name}.requests"
+
+    @property
+    def responses(self) -> str:
+        return f"it-{self.name}.responses"
+
+    @property
+    def dlq(self) -> str:
+        return f"it-{self.name}.dlq"
+
+    def config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            "kafka": {"bootstrap_servers": KAFKA, "group_id": f"it-{self.name}", "partitions": 4,
+                      "commit_interval_seconds": 0.5, "session_timeout_seconds": 10},
+            "topics": {"requests": self.requests, "responses": self.responses,
+                       "dead_letter": self.dlq},
+            "redis": {"url": f"redis://127.0.0.1:6379/{REDIS_DB}", "key_prefix": f"it-{self.name}"},
+            "retry": {"base_delay_ms": 20, "max_delay_ms": 200},
+            "endpoints": self.endpoints,
+            "metrics": {"port": 0},
+            "worker": {"shutdown_grace_seconds": 5},
+        }
+        for dotted, value in self.overrides.items():
+            node = cfg
+            *path, last = dotted.split(".")
+            for p in path:
+                node = node.setdefault(p, {})
+            node[last] = value
+        return cfg
+
+    def write_config(self, **extra: Any) -> Path:
+        cfg = self.config()
+        for dotted, value in extra.items():
+            section, key = dotted.split("__")
+            cfg.setdefault(section, {})[key] = value
+        path = self.tmp / f"config-{uuid.uuid4().hex[:6]}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    metrics_port: int
+    log: Path
+
+    async def ready(self, timeout: float = 60.0) -> None:
+        await wait_http(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def start_worker(stack: Stack, env: dict[str, str] | None = None, **extra: Any) -> Worker:
+    port = free_port()
+    cfg = stack.write_config(metrics__port=port, **extra)
+    log = stack.tmp / f"worker-{port}.log"
+    proc = subprocess.Popen(
+        [PY, "-m", "streams.cli", "worker", "--config", str(cfg)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+    return Worker(proc, port, log)
+
+
+def request(i: int, **kw: Any) -> dict[str, Any]:
+    return {"id": f"req-{i}", "input": f"prompt number {i}", **kw}
+
+
+async def produce(topic: str, values: Iterable[bytes], keys: Iterable[bytes | None] | None = None,
+                  ) -> int:
+    producer = AIOKafkaProducer(bootstrap_servers=KAFKA, linger_ms=5, acks="all")
+    await producer.start()
+    n = 0
+    try:
+        futs = []
+        key_iter = iter(keys) if keys is not None else None
+        for v in values:
+            k = next(key_iter) if key_iter is not None else None
+            futs.append(await producer.send(topic, value=v, key=k))
+            n += 1
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+    return n
+
+
+def encode(docs: Iterable[dict[str, Any]]) -> list[bytes]:
+    return [orjson.dumps(d) for d in docs]
+
+
+@dataclass
+class Output:
+    topic: str
+    key: bytes | None
+    value: dict[str, Any]
+    headers: dict[str, bytes]
+
+
+class Collector:
+    """Reads the responses and dead-letter topics from the beginning."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.outputs: list[Output] = []
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def __aenter__(self) -> Collector:
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, enable_auto_commit=False,
+                                          auto_offset_reset="earliest")
+        await self._consumer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._consumer is not None
+        await self._consumer.stop()
+
+    async def _assign(self) -> None:
+        c = self._consumer
+        assert c is not None
+        if c.assignment():
+            return
+        md = await c._client.fetch_all_metadata()
+        tps = [TopicPartition(t, p) for t in (self.stack.responses, self.stack.dlq)
+               for p in sorted(md.partitions_for_topic(t) or ())]
+        if tps:
+            c.assign(tps)
+            await c.seek_to_beginning(*tps)
+
+    async def poll(self) -> None:
+        await self._assign()
+        c = self._consumer
+        assert c is not None
+        if not c.assignment():
+            await asyncio.sleep(0.3)
+            return
+        batches = await c.getmany(timeout_ms=300, max_records=10_000)
+        for tp, msgs in batches.items():
+            for m in msgs:
+                self.outputs.append(
+                    Output(tp.topic, m.key, orjson.loads(m.value), dict(m.headers or ())))
+
+    def ids(self) -> set[str | None]:
+        return {o.value.get("id") for o in self.outputs}
+
+    async def wait_for(self, n: int, timeout: float = 120.0) -> list[Output]:
+        """Wait until outputs for n distinct ids (or n outputs without id) have arrived."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await self.poll()
+            if self.distinct() >= n:
+                # read a little longer to catch duplicates already in flight
+                for _ in range(3):
+                    await self.poll()
+                return self.outputs
+        raise TimeoutError(f"{self.distinct()} of {n} outputs after {timeout} s")
+
+    def distinct(self) -> int:
+        seen: set[Any] = set()
+        for o in self.outputs:
+            rid = o.value.get("id")
+            seen.add(rid if rid is not None else ("offset", o.value["source"]["offset"],
+                                                   o.value["source"]["partition"]))
+        return len(seen)

@@ -1,0 +1,210 @@
+"""ResponseCache against the real Redis (TEST_REDIS_DB, 13 in this project's runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from streams.cache import ZLIB, Recalled, ResponseCache
+from streams.config import Settings, load_settings
+from streams.contract import Completion, Request
+
+pytestmark = pytest.mark.integration
+
+
+class CountingRedis(aioredis.Redis):
+    """Counts commands sent outside pipelines (MGET, EVAL...)."""
+
+    calls: Counter[str]
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.calls[str(args[0]).upper()] += 1
+        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+async def clients(redis_url: str) -> AsyncIterator[list[CountingRedis]]:
+    made: list[CountingRedis] = []
+    for _ in range(2):
+        c = CountingRedis.from_url(redis_url)
+        assert isinstance(c, CountingRedis)
+        c.calls = Counter()
+        made.append(c)
+    try:
+        yield made
+    finally:
+        for c in made:
+            await c.aclose()
+
+
+@pytest.fixture
+def prefix() -> str:
+    # A prefix of its own: nothing else in the database can collide with this test.
+    return f"it-cache-{uuid.uuid4().hex[:8]}"
+
+
+def settings(prefix: str, **cache: Any) -> Settings:
+    return load_settings(environ={}, redis={"key_prefix": prefix}, cache=cache)
+
+
+def make(client: aioredis.Redis, prefix: str, **cache: Any) -> ResponseCache:
+    return ResponseCache(settings(prefix, **cache), client, CollectorRegistry())
+
+
+def req(prompt: str = "hi", **kw: Any) -> Request:
+    doc: dict[str, Any] = {"id": "r1", "model": "m", "input": prompt}
+    doc.update(kw)
+    return Request.model_validate(doc)
+
+
+def comp(text: str = "answer") -> Completion:
+    body = {"choices": [{"message": {"role": "assistant", "content": text}}], "usage": {}}
+    return Completion(model="m", body=body, endpoint="mock-a", attempts=1)
+
+
+async def test_hit_miss_and_ttl(redis_client: aioredis.Redis, prefix: str) -> None:
+    cache = make(redis_client, prefix, ttl_seconds=600)
+    assert await cache.lookup(req()) is None
+    await cache.store(req(), comp())
+    await cache.store(req("short", cache={"ttl": 5}), comp())
+    hit = await cache.lookup(req("  hi "))  # whitespace-normalized: same key
+    assert hit is not None and hit.cached and hit.output == "answer"
+    assert 590 < await redis_client.ttl(cache._ckey(cache.key(req()))) <= 600
+    assert 0 < await redis_client.ttl(cache._ckey(cache.key(req("short")))) <= 5
+    other_tenant = req(tenant="someone-else")
+    assert await cache.lookup(other_tenant) is None
+
+
+async def test_no_cache_and_no_store(redis_client: aioredis.Redis, prefix: str) -> None:
+    cache = make(redis_client, prefix)
+    await cache.store(req(), comp())
+    assert await cache.lookup(req(cache={"no_cache": True})) is None
+    await cache.store(req("x", cache={"no_store": True}), comp())
+    assert await cache.lookup(req("x")) is None
+
+
+async def test_compression_round_trip(redis_client: aioredis.Redis, prefix: str) -> None:
+    cache = make(redis_client, prefix, compress_min_bytes=256)
+    text = "the same sentence again. " * 400
+    await cache.store(req("long"), comp(text))
+    raw = await redis_client.get(cache._ckey(cache.key(req("long"))))
+    assert raw is not None and raw[:1] == ZLIB and len(raw) < len(text) // 5
+    hit = await cache.lookup(req("long"))
+    assert hit is not None and hit.output == text
+
+
+async def test_idempotency_round_trip(redis_client: aioredis.Redis, prefix: str) -> None:
+    cache = make(redis_client, prefix)
+    await cache.remember("req-42", "dead_letter", b'{"id":"req-42","error":{}}', ttl=30)
+    assert await cache.recall("req-42") == Recalled("dead_letter", b'{"id":"req-42","error":{}}')
+    assert await cache.recall("req-43") is None
+    keys = [k async for k in redis_client.scan_iter(match=f"{prefix}:r:*")]
+    assert len(keys) == 1 and b"req-42" not in keys[0]
+
+
+async def test_lookups_are_batched_into_few_mgets(
+    clients: list[CountingRedis], prefix: str
+) -> None:
+    client = clients[0]
+    cache = make(client, prefix, batch_max_keys=256)
+    await asyncio.gather(*(cache.store(req(f"p{i}"), comp()) for i in range(0, 300, 3)))
+    client.calls.clear()
+    got = await asyncio.gather(*(cache.lookup(req(f"p{i}")) for i in range(300)))
+    assert sum(g is not None for g in got) == 100
+    assert client.calls["MGET"] == 2 and client.calls["GET"] == 0
+
+
+async def test_500_identical_requests_on_two_workers_call_upstream_once(
+    clients: list[CountingRedis], prefix: str
+) -> None:
+    a, b = (make(c, prefix) for c in clients)
+    calls = 0
+
+    async def compute() -> Completion:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.2)
+        return comp("shared")
+
+    r = req("popular question")
+    started = time.monotonic()
+    out = await asyncio.gather(*(w.get_or_compute(r, compute) for w in (a, b) * 250))
+    assert calls == 1
+    assert len(out) == 500 and all(c.output == "shared" for c in out)
+    assert sum(not c.cached for c in out) == 1
+    assert time.monotonic() - started < 1.5
+    assert await clients[0].exists(a._lkey(a.key(r))) == 0  # lock released
+
+
+async def test_leader_failure_waiters_compute_themselves(
+    clients: list[CountingRedis], prefix: str
+) -> None:
+    a, b = (make(c, prefix) for c in clients)
+    calls = 0
+
+    async def compute() -> Completion:
+        nonlocal calls
+        calls += 1
+        first = calls == 1
+        await asyncio.sleep(0.1)
+        if first:
+            raise RuntimeError("upstream exploded")
+        return comp("retry worked")
+
+    r = req("fragile")
+    key = a.key(r)
+    first = asyncio.ensure_future(a.coalesce(r, key, compute))
+    await asyncio.sleep(0.02)  # a's leader holds the lock before anyone else arrives
+    rest = [asyncio.ensure_future(w.coalesce(r, key, compute)) for w in (a, b) * 10]
+    with pytest.raises(RuntimeError):
+        await first
+    out = await asyncio.gather(*rest)
+    assert all(c.output == "retry worked" for c in out)
+    # a's 10 waiters each computed; b's leader took the freed lock (or saw one of those
+    # answers) and its 9 followers shared that.
+    assert 11 <= calls <= 12
+
+
+async def test_dead_lock_holder_is_taken_over(redis_client: aioredis.Redis, prefix: str) -> None:
+    cache = make(redis_client, prefix, coalesce_lock_seconds=0.3)
+    r = req()
+    await redis_client.set(cache._lkey(cache.key(r)), b"crashed-worker", px=300)
+
+    async def compute() -> Completion:
+        return comp()
+
+    started = time.monotonic()
+    got = await cache.coalesce(r, cache.key(r), compute)
+    assert not got.cached and 0.2 < time.monotonic() - started < 1.0
+
+
+async def test_unreachable_redis_is_fast_and_silent(prefix: str) -> None:
+    dead = aioredis.Redis.from_url("redis://127.0.0.1:1/13", socket_connect_timeout=0.5)
+    try:
+        cache = make(dead, prefix)
+        started = time.monotonic()
+        for _ in range(20):
+            assert await cache.lookup(req()) is None
+        await cache.store(req(), comp())
+        await cache.remember("id", "response", b"{}")
+        assert await cache.recall("id") is None
+
+        async def compute() -> Completion:
+            await asyncio.sleep(0.01)
+            return comp()
+
+        out = await asyncio.gather(*(cache.get_or_compute(req(), compute) for _ in range(50)))
+        assert len(out) == 50
+        assert time.monotonic() - started < 0.5
+        errors = cache.metrics.errors.labels("read")._value.get()
+        assert errors == 1  # the circuit kept every later call away from the dead server
+    finally:
+        await dead.aclose()
