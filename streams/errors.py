@@ -20,6 +20,8 @@ Foreign exceptions (aiohttp, redis, aiokafka) are translated where they enter, i
 
 from __future__ import annotations
 
+from typing import Any
+
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
@@ -63,9 +65,9 @@ class UpstreamError(StreamsError):
 class UpstreamStatusError(UpstreamError):
     """The endpoint answered with an HTTP error status."""
 
-    @property  # type: ignore[override]
-    def retryable(self) -> bool:
-        return self.status in RETRYABLE_STATUS
+    def __init__(self, message: str, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retryable = self.status in RETRYABLE_STATUS
 
 
 class UpstreamTimeout(UpstreamError):

@@ -50,6 +50,7 @@ class MockStats:
         self.statuses.append(status)
 
     def summary(self, with_log: bool = False) -> dict[str, Any]:
+        """Counts; with_log adds every call's (time, status) and the prompts called twice."""
         dup = sum(n - 1 for n in self.prompts.values() if n > 1)
         return {
             "calls": self.calls,
@@ -60,7 +61,9 @@ class MockStats:
             "max_per_second": _max_window(list(self.times), 1.0),
             "first_call": self.times[0] if self.times else None,
             "last_call": self.times[-1] if self.times else None,
-            **({"log": list(zip(self.times, self.statuses))} if with_log else {}),
+            **({"log": list(zip(self.times, self.statuses)),
+                "duplicate_prompts": [p for p, n in self.prompts.items() if n > 1]}
+               if with_log else {}),
         }
 
 

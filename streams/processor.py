@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,9 +72,10 @@ class Answerer(Protocol):
 
 class Cache(Protocol):
     async def recall(self, request_id: str) -> bytes | None: ...
-    async def lookup(self, req: Request) -> Completion | None: ...
-    async def answer(self, req: Request, compute: Callable[[], Any]) -> Completion: ...
-    async def store(self, req: Request, comp: Completion) -> None: ...
+    async def answer(
+        self, req: Request, compute: Callable[[], Awaitable[Completion]]
+    ) -> Completion:
+        """A cached answer, or the one computed once for all identical requests in flight."""
     async def remember(self, request_id: str, value: bytes) -> None: ...
     def note_replay(self) -> None: ...
 
@@ -144,14 +145,10 @@ class Processor:
         cache = self._cache
         try:
             if cache is not None and not comp.cached:
-                # Remember before the offset is committed, so a redelivery never pays twice.
-                await asyncio.gather(
-                    self._publish(self._topics.responses, rec.key, value),
-                    cache.store(req, comp),
-                    cache.remember(req.id, value),
-                )
-            else:
-                await self._publish(self._topics.responses, rec.key, value)
+                # Remembered before it is published (and so before its offset is committed):
+                # whoever saw this answer, a redelivery of the id never pays for it again.
+                await cache.remember(req.id, value)
+            await self._publish(self._topics.responses, rec.key, value)
         except OutputTooLarge as exc:
             return await self._dead_letter(rec, exc, req, req.id, comp.attempts, comp.endpoints)
         outcome = "cached" if comp.cached else "ok"

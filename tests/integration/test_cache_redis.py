@@ -103,11 +103,14 @@ async def test_compression_round_trip(redis_client: aioredis.Redis, prefix: str)
 
 async def test_idempotency_round_trip(redis_client: aioredis.Redis, prefix: str) -> None:
     cache = make(redis_client, prefix)
-    await cache.remember("req-42", "dead_letter", b'{"id":"req-42","error":{}}', ttl=30)
-    assert await cache.recall("req-42") == Recalled("dead_letter", b'{"id":"req-42","error":{}}')
+    dlq = b'{"id":"req-42","error":{}}'
+    await cache.remember("req-42", dlq, kind="dead_letter", ttl=30)
+    await cache.remember("req-44", b'{"id":"req-44"}')
+    assert await cache.recall_outcome("req-42") == Recalled("dead_letter", dlq)
+    assert await cache.recall("req-44") == b'{"id":"req-44"}'
     assert await cache.recall("req-43") is None
     keys = [k async for k in redis_client.scan_iter(match=f"{prefix}:r:*")]
-    assert len(keys) == 1 and b"req-42" not in keys[0]
+    assert len(keys) == 2 and not any(b"req-4" in k for k in keys)
 
 
 async def test_lookups_are_batched_into_few_mgets(
@@ -136,7 +139,7 @@ async def test_500_identical_requests_on_two_workers_call_upstream_once(
 
     r = req("popular question")
     started = time.monotonic()
-    out = await asyncio.gather(*(w.get_or_compute(r, compute) for w in (a, b) * 250))
+    out = await asyncio.gather(*(w.answer(r, compute) for w in (a, b) * 250))
     assert calls == 1
     assert len(out) == 500 and all(c.output == "shared" for c in out)
     assert sum(not c.cached for c in out) == 1
@@ -194,14 +197,14 @@ async def test_unreachable_redis_is_fast_and_silent(prefix: str) -> None:
         for _ in range(20):
             assert await cache.lookup(req()) is None
         await cache.store(req(), comp())
-        await cache.remember("id", "response", b"{}")
+        await cache.remember("id", b"{}")
         assert await cache.recall("id") is None
 
         async def compute() -> Completion:
             await asyncio.sleep(0.01)
             return comp()
 
-        out = await asyncio.gather(*(cache.get_or_compute(req(), compute) for _ in range(50)))
+        out = await asyncio.gather(*(cache.answer(req(), compute) for _ in range(50)))
         assert len(out) == 50
         assert time.monotonic() - started < 0.5
         errors = cache.metrics.errors.labels("read")._value.get()

@@ -1,0 +1,133 @@
+"""Cache keys: a hash of everything that changes an answer, scoped by tenant.
+
+The key never contains the prompt: only a tenant tag (a hash of the tenant name, or ``_``)
+and a digest of the canonical request. Two requests get the same key exactly when they
+would get the same answer from the same model: same tenant, model, normalized messages and
+output-relevant parameters. Parameter order and JSON key order never matter.
+
+Usage::
+
+    key = cache_key(req, settings.cache.normalize)   # "3f2a...c1:9be0...42"
+    redis_key = f"{prefix}:c:{key}"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import orjson
+
+from streams.config import NormalizeConfig
+from streams.contract import Request
+
+# Bump when the canonical form changes, so old entries are never read with new meaning.
+KEY_VERSION = "v1"
+
+# Parameters that do not change the answer. Everything else in params is part of the key:
+# an unknown parameter may change the output, and a spurious miss costs money once while a
+# wrong hit returns a wrong answer forever (until TTL).
+IGNORED_PARAMS = frozenset(
+    {
+        "user",
+        "metadata",
+        "stream_options",
+        "timeout",
+        "request_timeout",
+        "store",
+        "prompt_cache_key",
+        "safety_identifier",
+        "extra_headers",
+    }
+)
+
+NO_TENANT = "_"
+
+
+def _hex(data: bytes, size: int) -> str:
+    return hashlib.blake2b(data, digest_size=size).hexdigest()
+
+
+def tenant_tag(tenant: str | None) -> str:
+    """The key namespace of a tenant: 16 hex chars, or ``_`` for requests without one.
+
+    Hashed so that any tenant string (with ':' or '*') makes a safe, bounded key segment;
+    ``SCAN MATCH {prefix}:c:{tag}:*`` still finds one tenant's entries.
+    """
+    if not tenant:
+        return NO_TENANT
+    return _hex(tenant.encode("utf-8"), 8)
+
+
+def normalize_text(text: str, normalize: NormalizeConfig) -> str:
+    """Apply the configured text normalization (whitespace collapse, case folding)."""
+    if normalize.whitespace:
+        text = " ".join(text.split())
+    if normalize.case_fold:
+        text = text.casefold()
+    return text
+
+
+def _normalize_messages(
+    messages: list[dict[str, Any]], normalize: NormalizeConfig
+) -> list[dict[str, Any]]:
+    if not (normalize.whitespace or normalize.case_fold):
+        return messages
+    out = []
+    for msg in messages:
+        content = msg.get("content")
+        if isinstance(content, str):
+            msg = {**msg, "content": normalize_text(content, normalize)}
+        elif isinstance(content, list):
+            parts = [
+                {**p, "text": normalize_text(p["text"], normalize)}
+                if isinstance(p, dict) and isinstance(p.get("text"), str)
+                else p
+                for p in content
+            ]
+            msg = {**msg, "content": parts}
+        out.append(msg)
+    return out
+
+
+def _canonical_numbers(value: Any) -> Any:
+    # temperature=1 and temperature=1.0 ask for the same thing; JSON spells them differently.
+    # bool is an int subclass but True must stay True, so only real floats are touched.
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value
+    if isinstance(value, dict):
+        return {k: _canonical_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical_numbers(v) for v in value]
+    return value
+
+
+def _dumps(doc: Any) -> bytes:
+    try:
+        return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:
+        # orjson refuses integers beyond 64 bits (valid JSON, rare); the stdlib does not.
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def cache_key(req: Request, normalize: NormalizeConfig) -> str:
+    """``"{tenant_tag}:{digest}"`` of a request; 128-bit blake2b digest in hex.
+
+    The tenant is hashed into the digest as well as into the prefix, so even a key built
+    by hand under the wrong tag cannot match another tenant's entry.
+    """
+    params = {k: v for k, v in req.params.items() if k not in IGNORED_PARAMS}
+    doc = [
+        KEY_VERSION,
+        req.tenant or None,
+        req.model,
+        _normalize_messages(req.chat_messages(), normalize),
+        _canonical_numbers(params),
+    ]
+    return f"{tenant_tag(req.tenant)}:{_hex(_dumps(doc), 16)}"
+
+
+def id_key(request_id: str) -> str:
+    """Hash of a request id for the idempotency store (ids are unbounded user strings)."""
+    return _hex(request_id.encode("utf-8"), 16)

@@ -1,0 +1,256 @@
+"""Request coalescing: identical requests in flight at once cause one upstream call.
+
+Two levels. In one process, the first caller of a key is the leader and the others await
+its future (no Redis at all). Across processes, each process's leader takes a Redis lock
+(``SET NX PX``, kept alive by a heartbeat); a leader that finds the lock held polls for the
+answer instead of computing. Failure never spreads: if the leader's compute fails, waiters
+run their own compute (their own retries); if the lock holder dies, its lock expires and a
+waiter takes over. Waiting is bounded by ``cache.coalesce_wait_seconds``.
+
+The Redis side is behind the small ``LockBackend`` protocol (implemented in ``cache.py``),
+so this module holds only the state machine.
+
+Usage::
+
+    coalescer = Coalescer(backend, wait_seconds=120, lock_seconds=10, poll_seconds=0.05)
+    comp = await coalescer.run(key, "gpt-4o-mini", compute, remote=True, ttl=3600)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from streams.contract import Completion
+
+log = logging.getLogger(__name__)
+
+Body = dict[str, Any]
+
+
+class LockState(enum.Enum):
+    ACQUIRED = "acquired"
+    HELD = "held"  # by another process
+    UNAVAILABLE = "unavailable"  # Redis is down: proceed as if alone
+
+
+class LockBackend(Protocol):
+    """What the coalescer needs from Redis. Implementations never raise Redis errors."""
+
+    async def try_lock(self, key: str, token: str, ttl_ms: int) -> tuple[LockState, Body | None]:
+        """Take the lock if free; also return the cached answer if one is already there."""
+        ...
+
+    async def peek(self, key: str) -> tuple[Body | None, bool] | None:
+        """(cached answer or None, lock still held), or None if Redis is unavailable."""
+        ...
+
+    async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Push the lock's expiry out; False once the lock is no longer ours."""
+        ...
+
+    async def finish(
+        self, key: str, token: str | None, comp: Completion | None, ttl: int | None
+    ) -> None:
+        """Store ``comp`` for ``ttl`` seconds (if both given), then release our lock."""
+        ...
+
+
+class _Outcome(enum.Enum):
+    GONE = "gone"  # the lock vanished without an answer: its holder failed or died
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"
+
+
+def as_cached(comp: Completion, model: str) -> Completion:
+    """Someone else's answer, as a waiter reports it (no endpoint, no attempts of its own)."""
+    return Completion(model=model, body=comp.body, endpoint=None, attempts=0, cached=True)
+
+
+class Coalescer:
+    """Runs ``compute`` once per key among concurrent callers. Bodies are shared: read-only."""
+
+    def __init__(
+        self,
+        backend: LockBackend,
+        *,
+        wait_seconds: float,
+        lock_seconds: float,
+        poll_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_coalesced: Callable[[str], None] = lambda scope: None,
+        on_fallback: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        self._backend = backend
+        self._wait = wait_seconds
+        self._lock_ms = max(int(lock_seconds * 1000), 1)
+        self._poll = poll_seconds
+        self._clock = clock
+        self._on_coalesced = on_coalesced
+        self._on_fallback = on_fallback
+        # None as a result means "the leader failed": waiters then compute themselves.
+        self._inflight: dict[str, asyncio.Future[Completion | None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def run(
+        self,
+        key: str,
+        model: str,
+        compute: Callable[[], Awaitable[Completion]],
+        *,
+        remote: bool,
+        ttl: int | None,
+    ) -> Completion:
+        """One answer for all concurrent callers of ``key``; the leader's is stored for ``ttl``.
+
+        ``remote=False`` coalesces within this process only (e.g. for no_store requests,
+        whose answer other processes could never read).
+        """
+        fut = self._inflight.get(key)
+        if fut is not None:
+            return await self._follow(fut, key, model, compute, ttl)
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            comp = await self._lead(key, model, compute, remote=remote, ttl=ttl)
+        except BaseException:
+            fut.set_result(None)
+            raise
+        else:
+            fut.set_result(comp)
+        finally:
+            if self._inflight.get(key) is fut:
+                del self._inflight[key]
+        return comp
+
+    async def _follow(
+        self,
+        fut: asyncio.Future[Completion | None],
+        key: str,
+        model: str,
+        compute: Callable[[], Awaitable[Completion]],
+        ttl: int | None,
+    ) -> Completion:
+        try:
+            # shield: a waiter that gives up (or is cancelled) must not cancel the leader's result
+            comp = await asyncio.wait_for(asyncio.shield(fut), self._wait)
+        except TimeoutError:
+            self._on_fallback("timeout")
+            return await self._compute(key, None, compute, ttl)
+        if comp is None:
+            self._on_fallback("leader_failed")
+            return await self._compute(key, None, compute, ttl)
+        self._on_coalesced("local")
+        return as_cached(comp, model)
+
+    async def _lead(
+        self,
+        key: str,
+        model: str,
+        compute: Callable[[], Awaitable[Completion]],
+        *,
+        remote: bool,
+        ttl: int | None,
+    ) -> Completion:
+        if not remote:
+            return await self._compute(key, None, compute, ttl)
+        deadline = self._clock() + self._wait
+        token = secrets.token_hex(8)
+        while True:
+            state, body = await self._backend.try_lock(key, token, self._lock_ms)
+            if body is not None:
+                # Answered between our cache lookup and now (double-checked under the lock).
+                if state is LockState.ACQUIRED:
+                    await self._backend.finish(key, token, None, None)
+                self._on_coalesced("remote")
+                return _from_body(body, model)
+            if state is LockState.ACQUIRED:
+                return await self._compute(key, token, compute, ttl)
+            if state is LockState.UNAVAILABLE:
+                return await self._compute(key, None, compute, ttl)
+            outcome = await self._wait_remote(key, deadline)
+            if isinstance(outcome, dict):
+                self._on_coalesced("remote")
+                return _from_body(outcome, model)
+            if outcome is _Outcome.GONE and self._clock() < deadline:
+                continue  # the holder failed or died: try to become the leader ourselves
+            self._on_fallback(outcome.value)
+            return await self._compute(key, None, compute, ttl)
+
+    async def _wait_remote(self, key: str, deadline: float) -> Body | _Outcome:
+        # Start polling fast (mock or cached upstreams answer in ms), back off to the
+        # configured interval; peeks from all waiters of a tick share one MGET.
+        delay = min(0.005, self._poll)
+        while True:
+            left = deadline - self._clock()
+            if left <= 0:
+                return _Outcome.TIMEOUT
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, self._poll)
+            seen = await self._backend.peek(key)
+            if seen is None:
+                return _Outcome.UNAVAILABLE
+            body, held = seen
+            if body is not None:
+                return body
+            if not held:
+                return _Outcome.GONE
+
+    async def _compute(
+        self,
+        key: str,
+        token: str | None,
+        compute: Callable[[], Awaitable[Completion]],
+        ttl: int | None,
+    ) -> Completion:
+        beat = asyncio.create_task(self._heartbeat(key, token)) if token is not None else None
+        try:
+            comp = await compute()
+        except BaseException:
+            if token is not None:
+                # Release now so remote waiters take over at once rather than at expiry; in
+                # the background, because we may be being cancelled.
+                self._spawn(self._backend.finish(key, token, None, None))
+            raise
+        finally:
+            if beat is not None:
+                beat.cancel()
+        # Stored before the lock is released, so a poller sees either the lock or the answer.
+        await self._backend.finish(key, token, comp, ttl)
+        return comp
+
+    async def _heartbeat(self, key: str, token: str | None) -> None:
+        assert token is not None
+        # A short lock that is kept alive: a dead holder is noticed within lock_seconds,
+        # a slow but alive one keeps its lock for as long as its compute runs.
+        interval = self._lock_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            if not await self._backend.extend(key, token, self._lock_ms):
+                return
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def run() -> None:
+            await coro
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        """Wait for background lock releases."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _from_body(body: Body, model: str) -> Completion:
+    return Completion(model=model, body=body, endpoint=None, attempts=0, cached=True)

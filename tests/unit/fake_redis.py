@@ -1,0 +1,119 @@
+"""A tiny in-memory stand-in for redis.asyncio.Redis: just what streams.cache uses.
+
+It counts round trips per command and can be told to fail, so batching and outage
+handling are testable without a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from streams.cache import _EXTEND, _RELEASE
+
+
+def _b(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode()
+
+
+class FakeRedis:
+    def __init__(self) -> None:
+        self.data: dict[bytes, tuple[bytes, float | None]] = {}
+        self.round_trips: Counter[str] = Counter()
+        self.fail = False
+        self.delay = 0.0
+
+    def get_connection_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    async def _trip(self, name: str) -> None:
+        self.round_trips[name] += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail:
+            raise RedisConnectionError("Error 111 connecting to fake. Connection refused.")
+
+    def _get(self, key: Any) -> bytes | None:
+        item = self.data.get(_b(key))
+        if item is None:
+            return None
+        value, expires = item
+        if expires is not None and time.monotonic() >= expires:
+            del self.data[_b(key)]
+            return None
+        return value
+
+    def ttl(self, key: str) -> float | None:
+        item = self.data.get(key.encode())
+        return None if item is None or item[1] is None else item[1] - time.monotonic()
+
+    def _set(self, key: Any, value: Any, ex: int | None = None, px: int | None = None,
+             nx: bool = False) -> bool | None:
+        if nx and self._get(key) is not None:
+            return None
+        ttl = ex if ex is not None else (px / 1000 if px is not None else None)
+        self.data[_b(key)] = (_b(value), None if ttl is None else time.monotonic() + ttl)
+        return True
+
+    def _eval(self, script: str, numkeys: int, *args: Any) -> int:
+        key, token = args[0], _b(args[1])
+        if self._get(key) != token:
+            return 0
+        if script == _RELEASE:
+            del self.data[_b(key)]
+            return 1
+        if script == _EXTEND:
+            self.data[_b(key)] = (token, time.monotonic() + int(args[2]) / 1000)
+            return 1
+        raise AssertionError("unknown script")
+
+    async def mget(self, keys: list[Any]) -> list[bytes | None]:
+        await self._trip("mget")
+        return [self._get(k) for k in keys]
+
+    async def get(self, key: Any) -> bytes | None:
+        await self._trip("get")
+        return self._get(key)
+
+    async def set(self, key: Any, value: Any, **kw: Any) -> bool | None:
+        await self._trip("set")
+        return self._set(key, value, **kw)
+
+    async def eval(self, script: str, numkeys: int, *args: Any) -> int:
+        await self._trip("eval")
+        return self._eval(script, numkeys, *args)
+
+    def pipeline(self, transaction: bool = True) -> FakePipeline:
+        return FakePipeline(self)
+
+
+class FakePipeline:
+    def __init__(self, redis: FakeRedis) -> None:
+        self._r = redis
+        self._ops: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def set(self, *a: Any, **kw: Any) -> FakePipeline:
+        self._ops.append(("set", a, kw))
+        return self
+
+    def get(self, *a: Any) -> FakePipeline:
+        self._ops.append(("get", a, {}))
+        return self
+
+    def eval(self, *a: Any) -> FakePipeline:
+        self._ops.append(("eval", a, {}))
+        return self
+
+    async def execute(self) -> list[Any]:
+        await self._r._trip("pipeline")
+        out: list[Any] = []
+        for name, a, kw in self._ops:
+            fn: Any = {"set": self._r._set, "get": self._r._get, "eval": self._r._eval}[name]
+            out.append(fn(*a, **kw))
+        return out

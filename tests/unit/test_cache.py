@@ -1,0 +1,341 @@
+"""ResponseCache against an in-memory fake Redis: batching, codec, outage, coalescing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from streams.cache import (
+    MAX_MODEL_LABELS,
+    RAW,
+    ZLIB,
+    Recalled,
+    ResponseCache,
+    decode_body,
+    decode_value,
+    encode_value,
+)
+from streams.config import Settings, load_settings
+from streams.contract import Completion, Request
+from tests.unit.fake_redis import FakeRedis
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def settings(**cache: Any) -> Settings:
+    return load_settings(environ={}, cache=cache)
+
+
+def make(
+    fake: FakeRedis | None = None, clock: Any = None, **cache: Any
+) -> tuple[ResponseCache, FakeRedis, CollectorRegistry]:
+    fake = fake or FakeRedis()
+    reg = CollectorRegistry()
+    kw = {"clock": clock} if clock is not None else {}
+    return ResponseCache(settings(**cache), fake, reg, **kw), fake, reg  # type: ignore[arg-type]
+
+
+def req(prompt: str = "hi", **kw: Any) -> Request:
+    doc: dict[str, Any] = {"id": "r1", "model": "m", "input": prompt}
+    doc.update(kw)
+    return Request.model_validate(doc)
+
+
+def comp(text: str = "answer", **kw: Any) -> Completion:
+    body = {"id": "x", "choices": [{"message": {"role": "assistant", "content": text}}]}
+    return Completion(model="m", body=body, endpoint="mock-a", attempts=1, **kw)
+
+
+def metric(reg: CollectorRegistry, name: str, **labels: str) -> float:
+    return reg.get_sample_value(f"llm_streams_cache_{name}_total", labels) or 0.0
+
+
+# -- codec ---------------------------------------------------------------------------
+
+
+def test_codec_round_trips_raw_and_zlib() -> None:
+    small, big = b'{"a":1}', b'{"t":"' + b"x" * 5000 + b'"}'
+    assert encode_value(small, 2048)[:1] == RAW
+    packed = encode_value(big, 2048)
+    assert packed[:1] == ZLIB and len(packed) < len(big)
+    assert bytes(decode_value(packed) or b"") == big
+    assert bytes(decode_value(encode_value(small, 2048)) or b"") == small
+
+
+def test_codec_keeps_incompressible_data_raw_and_rejects_garbage() -> None:
+    noise = os.urandom(4096)
+    assert encode_value(noise, 10)[:1] == RAW
+    assert decode_value(b"\x07junk") is None
+    assert decode_value(ZLIB + b"not zlib") is None
+    assert decode_body(RAW + b"[1,2]") is None  # not an object
+    assert decode_body(RAW + b"{bad") is None
+
+
+# -- response cache ------------------------------------------------------------------
+
+
+async def test_miss_store_hit() -> None:
+    cache, fake, reg = make()
+    r = req()
+    assert await cache.lookup(r) is None
+    await cache.store(r, comp())
+    hit = await cache.lookup(r)
+    assert hit is not None
+    assert (hit.cached, hit.endpoint, hit.attempts, hit.model) == (True, None, 0, "m")
+    assert hit.output == "answer"
+    assert metric(reg, "hits", model="m") == 1 and metric(reg, "misses", model="m") == 1
+    assert metric(reg, "writes", store="cache") == 1
+    assert all(k.startswith(b"llmstreams:c:_:") for k in fake.data)
+
+
+async def test_concurrent_lookups_share_one_mget() -> None:
+    cache, fake, _ = make()
+    await cache.store(req("p3"), comp())
+    results = await asyncio.gather(*(cache.lookup(req(f"p{i % 10}")) for i in range(200)))
+    assert fake.round_trips["mget"] == 1
+    assert sum(r is not None for r in results) == 20
+
+
+async def test_batches_are_capped_at_batch_max_keys() -> None:
+    cache, fake, _ = make(batch_max_keys=256)
+    await asyncio.gather(*(cache.lookup(req(f"p{i}")) for i in range(600)))
+    assert fake.round_trips["mget"] == 3
+
+
+async def test_lookups_and_recalls_of_one_tick_share_a_round_trip() -> None:
+    cache, fake, _ = make()
+    await cache.remember("id-1", b'{"id":"id-1"}')
+    got = await asyncio.gather(cache.lookup(req()), cache.recall("id-1"), cache.recall("nope"))
+    assert got[1] == b'{"id":"id-1"}' and got[2] is None
+    assert fake.round_trips["mget"] == 1
+
+
+async def test_writes_are_pipelined() -> None:
+    cache, fake, _ = make()
+    await asyncio.gather(*(cache.store(req(f"p{i}"), comp()) for i in range(50)))
+    assert fake.round_trips["pipeline"] == 1 and len(fake.data) == 50
+
+
+async def test_ttl_default_and_per_request() -> None:
+    cache, fake, _ = make(ttl_seconds=500)
+    await cache.store(req("a"), comp())
+    await cache.store(req("b", cache={"ttl": 7}), comp())
+    ttl_a = fake.ttl(cache._ckey(cache.key(req("a"))))
+    ttl_b = fake.ttl(cache._ckey(cache.key(req("b"))))
+    assert ttl_a is not None and 499 < ttl_a <= 500
+    assert ttl_b is not None and 6 < ttl_b <= 7
+
+
+async def test_no_cache_no_store_disabled_and_cached_answers() -> None:
+    cache, fake, _ = make()
+    await cache.store(req(), comp())
+    assert await cache.lookup(req(cache={"no_cache": True})) is None
+    await cache.store(req("other", cache={"no_store": True}), comp())
+    await cache.store(req("again"), comp(cached=True))  # a hit is never written back
+    assert len(fake.data) == 1
+    off, fake2, _ = make(enabled=False)
+    await off.store(req(), comp())
+    assert await off.lookup(req()) is None and not fake2.data and not fake2.round_trips
+
+
+async def test_large_values_compressed_and_too_large_skipped() -> None:
+    cache, fake, reg = make(compress_min_bytes=100, max_value_bytes=2000)
+    await cache.store(req("big"), comp("word " * 1000))  # 5 kB, compresses well
+    (value,) = fake.data.values()
+    assert value[0][:1] == ZLIB
+    hit = await cache.lookup(req("big"))
+    assert hit is not None and hit.output == "word " * 1000
+    await cache.store(req("huge"), comp(os.urandom(3000).hex()))
+    assert len(fake.data) == 1 and metric(reg, "skipped_writes", reason="too_large") == 1
+
+
+async def test_remember_recall_kinds_and_replay_metric() -> None:
+    cache, fake, reg = make(compress_min_bytes=10)
+    record = b'{"id":"a","status":"ok","output":"' + b"y" * 200 + b'"}'
+    await cache.remember("a", record)
+    await cache.remember("secret-id-b", b'{"id":"b"}', kind="dead_letter", ttl=5)
+    assert await cache.recall_many(["a", "secret-id-b", "c"]) == [
+        Recalled("response", record),
+        Recalled("dead_letter", b'{"id":"b"}'),
+        None,
+    ]
+    assert all(k.startswith(b"llmstreams:r:") for k in fake.data)
+    assert not any(b"secret" in k for k in fake.data)
+    assert await cache.recall("a") == record
+    assert await cache.recall("secret-id-b") is None  # a dead letter is not a response
+    ttl = fake.ttl(cache._rkey("secret-id-b"))
+    assert ttl is not None and 4 < ttl <= 5
+    cache.note_replay("response")
+    assert metric(reg, "idempotent_replays", kind="response") == 1
+
+
+async def test_model_labels_are_bounded() -> None:
+    cache, _, reg = make()
+    for i in range(MAX_MODEL_LABELS + 10):
+        await cache.lookup(req(model=f"m{i}"))
+    assert metric(reg, "misses", model="other") == 10
+
+
+def test_rejects_decoding_client() -> None:
+    client = aioredis.Redis(decode_responses=True)
+    with pytest.raises(ValueError, match="decode_responses"):
+        ResponseCache(settings(), client, CollectorRegistry())
+
+
+# -- outage --------------------------------------------------------------------------
+
+
+async def test_redis_errors_never_raise_and_short_circuit(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    cache, fake, reg = make(clock=clock, redis_retry_seconds=1.0, error_log_interval_seconds=10)
+    fake.fail = True
+    caplog.set_level(logging.WARNING, logger="streams.cache")
+    assert await cache.lookup(req()) is None
+    await cache.store(req(), comp())
+    await cache.remember("x", b"{}")
+    assert await cache.recall("x") is None
+    assert fake.round_trips["mget"] == 1 and fake.round_trips["pipeline"] == 0  # circuit open
+    assert metric(reg, "errors", op="read") == 1
+    assert metric(reg, "skipped_writes", reason="redis_unavailable") == 2
+    clock.now += 1.5
+    assert await cache.lookup(req()) is None
+    assert fake.round_trips["mget"] == 2 and metric(reg, "errors", op="read") == 2
+    assert len([r for r in caplog.records if "redis error" in r.getMessage()]) == 1
+    fake.fail = False
+    clock.now += 1.5
+    await cache.store(req(), comp())
+    assert await cache.lookup(req()) is not None  # back in use at once
+
+
+# -- coalescing ----------------------------------------------------------------------
+
+
+def counting(answer: Completion, *, delay: float = 0.02, fail: bool = False) -> Any:
+    calls = {"n": 0}
+
+    async def compute() -> Completion:
+        calls["n"] += 1
+        await asyncio.sleep(delay)
+        if fail and calls["n"] == 1:
+            raise RuntimeError("leader failed")
+        return answer
+
+    return compute, calls
+
+
+async def test_in_process_coalescing_calls_once_and_stores() -> None:
+    cache, fake, reg = make()
+    compute, calls = counting(comp())
+    r = req()
+    out = await asyncio.gather(*(cache.answer(r, compute) for _ in range(100)))
+    assert calls["n"] == 1
+    assert sum(not c.cached for c in out) == 1 and sum(c.cached for c in out) == 99
+    assert metric(reg, "coalesced", scope="local") == 99
+    assert await cache.lookup(r) is not None and cache.coalescer.inflight == 0
+    assert not any(k.startswith(b"llmstreams:l:") for k in fake.data)  # lock released
+
+
+async def test_leader_failure_lets_waiters_compute_themselves() -> None:
+    cache, _, reg = make()
+    compute, calls = counting(comp(), fail=True)
+    r = req()
+    out = await asyncio.gather(
+        *(cache.coalesce(r, cache.key(r), compute) for _ in range(5)), return_exceptions=True
+    )
+    assert sum(isinstance(o, RuntimeError) for o in out) == 1
+    assert sum(isinstance(o, Completion) for o in out) == 4
+    assert calls["n"] == 5
+    assert metric(reg, "coalesce_fallbacks", reason="leader_failed") == 4
+
+
+async def test_no_cache_does_not_coalesce_and_no_store_stays_local() -> None:
+    cache, fake, _ = make()
+    compute, calls = counting(comp())
+    r = req(cache={"no_cache": True})
+    await asyncio.gather(*(cache.coalesce(r, cache.key(r), compute) for _ in range(3)))
+    assert calls["n"] == 3 and len(fake.data) == 1  # no_cache still stores its answer
+    fake.data.clear()
+    fake.round_trips.clear()
+    compute, calls = counting(comp())
+    r = req(cache={"no_store": True})
+    await asyncio.gather(*(cache.coalesce(r, cache.key(r), compute) for _ in range(3)))
+    assert calls["n"] == 1 and not fake.data and fake.round_trips["pipeline"] == 0
+
+
+async def test_two_processes_share_one_compute() -> None:
+    shared = FakeRedis()
+    a, _, reg_a = make(shared)
+    b, _, reg_b = make(shared)
+    compute, calls = counting(comp(), delay=0.05)
+    r = req()
+    out = await asyncio.gather(*(c.answer(r, compute) for c in (a, b) * 20))
+    assert calls["n"] == 1 and sum(not c.cached for c in out) == 1
+    remote = [metric(reg, "coalesced", scope="remote") for reg in (reg_a, reg_b)]
+    assert sum(remote) == 1
+
+
+async def test_dead_lock_holder_expires_and_waiter_takes_over() -> None:
+    cache, fake, reg = make(coalesce_lock_seconds=0.1)
+    r = req()
+    key = cache.key(r)
+    fake._set(cache._lkey(key), b"someone-dead", px=100)
+    compute, calls = counting(comp(), delay=0)
+    got = await asyncio.wait_for(cache.coalesce(r, key, compute), 1.0)
+    assert calls["n"] == 1 and not got.cached
+
+
+async def test_waiter_gives_up_after_coalesce_wait_seconds() -> None:
+    cache, fake, reg = make(coalesce_wait_seconds=0.1, coalesce_lock_seconds=30)
+    r = req()
+    key = cache.key(r)
+    fake._set(cache._lkey(key), b"alive-but-slow", px=30_000)
+    compute, calls = counting(comp(), delay=0)
+    await asyncio.wait_for(cache.coalesce(r, key, compute), 1.0)
+    assert calls["n"] == 1 and metric(reg, "coalesce_fallbacks", reason="timeout") == 1
+
+
+async def test_heartbeat_keeps_a_slow_leaders_lock() -> None:
+    cache, fake, _ = make(coalesce_lock_seconds=0.06)
+    r = req()
+    key = cache.key(r)
+    seen: list[bool] = []
+
+    async def slow() -> Completion:
+        for _ in range(4):
+            await asyncio.sleep(0.05)
+            seen.append(fake._get(cache._lkey(key)) is not None)
+        return comp()
+
+    await cache.coalesce(r, key, slow)
+    assert all(seen) and fake._get(cache._lkey(key)) is None
+
+
+async def test_coalescing_survives_redis_outage_in_process() -> None:
+    cache, fake, reg = make()
+    fake.fail = True
+    compute, calls = counting(comp())
+    r = req()
+    out = await asyncio.gather(*(cache.answer(r, compute) for _ in range(20)))
+    assert calls["n"] == 1 and len(out) == 20
+    assert metric(reg, "errors", op="read") >= 1
+
+
+async def test_context_manager_flushes_pending_writes() -> None:
+    fake = FakeRedis()
+    async with ResponseCache(settings(), fake, CollectorRegistry()) as cache:  # type: ignore[arg-type]
+        task = asyncio.ensure_future(cache.store(req(), comp()))
+        await asyncio.sleep(0)
+    await task
+    assert len(fake.data) == 1
