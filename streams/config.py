@@ -87,6 +87,11 @@ class LimitsConfig(_Section):
     max_requests_per_second: float | None = Field(None, gt=0)
     max_value_bytes: int = Field(1_048_576, ge=1)
     priority_aging_ms: int = Field(10_000, ge=0)
+    # GCRA burst for rpm and max_requests_per_second: how many requests may go at once.
+    rate_burst: int = Field(1, ge=1)
+    # Share of each limit one worker uses while Redis is unreachable (1 / number of workers
+    # keeps the group within the limit; 1.0 lets every worker use the whole limit).
+    local_fallback_fraction: float = Field(1.0, gt=0, le=1)
 
 
 class RetryConfig(_Section):

@@ -1,0 +1,390 @@
+"""Rate and concurrency limits shared by every worker of the consumer group, via Redis.
+
+Limits: per endpoint ``rpm``, ``tpm`` and ``max_concurrency``; globally
+``limits.max_requests_per_second``. Rates use GCRA (the generic cell rate algorithm): one
+"theoretical arrival time" per key, advanced by ``interval x cost`` on each grant. A request
+is allowed while that time is no further ahead than the burst tolerance
+(``(limits.rate_burst - 1) x interval``; the default burst 1 spaces requests evenly, so
+rpm 600 means at most 10 in any second, never 600 at once). ``tpm`` charges an estimate
+before the call (``estimate_tokens``) and is corrected with the real usage afterwards.
+``max_concurrency`` is a sorted set of leases that expire on their own, so a crashed
+worker cannot leak slots for longer than the endpoint timeout plus a margin.
+
+Every check-and-charge of one request runs in one Lua script (atomic across workers) using
+Redis' own clock, so workers never disagree about time. A refusal says how long until the
+request could be allowed (``Decision.wait``): callers wait, limits never raise.
+
+Redis unreachable: each worker falls back to an in-process limiter with the same rules,
+scaled by ``limits.local_fallback_fraction`` (set it to 1/number-of-workers to keep the
+group's total within the limit while Redis is down). Redis is retried with backoff (0.5 s
+doubling to 10 s) and shared limiting resumes as soon as it answers. Redis errors are
+translated here and never reach callers.
+
+Usage::
+
+    limiter = RateLimiter(settings, redis)
+    decision = await limiter.acquire(endpoint, estimate_tokens(messages, params))
+    if decision.permit is None:
+        await asyncio.sleep(decision.wait)       # or queue and come back later
+    else:
+        ...call the endpoint...
+        limiter.release(decision.permit, used_tokens=body["usage"]["total_tokens"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import count
+from typing import Any
+
+from redis.exceptions import NoScriptError, RedisError
+
+from streams.config import EndpointConfig, Settings
+
+log = logging.getLogger(__name__)
+
+# Completion budget assumed when a request sets no max_tokens; corrected after the call.
+DEFAULT_COMPLETION_TOKENS = 256
+# Another worker's concurrency lease can end at any time and we hear no event for it.
+CONCURRENCY_POLL_SECONDS = 0.05
+# A lease outlives the endpoint's hard timeout by this much before Redis drops it.
+LEASE_MARGIN_SECONDS = 10.0
+# Rates are enforced at 98% of the configured value: a grant and the request's arrival at
+# the endpoint are a few milliseconds apart and that jitter varies, so at exactly 100% the
+# endpoint could see one request too many in some window (rpm 600: 10 grants span 1.02 s).
+RATE_HEADROOM = 0.98
+_REDIS_RETRY_MIN = 0.5
+_REDIS_RETRY_MAX = 10.0
+_REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+
+# KEYS: n GCRA keys, then the concurrency lease set when ARGV[2] > 0.
+# ARGV: n, concurrency max, lease id, lease us, poll us, then per GCRA key:
+#       interval us, tolerance us, cost.
+# Returns {allowed, wait_us, index of the refusing key (1-based; n+1 = concurrency)}.
+_ACQUIRE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = tonumber(ARGV[1])
+local cmax = tonumber(ARGV[2])
+local wait, idx = 0, 0
+local tats = {}
+for i = 1, n do
+  local b = 5 + (i - 1) * 3
+  local interval, tol, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  local w = tat - tol - now
+  if w > wait then wait, idx = w, i end
+  tats[i] = tat + interval * cost
+end
+if wait > 0 then return {0, string.format('%.0f', wait), idx} end
+if cmax > 0 then
+  local ck = KEYS[n + 1]
+  redis.call('ZREMRANGEBYSCORE', ck, '-inf', now)
+  if redis.call('ZCARD', ck) >= cmax then return {0, ARGV[5], n + 1} end
+  redis.call('ZADD', ck, now + tonumber(ARGV[4]), ARGV[3])
+  redis.call('PEXPIRE', ck, math.ceil(tonumber(ARGV[4]) / 1000) + 1000)
+end
+for i = 1, n do
+  redis.call('SET', KEYS[i], string.format('%.0f', tats[i]),
+             'PX', math.ceil((tats[i] - now) / 1000) + 1000)
+end
+return {1, '0', 0}
+"""
+
+# KEYS[1] a GCRA key; ARGV[1] microseconds to add (negative: give back).
+_ADJUST_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+tat = tat + tonumber(ARGV[1])
+if tat > now then
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+else
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"""
+
+
+def _sha(src: str) -> str:
+    return hashlib.sha1(src.encode()).hexdigest()
+
+
+def estimate_tokens(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> int:
+    """Offline token estimate: ~4 characters per token over the prompt, plus the completion.
+
+    No tokenizer is downloaded; the tpm charge is corrected from the response's usage.
+    """
+    chars = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                text = part.get("text") if isinstance(part, dict) else None
+                chars += len(text) if isinstance(text, str) else 0
+    prompt = chars // 4 + 4 * len(messages) + 3  # per-message framing, as OpenAI counts it
+    completion = DEFAULT_COMPLETION_TOKENS
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = params.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            completion = value
+            break
+    choices = params.get("n")
+    if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
+        completion *= choices
+    return prompt + completion
+
+
+@dataclass(slots=True)
+class Permit:
+    """What one granted request holds until ``RateLimiter.release``."""
+
+    endpoint: EndpointConfig
+    tokens: int
+    shared: bool  # charged in Redis, else in the local fallback limiter
+    lease: str | None = None  # Redis concurrency lease
+    released: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    """A grant (``permit``) or a refusal with the seconds until it could be allowed.
+
+    ``wait`` is 0 for a refusal whose end we cannot predict (a local concurrency slot:
+    the caller hears of it when a permit is released).
+    """
+
+    permit: Permit | None
+    wait: float = 0.0
+    limit: str = ""  # which limit refused: rps, rpm, tpm, concurrency
+
+
+@dataclass(slots=True, frozen=True)
+class _Rate:
+    limit: str
+    key: str
+    interval: float  # seconds per unit
+    tolerance: float  # seconds of burst
+    per_token: bool
+
+
+class RateLimiter:
+    """Per-endpoint and global limits; shared through Redis, local when Redis is down."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Any | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        key_prefix: str | None = None,
+    ) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._timeout = settings.redis.socket_timeout_seconds
+        self._fraction = settings.limits.local_fallback_fraction
+        prefix = key_prefix if key_prefix is not None else settings.redis.key_prefix
+        # One hash tag for every key: a script's keys must share a slot on Redis Cluster.
+        self._base = f"{{{prefix}}}:rl"
+        burst = settings.limits.rate_burst
+        rps = settings.limits.max_requests_per_second
+        self._global: list[_Rate] = []
+        if rps is not None:
+            interval = 1.0 / (rps * RATE_HEADROOM)
+            key = f"{self._base}:*:rps"
+            self._global.append(_Rate("rps", key, interval, interval * (burst - 1), False))
+        self._rates: dict[str, list[_Rate]] = {}
+        for ep in settings.endpoints:
+            rates = list(self._global)
+            if ep.rpm is not None:
+                interval = 60.0 / (ep.rpm * RATE_HEADROOM)
+                key = f"{self._base}:{ep.name}:rpm"
+                rates.append(_Rate("rpm", key, interval, interval * (burst - 1), False))
+            if ep.tpm is not None:
+                interval = 60.0 / (ep.tpm * RATE_HEADROOM)
+                rates.append(_Rate("tpm", f"{self._base}:{ep.name}:tpm", interval, 0.0, True))
+            self._rates[ep.name] = rates
+        self._local_tat: dict[str, float] = {}
+        self._inflight: dict[str, int] = {ep.name: 0 for ep in settings.endpoints}
+        self._lease_ids = count()
+        self._lease_prefix = uuid.uuid4().hex[:12]
+        self._degraded = False
+        self._retry_at = 0.0
+        self._retry_delay = _REDIS_RETRY_MIN
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- cheap, synchronous views for the dispatcher's fast path -------------------------
+
+    def unlimited(self, endpoint: EndpointConfig) -> bool:
+        """No rate or concurrency limit applies: ``acquire`` never waits or hits Redis."""
+        return not self._rates[endpoint.name] and endpoint.max_concurrency is None
+
+    @property
+    def degraded(self) -> bool:
+        """True while Redis is unreachable and limits are enforced per worker."""
+        return self._degraded
+
+    def inflight(self, endpoint: EndpointConfig) -> int:
+        return self._inflight[endpoint.name]
+
+    def has_capacity(self, endpoint: EndpointConfig) -> bool:
+        """This worker's own view of ``max_concurrency`` (no Redis)."""
+        cap = endpoint.max_concurrency
+        if cap is None:
+            return True
+        if self._use_redis():
+            return self._inflight[endpoint.name] < cap
+        return self._inflight[endpoint.name] < self._local_cap(cap)
+
+    # ---- acquire / release -----------------------------------------------------------------
+
+    async def acquire(self, endpoint: EndpointConfig, tokens: int) -> Decision:
+        """Take a permit for one request of ~``tokens`` tokens, or say how long to wait."""
+        if self.unlimited(endpoint):
+            self._inflight[endpoint.name] += 1
+            return Decision(Permit(endpoint, tokens, shared=False))
+        if not self.has_capacity(endpoint):
+            return Decision(None, 0.0, "concurrency")
+        if self._use_redis():
+            try:
+                return await self._acquire_shared(endpoint, tokens)
+            except _REDIS_ERRORS as exc:
+                self._mark_down(exc)
+                if not self.has_capacity(endpoint):  # the local cap is lower
+                    return Decision(None, 0.0, "concurrency")
+        return self._acquire_local(endpoint, tokens)
+
+    def release(self, permit: Permit, used_tokens: int | None = None) -> None:
+        """Give back the concurrency slot and correct the tpm charge. Synchronous and
+        idempotent, so it is safe in ``finally`` blocks of cancelled tasks; Redis work is
+        done in the background."""
+        if permit.released:
+            return
+        permit.released = True
+        name = permit.endpoint.name
+        self._inflight[name] -= 1
+        delta = 0
+        if used_tokens is not None and permit.endpoint.tpm is not None:
+            delta = used_tokens - permit.tokens
+        tpm = next((r for r in self._rates[name] if r.per_token), None)
+        if permit.shared:
+            if permit.lease is not None or (delta and tpm is not None):
+                self._spawn(self._release_shared(permit, tpm, delta))
+        elif delta and tpm is not None:
+            tat = self._local_tat.get(tpm.key)
+            if tat is not None:
+                self._local_tat[tpm.key] = max(
+                    tat + delta * tpm.interval / self._fraction, self._clock()
+                )
+
+    async def aclose(self) -> None:
+        """Wait (briefly) for background Redis releases."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self._timeout * 2)
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _local_cap(self, cap: int) -> int:
+        return max(1, math.floor(cap * self._fraction))
+
+    def _use_redis(self) -> bool:
+        if self._redis is None:
+            return False
+        return not self._degraded or self._clock() >= self._retry_at
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if not self._degraded:
+            log.warning(
+                "redis unreachable for rate limits (%s); falling back to this worker's "
+                "local limiter at %.0f%% of each limit",
+                type(exc).__name__,
+                self._fraction * 100,
+            )
+        self._degraded = True
+        self._retry_at = self._clock() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, _REDIS_RETRY_MAX)
+
+    def _mark_up(self) -> None:
+        if self._degraded:
+            log.warning("redis reachable again; rate limits are shared across workers again")
+        self._degraded = False
+        self._retry_delay = _REDIS_RETRY_MIN
+
+    async def _eval(self, src: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        assert self._redis is not None
+        async with asyncio.timeout(self._timeout):
+            try:
+                return await self._redis.evalsha(_sha(src), len(keys), *keys, *args)
+            except NoScriptError:
+                return await self._redis.eval(src, len(keys), *keys, *args)
+
+    async def _acquire_shared(self, endpoint: EndpointConfig, tokens: int) -> Decision:
+        rates = self._rates[endpoint.name]
+        keys = [r.key for r in rates]
+        cap = endpoint.max_concurrency or 0
+        lease = None
+        lease_us = 0
+        if cap:
+            keys.append(f"{self._base}:{endpoint.name}:conc")
+            lease = f"{self._lease_prefix}:{next(self._lease_ids)}"
+            lease_us = round((endpoint.timeout_seconds + LEASE_MARGIN_SECONDS) * 1e6)
+        poll_us = round(CONCURRENCY_POLL_SECONDS * 1e6)
+        args: list[Any] = [len(rates), cap, lease or "", lease_us, poll_us]
+        for r in rates:
+            args += [r.interval * 1e6, r.tolerance * 1e6, tokens if r.per_token else 1]
+        allowed, wait_us, index = await self._eval(_ACQUIRE_LUA, keys, args)
+        self._mark_up()
+        if int(allowed) != 1:
+            index = int(index)
+            limit = rates[index - 1].limit if index <= len(rates) else "concurrency"
+            return Decision(None, float(wait_us) / 1e6, limit)
+        self._inflight[endpoint.name] += 1
+        return Decision(Permit(endpoint, tokens, shared=True, lease=lease))
+
+    def _acquire_local(self, endpoint: EndpointConfig, tokens: int) -> Decision:
+        now = self._clock()
+        rates = self._rates[endpoint.name]
+        wait, limit = 0.0, ""
+        new_tats: list[float] = []
+        for r in rates:
+            # The fallback keeps this worker's share of each limit: a longer interval.
+            interval = r.interval / self._fraction
+            tat = max(self._local_tat.get(r.key, now), now)
+            w = tat - r.tolerance / self._fraction - now
+            if w > wait:
+                wait, limit = w, r.limit
+            new_tats.append(tat + interval * (tokens if r.per_token else 1))
+        if wait > 0:
+            return Decision(None, wait, limit)
+        for r, tat in zip(rates, new_tats, strict=True):
+            self._local_tat[r.key] = tat
+        self._inflight[endpoint.name] += 1
+        return Decision(Permit(endpoint, tokens, shared=False))
+
+    async def _release_shared(self, permit: Permit, tpm: _Rate | None, delta: int) -> None:
+        try:
+            if permit.lease is not None:
+                key = f"{self._base}:{permit.endpoint.name}:conc"
+                async with asyncio.timeout(self._timeout):
+                    await self._redis.zrem(key, permit.lease)  # type: ignore[union-attr]
+            if delta and tpm is not None:
+                await self._eval(_ADJUST_LUA, [tpm.key], [delta * tpm.interval * 1e6])
+        except _REDIS_ERRORS as exc:
+            # The lease expires by itself; a missed tpm correction only errs for a minute.
+            log.debug("rate limit release not written to redis: %s", type(exc).__name__)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,84 @@
+"""Cooldowns shared through the real Redis by two workers: visible, extended, one probe."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from streams.config import EndpointConfig, RetryConfig
+from streams.cooldown import Cooldowns, EndpointState
+
+pytestmark = pytest.mark.integration
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def pair(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator[list[Any]]:
+    cs = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
+    try:
+        yield cs
+    finally:
+        for c in cs:
+            await c.aclose()
+
+
+def _workers(clients: list[Any], clock: Clock) -> list[Cooldowns]:
+    eps = [EndpointConfig(name="a", url="http://a.test/v1", timeout_seconds=2)]
+    cfg = RetryConfig(cooldown_seconds=5, cooldown_after_failures=1)
+    return [Cooldowns(eps, cfg, c, key_prefix="test-cd", clock=clock) for c in clients]
+
+
+async def test_cooldown_is_shared_and_probed_once(pair: list[Any]) -> None:
+    clock = Clock()
+    w1, w2 = _workers(pair, clock)
+    w1.record_failure("a", rate_limited=True, retry_after=2)
+    await w1.sync()
+    assert await w2.sync() is True
+    assert w2.state("a") is EndpointState.COOLING and not w2.usable("a")
+
+    # re-failing elsewhere with a shorter period does not shorten it; a longer one extends
+    clock.now += 1
+    w2.record_failure("a")  # 1 + 5 s: later than 2 s, so it extends
+    await w2.sync()
+    await w1.sync()
+    assert w1.next_change(clock.now) == pytest.approx(clock.now + 5, abs=0.01)
+    w1.record_failure("a", retry_after=0.5)
+    await w1.sync()
+    assert w1.next_change(clock.now) == pytest.approx(clock.now + 5, abs=0.01)
+
+    clock.now += 5
+    assert w1.needs_probe("a") and w2.needs_probe("a")
+    assert await w1.try_probe("a") is True
+    assert await w2.try_probe("a") is False  # SET NX: one probe across workers
+    assert not w2.usable("a")
+    w1.record_success("a", probe=True)
+    await w1.sync()
+    await w2.sync()
+    assert w2.state("a") is EndpointState.HEALTHY and w2.usable("a")
+
+
+async def test_cooldown_falls_back_to_local_state() -> None:
+    clock = Clock()
+    # nothing listens on port 1; no client-side retries, so refusals are immediate
+    dead = aioredis.Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))
+    try:
+        (w,) = _workers([dead], clock)
+        w.record_failure("a")
+        assert await w.sync() is False and w.degraded
+        assert w.state("a") is EndpointState.COOLING
+        clock.now += 5
+        assert await w.try_probe("a") is True  # probes on its own while Redis is away
+    finally:
+        await dead.aclose()

@@ -1,0 +1,181 @@
+"""Rate limits on the real Redis: shared by independent limiters (one per simulated worker),
+and the local fallback when Redis is unreachable."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from streams.config import EndpointConfig, Settings
+from streams.contract import Request
+from streams.dispatcher import Dispatcher
+from streams.ratelimit import RATE_HEADROOM, RateLimiter
+
+pytestmark = pytest.mark.integration
+
+
+def _settings(**ep: Any) -> Settings:
+    endpoint = EndpointConfig(name="ep", url="http://ep.test/v1", timeout_seconds=5, **ep)
+    return Settings(endpoints=[endpoint], redis={"key_prefix": "test-rl"})
+
+
+@pytest.fixture
+async def clients(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator[list[Any]]:
+    """Three separate connections, as three worker processes would have (DB flushed)."""
+    cs = [aioredis.Redis.from_url(redis_url) for _ in range(3)]
+    try:
+        yield cs
+    finally:
+        for c in cs:
+            await c.aclose()
+
+
+def _max_in_window(times: list[float], width: float) -> int:
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= width:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+async def test_rpm_holds_across_three_limiters(clients: list[Any]) -> None:
+    settings = _settings(rpm=600)
+    endpoint = settings.endpoints[0]
+    limiters = [RateLimiter(settings, c) for c in clients]
+    grants: list[float] = []
+    stop = time.monotonic() + 1.4
+
+    async def worker(limiter: RateLimiter) -> None:
+        while time.monotonic() < stop:
+            decision = await limiter.acquire(endpoint, 1)
+            if decision.permit is None:
+                await asyncio.sleep(decision.wait)
+                continue
+            grants.append(time.monotonic())
+            limiter.release(decision.permit)
+
+    await asyncio.gather(*(worker(lim) for lim in limiters))
+    grants.sort()
+    assert not any(lim.degraded for lim in limiters)
+    assert _max_in_window(grants, 1.0) <= 10  # 600 rpm = 10/s, smooth, never a burst
+    assert len(grants) >= 12  # and yet the budget is used (~9.8/s for 1.4 s)
+
+
+async def test_concurrency_is_shared(clients: list[Any]) -> None:
+    settings = _settings(max_concurrency=2)
+    endpoint = settings.endpoints[0]
+    limiters = [RateLimiter(settings, c) for c in clients]
+    decisions = [await lim.acquire(endpoint, 1) for lim in limiters]
+    granted = [(lim, d.permit) for lim, d in zip(limiters, decisions, strict=True) if d.permit]
+    assert len(granted) == 2
+    refused = decisions[2]
+    assert refused.permit is None and refused.limit == "concurrency" and refused.wait > 0
+    lim, permit = granted[0]
+    lim.release(permit)
+    await lim.aclose()
+    assert (await limiters[2].acquire(endpoint, 1)).permit is not None
+
+
+async def test_tpm_estimate_is_corrected_with_real_usage(clients: list[Any]) -> None:
+    settings = _settings(tpm=60_000)
+    endpoint = settings.endpoints[0]
+    a, b = RateLimiter(settings, clients[0]), RateLimiter(settings, clients[1])
+    big = await a.acquire(endpoint, 2000)
+    assert big.permit is not None and big.permit.shared
+    refused = await b.acquire(endpoint, 10)
+    assert refused.permit is None and refused.limit == "tpm"
+    assert refused.wait == pytest.approx(2.0 / RATE_HEADROOM, abs=0.05)
+    a.release(big.permit, used_tokens=100)
+    await a.aclose()
+    refused = await b.acquire(endpoint, 10)
+    assert refused.permit is None and refused.wait == pytest.approx(0.1 / RATE_HEADROOM, abs=0.05)
+
+
+async def test_unreachable_redis_falls_back_to_a_local_limiter() -> None:
+    settings = _settings(rpm=60)
+    endpoint = settings.endpoints[0]
+    # nothing listens on port 1; no client-side retries, so refusals are immediate
+    dead = aioredis.Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))
+    try:
+        limiter = RateLimiter(settings, dead)
+        first = await limiter.acquire(endpoint, 1)
+        assert first.permit is not None and not first.permit.shared and limiter.degraded
+        second = await limiter.acquire(endpoint, 1)  # the local limiter still holds rpm
+        assert second.permit is None and second.wait == pytest.approx(1 / RATE_HEADROOM, abs=0.05)
+        limiter.release(first.permit)
+        await limiter.aclose()
+    finally:
+        await dead.aclose()
+
+
+class Switch:
+    """Passes calls to a real client, or fails them like an unreachable server."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.down = True
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.real, name)
+
+        async def call(*args: Any, **kw: Any) -> Any:
+            if self.down:
+                raise RedisConnectionError("Connection refused")
+            return await attr(*args, **kw)
+
+        return call
+
+
+async def test_recovers_when_redis_returns(clients: list[Any]) -> None:
+    settings = _settings(rpm=600)
+    endpoint = settings.endpoints[0]
+    now = [100.0]
+    switch = Switch(clients[0])
+    limiter = RateLimiter(settings, switch, clock=lambda: now[0])
+    local = await limiter.acquire(endpoint, 1)
+    assert local.permit is not None and not local.permit.shared and limiter.degraded
+    switch.down = False
+    now[0] += 1.0  # past the retry delay
+    shared = await limiter.acquire(endpoint, 1)
+    assert shared.permit is not None and shared.permit.shared and not limiter.degraded
+    # the grant is visible to another worker at once
+    other = await RateLimiter(settings, clients[1]).acquire(endpoint, 1)
+    assert other.permit is None and other.limit == "rpm"
+
+
+class RecordingUpstream:
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    async def complete(self, endpoint: Any, model: str, messages: Any, params: Any) -> Any:
+        self.times.append(time.monotonic())
+        await asyncio.sleep(0.01)
+        return {"choices": [{"message": {"content": "ok"}}], "usage": {"total_tokens": 3}}
+
+
+async def test_three_dispatchers_share_an_rpm_limit(clients: list[Any]) -> None:
+    settings = _settings(rpm=1200)  # 20/s across the group
+    upstream = RecordingUpstream()
+    dispatchers = [Dispatcher(settings, upstream, c, CollectorRegistry()) for c in clients]
+    for d in dispatchers:
+        await d.start()
+    try:
+        reqs = [Request(id=f"r{i}", input="hi", model="m") for i in range(30)]
+        done = await asyncio.gather(
+            *(dispatchers[i % 3].dispatch(r) for i, r in enumerate(reqs))
+        )
+    finally:
+        for d in dispatchers:
+            await d.stop()
+    assert len(done) == 30 and all(c.endpoint == "ep" for c in done)
+    assert _max_in_window(sorted(upstream.times), 1.0) <= 20

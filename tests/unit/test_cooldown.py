@@ -1,0 +1,79 @@
+"""Cooldown rules on one worker (no Redis): triggers, extension, the single probe."""
+
+from __future__ import annotations
+
+from streams.config import EndpointConfig, RetryConfig
+from streams.cooldown import Cooldowns, EndpointState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _cooldowns(clock: Clock, **retry: float) -> Cooldowns:
+    eps = [EndpointConfig(name=n, url=f"http://{n}.test/v1") for n in ("a", "b")]
+    return Cooldowns(eps, RetryConfig(**retry), None, clock=clock)
+
+
+def test_n_failures_in_a_row() -> None:
+    clock = Clock()
+    cd = _cooldowns(clock, cooldown_after_failures=3, cooldown_seconds=5)
+    assert not cd.record_failure("a")
+    cd.record_success("a")  # breaks the run
+    assert not cd.record_failure("a") and not cd.record_failure("a")
+    assert cd.state("a") is EndpointState.HEALTHY
+    assert cd.record_failure("a")
+    assert cd.state("a") is EndpointState.COOLING and not cd.usable("a")
+    assert cd.state("b") is EndpointState.HEALTHY
+    assert cd.next_change(clock.now) == clock.now + 5
+
+
+def test_429_cools_at_once_for_its_retry_after_capped() -> None:
+    clock = Clock()
+    cd = _cooldowns(clock, cooldown_seconds=5, max_retry_after_ms=30_000)
+    assert cd.record_failure("a", rate_limited=True, retry_after=2.0)
+    assert cd.next_change(clock.now) == clock.now + 2
+    assert cd.record_failure("b", rate_limited=True, retry_after=3600)
+    assert cd.next_change(clock.now + 10) == clock.now + 30
+    clock.now += 2
+    assert cd.state("a") is EndpointState.PROBING
+
+
+def test_refailing_extends_never_shortens() -> None:
+    clock = Clock()
+    start = clock.now
+    cd = _cooldowns(clock, cooldown_seconds=5)
+    cd.record_failure("a", rate_limited=True, retry_after=10)
+    clock.now += 1
+    cd.record_failure("a")  # would end at +6: keeps +10
+    assert cd.next_change(clock.now) == start + 10
+    clock.now += 1
+    cd.record_failure("a", retry_after=20)  # ends at +22
+    assert cd.next_change(clock.now) == start + 22
+    # a straggler's success does not cut the cooldown short: only the probe heals
+    cd.record_success("a")
+    assert cd.state("a") is EndpointState.COOLING
+
+
+async def test_exactly_one_probe_then_healthy_or_cooling_again() -> None:
+    clock = Clock()
+    cd = _cooldowns(clock, cooldown_seconds=5, cooldown_after_failures=1)
+    cd.record_failure("a")
+    assert not await cd.try_probe("a")  # still cooling
+    clock.now += 5
+    assert cd.needs_probe("a") and cd.usable("a")
+    assert await cd.try_probe("a")
+    assert not cd.usable("a") and not await cd.try_probe("a")  # one probe only
+    cd.record_failure("a", probe=True)
+    assert cd.state("a") is EndpointState.COOLING
+    assert cd.next_change(clock.now) == clock.now + 5
+    clock.now += 5
+    assert await cd.try_probe("a")
+    cd.abandon_probe("a")  # e.g. the probe request was cancelled: someone else may probe
+    assert await cd.try_probe("a")
+    cd.record_success("a", probe=True)
+    assert cd.state("a") is EndpointState.HEALTHY and cd.usable("a")

@@ -1,0 +1,187 @@
+"""Local limiter behaviour (fake clock), token estimate, and Redis fallback/recovery."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from streams.config import EndpointConfig, Settings
+from streams.ratelimit import RATE_HEADROOM, RateLimiter, estimate_tokens
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _settings(**limits: Any) -> Settings:
+    endpoints = limits.pop("endpoints")
+    return Settings(endpoints=endpoints, limits=limits)
+
+
+def _ep(name: str = "a", **kw: Any) -> EndpointConfig:
+    return EndpointConfig(name=name, url=f"http://{name}.test/v1", **kw)
+
+
+async def _greedy(limiter: RateLimiter, ep: EndpointConfig, clock: Clock, until: float,
+                  tokens: int = 1) -> list[float]:
+    """Acquire as fast as allowed until ``until``, jumping the clock by each wait."""
+    grants = []
+    while clock.now < until:
+        decision = await limiter.acquire(ep, tokens)
+        if decision.permit is None:
+            assert decision.wait > 0
+            clock.now += decision.wait
+            continue
+        grants.append(clock.now)
+        limiter.release(decision.permit)
+    return grants
+
+
+def _max_in_window(times: list[float], width: float) -> int:
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= width:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def test_estimate_tokens() -> None:
+    msgs = [{"role": "system", "content": "x" * 400}, {"role": "user", "content": "y" * 40}]
+    assert estimate_tokens(msgs, {"max_tokens": 50}) == 100 + 10 + 8 + 3 + 50
+    parts = [{"role": "user", "content": [{"type": "text", "text": "z" * 80}, {"type": "img"}]}]
+    assert estimate_tokens(parts, {"max_completion_tokens": 10, "n": 2}) == 20 + 4 + 3 + 20
+    assert estimate_tokens([{"role": "user", "content": None}], {}) == 7 + 256
+
+
+async def test_rpm_is_smooth_not_a_minute_bucket() -> None:
+    clock = Clock()
+    ep = _ep(rpm=600)
+    limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock)
+    grants = await _greedy(limiter, ep, clock, clock.now + 10)
+    assert _max_in_window(grants, 1.0) <= 10
+    assert len(grants) >= 95  # ~98% of 10 s x 10/s
+    gaps = {round(b - a, 6) for a, b in zip(grants, grants[1:], strict=False)}
+    assert gaps == {round(0.1 / RATE_HEADROOM, 6)}
+
+
+async def test_burst_setting() -> None:
+    clock = Clock()
+    ep = _ep(rpm=600)
+    limiter = RateLimiter(_settings(endpoints=[ep], rate_burst=5), None, clock=clock)
+    first = [await limiter.acquire(ep, 1) for _ in range(6)]
+    assert [d.permit is not None for d in first] == [True] * 5 + [False]
+    assert first[-1].limit == "rpm" and first[-1].wait == pytest.approx(0.1 / RATE_HEADROOM)
+
+
+async def test_global_rps_binds_every_endpoint() -> None:
+    clock = Clock()
+    a, b = _ep("a"), _ep("b")
+    limiter = RateLimiter(
+        _settings(endpoints=[a, b], max_requests_per_second=2), None, clock=clock
+    )
+    assert not limiter.unlimited(a)
+    assert (await limiter.acquire(a, 1)).permit is not None
+    refused = await limiter.acquire(b, 1)
+    assert refused.permit is None and refused.limit == "rps"
+    assert refused.wait == pytest.approx(0.5 / RATE_HEADROOM)
+
+
+async def test_unlimited_endpoint_is_free() -> None:
+    ep = _ep()
+    limiter = RateLimiter(_settings(endpoints=[ep]), None)
+    assert limiter.unlimited(ep)
+    permits = [(await limiter.acquire(ep, 10**6)).permit for _ in range(1000)]
+    assert all(p is not None for p in permits) and limiter.inflight(ep) == 1000
+
+
+async def test_tpm_reserves_the_estimate_and_corrects_it() -> None:
+    clock = Clock()
+    ep = _ep(tpm=60_000)  # ~1000 tokens per second
+    limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock)
+    big = await limiter.acquire(ep, 2000)
+    assert big.permit is not None
+    refused = await limiter.acquire(ep, 10)
+    assert refused.permit is None and refused.limit == "tpm"
+    assert refused.wait == pytest.approx(2.0 / RATE_HEADROOM)
+    limiter.release(big.permit, used_tokens=500)  # the real usage was much smaller
+    refused = await limiter.acquire(ep, 10)
+    assert refused.permit is None and refused.wait == pytest.approx(0.5 / RATE_HEADROOM)
+    clock.now += refused.wait
+    assert (await limiter.acquire(ep, 10)).permit is not None
+
+
+async def test_max_concurrency_is_a_slot_count() -> None:
+    ep = _ep(max_concurrency=2)
+    limiter = RateLimiter(_settings(endpoints=[ep]), None)
+    p1 = (await limiter.acquire(ep, 1)).permit
+    p2 = (await limiter.acquire(ep, 1)).permit
+    assert p1 is not None and p2 is not None
+    refused = await limiter.acquire(ep, 1)
+    assert refused.permit is None and refused.limit == "concurrency" and refused.wait == 0
+    assert not limiter.has_capacity(ep)
+    limiter.release(p1)
+    limiter.release(p1)  # idempotent
+    assert limiter.has_capacity(ep) and limiter.inflight(ep) == 1
+
+
+class FlakyRedis:
+    """Raises ConnectionError while ``down``; otherwise grants everything."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.calls = 0
+
+    async def evalsha(self, *args: Any) -> Any:
+        self.calls += 1
+        if self.down:
+            raise RedisConnectionError("Error 111 connecting to 127.0.0.1:6379.")
+        return [1, b"0", 0]
+
+    eval = evalsha
+
+    async def zrem(self, *args: Any) -> int:
+        return 1
+
+
+async def test_falls_back_to_local_and_recovers() -> None:
+    clock = Clock()
+    ep = _ep(rpm=60)
+    redis = FlakyRedis()
+    settings = _settings(endpoints=[ep], local_fallback_fraction=0.5)
+    limiter = RateLimiter(settings, redis, clock=clock)
+    first = await limiter.acquire(ep, 1)
+    assert first.permit is not None and not first.permit.shared
+    assert limiter.degraded and redis.calls == 1
+    # locally: half the limit (fraction 0.5): one per ~2 s; redis is not retried at once
+    refused = await limiter.acquire(ep, 1)
+    assert refused.permit is None and refused.wait == pytest.approx(2.0 / RATE_HEADROOM)
+    assert redis.calls == 1
+    redis.down = False
+    clock.now += 0.6  # past the first retry delay (0.5 s)
+    again = await limiter.acquire(ep, 1)
+    assert again.permit is not None and again.permit.shared
+    assert not limiter.degraded
+
+
+async def test_fallback_retry_backs_off() -> None:
+    clock = Clock()
+    ep = _ep(rpm=6000)
+    redis = FlakyRedis()
+    limiter = RateLimiter(_settings(endpoints=[ep]), redis, clock=clock)
+    tries = []
+    while clock.now < 1040:
+        before = redis.calls
+        decision = await limiter.acquire(ep, 1)
+        if redis.calls != before:
+            tries.append(clock.now)
+        clock.now += decision.wait or 0.05
+    gaps = [round(b - a, 1) for a, b in zip(tries, tries[1:], strict=False)]
+    assert gaps[:4] == pytest.approx([0.5, 1.0, 2.0, 4.0], abs=0.05)
+    assert max(gaps) <= 10.05
