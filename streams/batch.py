@@ -70,7 +70,7 @@ def read_requests(path: Path, run: str) -> list[tuple[bytes, bytes]]:
 async def _end_offsets(
     consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, topics: list[str]
 ) -> None:
-    tps = []
+    tps: list[TopicPartition] = []
     for topic in topics:
         parts = await producer.partitions_for(topic)  # fetches the topic's metadata
         tps.extend(TopicPartition(topic, p) for p in sorted(parts))

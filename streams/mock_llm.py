@@ -61,7 +61,7 @@ class MockStats:
             "max_per_second": _max_window(list(self.times), 1.0),
             "first_call": self.times[0] if self.times else None,
             "last_call": self.times[-1] if self.times else None,
-            **({"log": list(zip(self.times, self.statuses)),
+            **({"log": list(zip(self.times, self.statuses, strict=False)),
                 "duplicate_prompts": [p for p, n in self.prompts.items() if n > 1]}
                if with_log else {}),
         }

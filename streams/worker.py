@@ -200,7 +200,7 @@ class StreamsApp(faust.App):
 
 def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
     s = settings
-    credentials = None
+    credentials: faust.SASLCredentials | faust.SSLCredentials | None = None
     if s.kafka.security_protocol != "PLAINTEXT":
         opts = connection_options(s)
         if s.kafka.security_protocol.startswith("SASL"):
@@ -235,7 +235,7 @@ def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
         key_serializer="raw", value_serializer="raw",
     )
 
-    async def requests(stream: faust.StreamT[bytes]) -> None:
+    async def requests(stream: Any) -> None:  # faust.Stream: noack() is not in StreamT
         async for event in stream.noack().events():
             try:
                 await runtime.submit(event)
@@ -246,12 +246,12 @@ def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
 
     app.agent(topic, name="llm-requests")(requests)
 
-    @app.on_partitions_revoked.connect
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _revoked(sender: Any, revoked: set[Any], **_: Any) -> None:
         runtime.on_revoked(revoked)
         runtime.assigned = 0
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _assigned(sender: Any, assigned: set[Any], **_: Any) -> None:
         runtime.assigned = len(assigned)
         runtime.metrics.assigned_partitions.set(len(assigned))

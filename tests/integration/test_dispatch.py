@@ -21,7 +21,7 @@ from tests.integration.harness import (
 def _eps(mocks: list[Mock], weights: list[float], **kw: object) -> list[dict[str, object]]:
     return [
         {"name": f"ep{i}", "url": f"{m.url}/v1", "weight": w, "timeout_seconds": 2, **kw}
-        for i, (m, w) in enumerate(zip(mocks, weights))
+        for i, (m, w) in enumerate(zip(mocks, weights, strict=False))
     ]
 
 
