@@ -26,6 +26,9 @@ from typing import Any
 import aiohttp
 import faust
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from prometheus_client import CollectorRegistry
 
 from streams.acks import AckTracker
@@ -75,6 +78,11 @@ class Runtime:
             password=password,
             socket_timeout=s.redis.socket_timeout_seconds,
             socket_connect_timeout=s.redis.socket_timeout_seconds,
+            # A connection left stale by a Redis restart is retried once at once, so the
+            # first command after an outage does not count as one more failure.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
+            health_check_interval=10,
         )
         stack.push_async_callback(self._redis.aclose)
         dispatcher = await stack.enter_async_context(

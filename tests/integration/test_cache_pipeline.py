@@ -154,7 +154,10 @@ async def test_redis_outage_loses_nothing_and_hits_resume(stack: Stack, mocks: l
             subprocess.run([stack_sh, "redis-start"], check=True)
             await col.wait_for(2000, timeout=120)
             await asyncio.sleep(2)
-            await produce(stack.requests, encode([_prompt_req(5000, 1999), _prompt_req(5001, 1999)]))
+            # prompt 1999 was answered during the outage (not stored): a miss, then a hit
+            await produce(stack.requests, encode([_prompt_req(5000, 1999)]))
+            await col.wait_for(2001, timeout=60)
+            await produce(stack.requests, encode([_prompt_req(5001, 1999)]))
             outs = await col.wait_for(2002, timeout=60)
         assert worker.alive()
     finally:
