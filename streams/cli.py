@@ -4,6 +4,8 @@
     llm-streams batch REQUESTS.jsonl --save SAVE.jsonl [--errors ERRORS.jsonl] [--config PATH]
     llm-streams mock-llm [--port] [--latency-ms] [--jitter-ms] [--error-rate]
                          [--status-on-error] [--retry-after]
+    llm-streams dlq inspect [--limit N] [--config PATH]
+    llm-streams dlq replay [--error-type T] [--since TIME] [--dry-run] [--config PATH]
 """
 
 from __future__ import annotations
@@ -83,6 +85,49 @@ def cmd_mock(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dlq_inspect(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging("WARNING", args.log_format)
+    from rich.console import Console
+
+    from streams.dlq import print_inspection, read_dead_letters
+
+    letters = asyncio.run(read_dead_letters(settings, limit=args.limit))
+    print_inspection(Console(), settings.topics.dead_letter, letters)
+    return 0
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    setup_logging("WARNING", args.log_format)
+    from streams.dlq import plan_replay, publish_replay, read_dead_letters, replay_summary
+
+    letters = asyncio.run(read_dead_letters(settings))
+    plan = plan_replay(
+        letters, settings.topics.dead_letter, settings.worker.dlq_raw_limit_bytes,
+        error_type=args.error_type, since_ms=args.since,
+    )
+    replayed = 0 if args.dry_run else asyncio.run(publish_replay(settings, plan))
+    print(replay_summary(plan, replayed, args.dry_run))
+    return 0
+
+
+def _since(text: str) -> int:
+    from streams.dlq import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llm-streams", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -112,6 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--status-on-error", type=int, default=500)
     m.add_argument("--retry-after", type=float, default=None)
     m.set_defaults(func=cmd_mock)
+
+    d = sub.add_parser("dlq", help="inspect or replay the dead-letter topic")
+    dsub = d.add_subparsers(dest="dlq_command", required=True)
+    di = dsub.add_parser("inspect", help="dead letters grouped by error type and endpoint")
+    di.add_argument("--limit", type=_positive, default=None, help="read at most N records")
+    common(di)
+    di.set_defaults(func=cmd_dlq_inspect)
+    dr = dsub.add_parser("replay", help="republish dead letters' original requests")
+    dr.add_argument("--error-type", choices=("validation", "upstream", "exhausted", "expired",
+                                             "internal"),
+                    help="only this error type (validation is replayed only when named)")
+    dr.add_argument("--since", type=_since, default=None, metavar="TIME",
+                    help="only dead letters failed at or after TIME (ISO 8601 or epoch ms)")
+    dr.add_argument("--dry-run", action="store_true", help="count, publish nothing")
+    common(dr)
+    dr.set_defaults(func=cmd_dlq_replay)
     return p
 
 

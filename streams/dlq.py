@@ -217,19 +217,23 @@ async def read_dead_letters(
     """The dead-letter topic from the beginning to its end offsets at the time of the call."""
     topic = settings.topics.dead_letter
     consumer = AIOKafkaConsumer(
-        enable_auto_commit=False, group_id=None, max_poll_records=5000,
+        enable_auto_commit=False, group_id=None, auto_offset_reset="earliest",
+        max_poll_records=5000,
         **connection_options(settings),
     )
     await consumer.start()
     out: list[DeadLetter] = []
     try:
-        await consumer.topics()  # fetches the cluster's metadata
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        # consumer.topics() fetches metadata but does not keep it: read the snapshot it reads
+        metadata = await consumer._client.fetch_all_metadata()
+        tps = [TopicPartition(topic, p) for p in sorted(metadata.partitions_for_topic(topic) or ())]
         if not tps:
             return out
         consumer.assign(tps)
+        starts = await consumer.beginning_offsets(tps)
         ends = await consumer.end_offsets(tps)
-        await consumer.seek_to_beginning(*tps)
+        for tp in tps:  # explicit seeks: a lazy seek_to_beginning can race the initial reset
+            consumer.seek(tp, starts[tp])
         remaining = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
         deadline = time.monotonic() + timeout
         while remaining and (limit is None or len(out) < limit):
@@ -288,13 +292,9 @@ def print_inspection(console: Console, topic: str, letters: Sequence[DeadLetter]
     console.print(table)
 
 
-def print_replay(console: Console, plan: ReplayPlan, replayed: int, dry_run: bool) -> None:
-    table = Table(title="llm-streams dlq replay" + (" (dry run)" if dry_run else ""),
-                  show_header=False)
-    table.add_row("selected", str(plan.selected))
-    table.add_row("would replay" if dry_run else "replayed",
-                  str(len(plan.records) if dry_run else replayed))
-    table.add_row("skipped", str(sum(plan.skipped.values())))
-    for reason, n in sorted(plan.skipped.items()):
-        table.add_row(f"  {reason}", str(n))
-    console.print(table)
+def replay_summary(plan: ReplayPlan, replayed: int, dry_run: bool) -> str:
+    """One line: selected, replayed (or would replay), skipped with reasons."""
+    done = f"would replay {len(plan.records)}" if dry_run else f"replayed {replayed}"
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(plan.skipped.items()))
+    skipped = sum(plan.skipped.values())
+    return f"selected {plan.selected}, {done}, skipped {skipped}" + (f" ({reasons})" if reasons else "")

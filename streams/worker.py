@@ -26,10 +26,10 @@ from typing import Any
 import aiohttp
 import faust
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from prometheus_client import CollectorRegistry
 
 from streams.acks import AckTracker
 from streams.cache import ResponseCache
@@ -61,7 +61,8 @@ class Runtime:
         self._processor: Processor | None = None
         self._redis: aioredis.Redis | None = None
         self.redis_ok = False
-        self.assigned = 0
+        self.assigned: int | None = None  # partitions of the last assignment; None: rebalancing
+        self._lag_labels: set[tuple[str, str]] = set()
 
     async def start(self) -> None:
         s = self.settings
@@ -96,10 +97,45 @@ class Runtime:
             runner = await start_http(self.registry, s.metrics.host, s.metrics.port, self.ready)
             stack.push_async_callback(runner.cleanup)
         stack.enter_context(_RedisProbe(self))
+        stack.enter_context(_LagProbe(self))
         self._ready.set()
 
+    async def update_lag(self) -> None:
+        """Set llm_streams_consumer_lag per assigned partition: end offset minus committed.
+
+        A partition with no commit yet counts from its earliest offset (the group starts
+        there: ``auto_offset_reset=earliest``). Partitions no longer assigned are dropped.
+        """
+        if self.app is None:
+            return
+        consumer = self.app.consumer
+        topic = self.settings.topics.requests
+        tps = sorted(tp for tp in consumer.assignment() if tp.topic == topic)
+        lags: dict[tuple[str, str], int] = {}
+        if tps:
+            ends = await consumer.highwaters(*tps)
+            # faust's own record of what it committed (next offset to read), per partition
+            committed: dict[Any, int | None] = dict(getattr(consumer, "_committed_offset", {}))
+            unknown = [tp for tp in tps if committed.get(tp) is None]
+            starts = await consumer.earliest_offsets(*unknown) if unknown else {}
+            for tp in tps:
+                end = ends.get(tp)
+                base = committed.get(tp)
+                if base is None:
+                    base = starts.get(tp)
+                if end is not None and base is not None:
+                    lags[(tp.topic, str(tp.partition))] = max(0, end - base)
+        gauge = self.metrics.consumer_lag
+        for labels in self._lag_labels - lags.keys():
+            gauge.remove(*labels)
+        for labels, lag in lags.items():
+            gauge.labels(*labels).set(lag)
+        self._lag_labels = set(lags)
+
     def ready(self) -> bool:
-        return self._ready.is_set() and not self._stopping and self.redis_ok and self.assigned > 0
+        # An assignment may be empty (more workers than partitions): the member is still ready.
+        return (self._ready.is_set() and not self._stopping and self.redis_ok
+                and self.assigned is not None)
 
     async def submit(self, event: Any) -> None:
         """Accept one faust event (blocks while every in-flight slot is taken)."""
@@ -108,6 +144,9 @@ class Runtime:
         if self._stopping:
             await asyncio.Event().wait()  # take nothing more; the agent is cancelled at stop
         await self._slots.acquire()
+        if self._stopping:  # shutdown began while we waited for a slot: leave it for redelivery
+            self._slots.release()
+            await asyncio.Event().wait()
         msg = event.message
         tp = msg.tp
         if not self._tracker.add(tp, msg.offset, event):
@@ -187,6 +226,33 @@ class _RedisProbe:
             await asyncio.sleep(1.0)
 
 
+class _LagProbe:
+    """Refreshes the consumer-lag gauge every ``interval`` seconds; never fails the worker."""
+
+    def __init__(self, runtime: Runtime, interval: float = 5.0) -> None:
+        self._runtime = runtime
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> _LagProbe:
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await asyncio.wait_for(self._runtime.update_lag(), timeout=self._interval * 2)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # not started yet, rebalancing, broker away: try again later
+                log.debug("consumer lag not updated: %s: %s", type(exc).__name__, exc)
+
+
 class StreamsApp(faust.App):
     """faust.App whose stop drains our in-flight work and commits before faust stops."""
 
@@ -257,7 +323,7 @@ def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def _revoked(sender: Any, revoked: set[Any], **_: Any) -> None:
         runtime.on_revoked(revoked)
-        runtime.assigned = 0
+        runtime.assigned = None
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _assigned(sender: Any, assigned: set[Any], **_: Any) -> None:
