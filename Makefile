@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup stack-up stack-down demo test unit integration lint bench clean
+.PHONY: setup stack-up stack-down demo test unit integration lint bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,7 +25,7 @@ demo: setup
 	scripts/demo.sh
 
 # The whole suite against the real broker and Redis (started here, stopped after if we started them).
-test: setup
+test: setup lint
 	scripts/with-stack.sh $(BIN)/pytest -q -p no:cacheprovider tests
 
 unit: $(STAMP)
@@ -35,8 +35,23 @@ integration: setup
 	scripts/with-stack.sh $(BIN)/pytest -q tests/integration
 
 lint: $(STAMP)
-	$(BIN)/ruff check streams tests bench
+	$(BIN)/ruff check streams tests $(wildcard bench)
 	$(BIN)/mypy
+
+# Benchmarks against peers (bench/): needs the stack, nginx, and the `bench` extra (openai, litellm).
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx-light)
+	touch $(BENCH_STAMP)
+
+bench: setup $(BENCH_STAMP)
+	scripts/with-stack.sh $(BIN)/python -m bench.run --size full --out BENCHMARKS.md --json bench/results.json
+
+# Tiny sizes, one run each (< 2 minutes): checks the harness, not the figures.
+bench-smoke: setup $(BENCH_STAMP)
+	scripts/with-stack.sh $(BIN)/python -m bench.run --size smoke --out bench/BENCHMARKS-smoke.md \
+		--json bench/results-smoke.json
 
 clean:
 	rm -rf $(VENV) .stack build *.egg-info

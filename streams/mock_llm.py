@@ -132,6 +132,7 @@ class MockLLM:
         self.stats.ok += 1
         self.stats.record(now, 200)
         payload = completion_body(str(body.get("model", "mock")), prompt)
+        payload["mock"] = {"latency_ms": max(0.0, delay)}  # the benchmark subtracts it per request
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
     def _error(self, status: int, message: str, now: float) -> web.Response:
