@@ -111,7 +111,14 @@ redis_start() {
 
 redis_stop() {
   local pidf=$state/redis/pid
-  [ -f "$pidf" ] || return 0
+  if [ ! -f "$pidf" ]; then  # started elsewhere (another checkout): ask it to stop
+    if port_open "$redis_port"; then
+      log "stopping redis on $redis_port"
+      redis-cli -h 127.0.0.1 -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
+      for _ in $(seq 1 50); do port_open "$redis_port" || break; sleep 0.1; done
+    fi
+    return 0
+  fi
   local pid; pid=$(cat "$pidf")
   if kill -0 "$pid" 2>/dev/null; then
     log "stopping redis ($pid)"

@@ -3,7 +3,8 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 started=0
-if ! "$here/stack.sh" status | grep -q "kafka: up" || ! "$here/stack.sh" status | grep -q "redis: up"; then
+status=$("$here/stack.sh" status)
+if [[ "$status" != *"kafka: up"* || "$status" != *"redis: up"* ]]; then
   "$here/stack.sh" up || exit 1
   started=1
 fi
