@@ -20,6 +20,7 @@ import gc
 import logging
 import os
 import tempfile
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -96,9 +97,15 @@ class Runtime:
         if s.metrics.port:
             runner = await start_http(self.registry, s.metrics.host, s.metrics.port, self.ready)
             stack.push_async_callback(runner.cleanup)
-        stack.enter_context(_RedisProbe(self))
-        stack.enter_context(_LagProbe(self))
+        stack.enter_context(_Every(self._probe_redis, 1.0, "redis probe"))
+        stack.enter_context(_Every(self.update_lag, 5.0, "consumer lag update"))
         self._ready.set()
+
+    async def _probe_redis(self) -> None:
+        """Keeps ``redis_ok`` current for /readyz with a cheap PING."""
+        self.redis_ok = False
+        assert self._redis is not None
+        self.redis_ok = bool(await self._redis.ping())
 
     async def update_lag(self) -> None:
         """Set llm_streams_consumer_lag per assigned partition: end offset minus committed.
@@ -200,41 +207,16 @@ def _ack_all(events: list[Any]) -> None:
         event.ack()
 
 
-class _RedisProbe:
-    """Keeps ``runtime.redis_ok`` current for /readyz with a cheap periodic PING."""
+class _Every:
+    """Runs ``job`` every ``interval`` seconds until closed; a failing run never stops it."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
-        self._task: asyncio.Task[None] | None = None
-
-    def __enter__(self) -> _RedisProbe:
-        self._task = asyncio.create_task(self._loop())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _loop(self) -> None:
-        r = self._runtime
-        while True:
-            try:
-                assert r._redis is not None
-                r.redis_ok = bool(await r._redis.ping())
-            except Exception:  # any failure means "not ready"; the cause is logged by the cache
-                r.redis_ok = False
-            await asyncio.sleep(1.0)
-
-
-class _LagProbe:
-    """Refreshes the consumer-lag gauge every ``interval`` seconds; never fails the worker."""
-
-    def __init__(self, runtime: Runtime, interval: float = 5.0) -> None:
-        self._runtime = runtime
+    def __init__(self, job: Callable[[], Awaitable[None]], interval: float, what: str) -> None:
+        self._job = job
         self._interval = interval
+        self._what = what
         self._task: asyncio.Task[None] | None = None
 
-    def __enter__(self) -> _LagProbe:
+    def __enter__(self) -> _Every:
         self._task = asyncio.create_task(self._loop())
         return self
 
@@ -244,13 +226,13 @@ class _LagProbe:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
             try:
-                await asyncio.wait_for(self._runtime.update_lag(), timeout=self._interval * 2)
+                await asyncio.wait_for(self._job(), timeout=self._interval * 2)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # not started yet, rebalancing, broker away: try again later
-                log.debug("consumer lag not updated: %s: %s", type(exc).__name__, exc)
+            except Exception as exc:  # not started yet, rebalancing, a server away: next time
+                log.debug("%s failed: %s: %s", self._what, type(exc).__name__, exc)
+            await asyncio.sleep(self._interval)
 
 
 class StreamsApp(faust.App):
