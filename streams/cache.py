@@ -84,6 +84,22 @@ class Recalled(NamedTuple):
     value: bytes
 
 
+def _recalled(raw: Read) -> Recalled | None:
+    if not isinstance(raw, bytes):
+        return None
+    kind = _BYTE_KIND.get(raw[:1])
+    payload = decode_value(raw[1:]) if kind is not None else None
+    return None if kind is None or payload is None else Recalled(kind, bytes(payload))
+
+
+class Prefetched(NamedTuple):
+    """What one round trip knows of a request: its cache key, its remembered output, a hit."""
+
+    key: str
+    recalled: Recalled | None
+    hit: Completion | None
+
+
 def encode_value(data: bytes, compress_min_bytes: int) -> bytes:
     """Format byte + payload; zlib only when it is over the threshold and actually smaller."""
     if len(data) > compress_min_bytes:
@@ -246,27 +262,52 @@ class _Batcher(Generic[T, R]):
                 fut.set_result(result)
 
 
-class _RedisLocks:
-    """The coalescer's Redis side (``streams.coalesce.LockBackend``)."""
+LockItem = tuple[str, str, int]  # key, token, ttl_ms
+FinishItem = tuple[str, str, bytes | None, int]  # key, token, value to store, ttl
 
-    def __init__(self, cache: ResponseCache) -> None:
+
+class _RedisLocks:
+    """The coalescer's Redis side (``streams.coalesce.LockBackend``).
+
+    Lock attempts and finishes of one loop tick share one pipeline each: a batch of misses
+    costs two round trips, not two per request.
+    """
+
+    def __init__(self, cache: ResponseCache, max_items: int, tasks: set[asyncio.Task[None]]) -> None:
         self._c = cache
+        self._locks: _Batcher[LockItem, tuple[LockState, Body | None]] = _Batcher(
+            self._try_locks, max_items, tasks
+        )
+        self._finishes: _Batcher[FinishItem, None] = _Batcher(self._finish_many, max_items, tasks)
+
+    def flush(self) -> None:
+        self._locks.flush()
+        self._finishes.flush()
 
     async def try_lock(self, key: str, token: str, ttl_ms: int) -> tuple[LockState, Body | None]:
+        if not self._c._guard.available():
+            return LockState.UNAVAILABLE, None
+        return await self._locks.submit((key, token, ttl_ms))
+
+    async def _try_locks(self, items: list[LockItem]) -> list[tuple[LockState, Body | None]]:
         c = self._c
 
         async def go() -> list[Any]:
             pipe = c._redis.pipeline(transaction=False)
-            pipe.set(c._lkey(key), token, nx=True, px=ttl_ms)
-            pipe.get(c._ckey(key))
+            for key, token, ttl_ms in items:
+                pipe.set(c._lkey(key), token, nx=True, px=ttl_ms)
+                pipe.get(c._ckey(key))
             return await pipe.execute()
 
         res = await c._guard.call("lock", go)
         if res is DOWN:
-            return LockState.UNAVAILABLE, None
-        acquired, raw = res
-        body = decode_body(raw) if isinstance(raw, bytes) else None
-        return (LockState.ACQUIRED if acquired else LockState.HELD), body
+            return [(LockState.UNAVAILABLE, None)] * len(items)
+        out: list[tuple[LockState, Body | None]] = []
+        for i in range(len(items)):
+            acquired, raw = res[2 * i], res[2 * i + 1]
+            body = decode_body(raw) if isinstance(raw, bytes) else None
+            out.append(((LockState.ACQUIRED if acquired else LockState.HELD), body))
+        return out
 
     async def peek(self, key: str) -> tuple[Body | None, bool] | None:
         raw, lock = await self._c._read_many([self._c._ckey(key), self._c._lkey(key)])
@@ -291,16 +332,25 @@ class _RedisLocks:
             if value is not None:
                 await c._write(c._ckey(key), value, ttl or 1, "cache")
             return
+        if c._guard.available():
+            await self._finishes.submit((key, token, value, ttl or 1))
+
+    async def _finish_many(self, items: list[FinishItem]) -> list[None]:
+        c = self._c
 
         async def go() -> list[Any]:
             pipe = c._redis.pipeline(transaction=False)
-            if value is not None:
-                pipe.set(c._ckey(key), value, ex=ttl)
-            pipe.eval(_RELEASE, 1, c._lkey(key), token)
+            for key, token, value, ttl in items:
+                if value is not None:
+                    pipe.set(c._ckey(key), value, ex=ttl)
+                pipe.eval(_RELEASE, 1, c._lkey(key), token)
             return await pipe.execute()
 
-        if await c._guard.call("lock", go) is not DOWN and value is not None:
-            c.metrics.writes.labels("cache").inc()
+        if await c._guard.call("lock", go) is not DOWN:
+            stored = sum(1 for _, _, value, _ in items if value is not None)
+            if stored:
+                c.metrics.writes.labels("cache").inc(stored)
+        return [None] * len(items)
 
 
 class ResponseCache:
@@ -336,8 +386,9 @@ class ResponseCache:
             self._pipeline_set, cfg.batch_max_keys, self._tasks
         )
         self._models: dict[str, tuple[Counter, Counter]] = {}
+        self._locks = _RedisLocks(self, cfg.batch_max_keys, self._tasks)
         self.coalescer = Coalescer(
-            _RedisLocks(self),
+            self._locks,
             wait_seconds=cfg.coalesce_wait_seconds,
             lock_seconds=cfg.coalesce_lock_seconds,
             poll_seconds=cfg.coalesce_poll_seconds,
@@ -356,8 +407,11 @@ class ResponseCache:
         """The cached answer as ``cached=True``, or None (miss, no_cache, disabled, Redis down)."""
         if not self._cfg.enabled or req.cache.no_cache:
             return None
-        model = req.model or ""
         (raw,) = await self._read_many([self._ckey(key or self.key(req))])
+        return self._hit(req, raw)
+
+    def _hit(self, req: Request, raw: Read) -> Completion | None:
+        model = req.model or ""
         body = decode_body(raw) if isinstance(raw, bytes) else None
         hits, misses = self._model_counters(model)
         if body is None:
@@ -365,6 +419,28 @@ class ResponseCache:
             return None
         hits.inc()
         return Completion(model=model, body=body, endpoint=None, attempts=0, cached=True)
+
+    async def prefetch(self, reqs: list[Request]) -> list[Prefetched]:
+        """``recall_outcome`` and ``lookup`` of many requests in one round trip.
+
+        The batch path of a worker: a miss goes on with ``coalesce(req, p.key, ...)``.
+        """
+        keys = [self.key(r) for r in reqs]
+        looked = [self._cfg.enabled and not r.cache.no_cache for r in reqs]
+        wanted = [self._rkey(r.id) for r in reqs]
+        wanted += [self._ckey(k) for k, on in zip(keys, looked, strict=True) if on]
+        raws = await self._read_many(wanted)
+        cached = iter(raws[len(reqs):])
+        out = []
+        for req, key, raw, on in zip(reqs, keys, raws, looked, strict=False):
+            rec = _recalled(raw)
+            hit = None
+            if on:
+                craw = next(cached)
+                if rec is None or rec.kind != "response":  # as recall() then lookup()
+                    hit = self._hit(req, craw)
+            out.append(Prefetched(key, rec, hit))
+        return out
 
     async def store(self, req: Request, comp: Completion, key: str | None = None) -> None:
         """Cache a fresh answer for ``req.cache.ttl`` or ``cache.ttl_seconds``."""
@@ -419,11 +495,7 @@ class ResponseCache:
     async def recall_outcome(self, request_id: str) -> Recalled | None:
         """The output record remembered for this id, with its kind, or None."""
         (raw,) = await self._read_many([self._rkey(request_id)])
-        if not isinstance(raw, bytes):
-            return None
-        kind = _BYTE_KIND.get(raw[:1])
-        payload = decode_value(raw[1:]) if kind is not None else None
-        return None if kind is None or payload is None else Recalled(kind, bytes(payload))
+        return _recalled(raw)
 
     async def recall_many(self, request_ids: list[str]) -> list[Recalled | None]:
         """``recall_outcome`` of each id; one round trip for all of them."""
@@ -461,6 +533,7 @@ class ResponseCache:
         """Send what is pending and wait for it (does not close the Redis client)."""
         self._reads.flush()
         self._writes.flush()
+        self._locks.flush()
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.coalescer.aclose()

@@ -60,6 +60,7 @@ class RedisConfig(_Section):
     password: SecretStr | None = Field(None, exclude=True)
     key_prefix: str = "llmstreams"
     socket_timeout_seconds: float = Field(1.0, gt=0)
+    max_connections: int = Field(64, ge=1)
 
 
 class NormalizeConfig(_Section):
@@ -137,6 +138,7 @@ class WorkerConfig(_Section):
     dlq_raw_limit_bytes: int = Field(65_536, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     gc_threshold: int | None = Field(100_000, ge=700)
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
 
 class Settings(BaseSettings):

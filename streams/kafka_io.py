@@ -29,7 +29,7 @@ from aiokafka.errors import (
 
 from streams.config import Settings
 from streams.metrics import PipelineMetrics
-from streams.processor import Headers, OutputTooLarge
+from streams.processor import Headers, OutputTooLarge, OutRecord
 
 log = logging.getLogger("streams.kafka")
 
@@ -143,3 +143,28 @@ class KafkaPublisher:
                     log.warning("publish to %s failed (%s); retrying", topic, type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_backoff)
+
+    async def publish_many(self, records: list[OutRecord]) -> list[OutputTooLarge | None]:
+        """Send every record before waiting for any; then ``publish`` those that failed."""
+        send = self._producer.send
+        sent: list[asyncio.Future[Any] | KafkaError] = []
+        for r in records:
+            try:
+                sent.append(await send(r.topic, value=r.value, key=r.key, headers=r.headers))
+            except KafkaError as exc:  # refused before sending (size, metadata): one by one below
+                sent.append(exc)
+        out: list[OutputTooLarge | None] = []
+        for r, fut in zip(records, sent, strict=True):
+            if not isinstance(fut, KafkaError):
+                try:
+                    await fut
+                    out.append(None)
+                    continue
+                except KafkaError:
+                    pass
+            try:
+                await self.publish(r.topic, r.key, r.value, r.headers)
+                out.append(None)
+            except OutputTooLarge as exc:
+                out.append(exc)
+        return out

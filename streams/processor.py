@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import orjson
 
+from streams.cache import Prefetched
 from streams.config import Settings
 from streams.contract import (
     Completion,
@@ -59,11 +60,21 @@ class InRecord:
     value: bytes | None
 
 
+class OutRecord(NamedTuple):
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers | None = None
+
+
 class Publisher(Protocol):
     async def publish(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
     ) -> None:
         """Return once the broker acknowledged the record; retry transient failures inside."""
+
+    async def publish_many(self, records: list[OutRecord]) -> list[OutputTooLarge | None]:
+        """``publish`` of each record, sent together; per record None or its size refusal."""
 
 
 class Answerer(Protocol):
@@ -78,6 +89,11 @@ class Cache(Protocol):
         """A cached answer, or the one computed once for all identical requests in flight."""
     async def remember(self, request_id: str, value: bytes) -> None: ...
     def note_replay(self) -> None: ...
+    async def prefetch(self, reqs: list[Request]) -> list[Prefetched]:
+        """recall and lookup of many requests in one round trip."""
+    async def coalesce(
+        self, req: Request, key: str, compute: Callable[[], Awaitable[Completion]]
+    ) -> Completion: ...
 
 
 class Processor:
@@ -103,21 +119,127 @@ class Processor:
     async def process(self, rec: InRecord) -> str:
         """Answer or dead-letter one record; return the outcome label."""
         try:
-            req = parse_request(
-                rec.value,
-                max_bytes=self._settings.limits.max_value_bytes,
-                default_model=self._settings.worker.default_model,
-            )
+            req = self._parse(rec)
         except ValidationFailed as exc:
             return await self._dead_letter(rec, exc, None, peek_id(rec.value), 0, [])
+        return await self._guarded(rec, req, self._answer(rec, req))
+
+    async def process_batch(
+        self,
+        recs: list[InRecord],
+        done: Callable[[InRecord, str], None],
+        fast_done: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Process records together; ``done(rec, outcome)`` once each output is acknowledged.
+
+        The hot path of a worker: one Redis round trip recalls and looks up every request of
+        the batch, and the cache hits and replays are published together without a task each.
+        Misses go on as one task each (``Processor.process`` semantics); ``fast_done()`` is
+        called once they are started and the rest is published. Never raises except on
+        cancellation, which cancels the batch's unfinished records (redelivered later).
+        """
+        slow: list[asyncio.Task[None]] = []
+
+        def later(rec: InRecord, work: Coroutine[None, None, str]) -> None:
+            slow.append(asyncio.ensure_future(self._then(rec, work, done)))
+
         try:
-            return await self._answer(rec, req)
+            parsed: list[tuple[InRecord, Request]] = []
+            for rec in recs:
+                try:
+                    parsed.append((rec, self._parse(rec)))
+                except ValidationFailed as exc:
+                    later(rec, self._dead_letter(rec, exc, None, peek_id(rec.value), 0, []))
+            cache = self._cache
+            if cache is None or not parsed:
+                for rec, req in parsed:
+                    later(rec, self._guarded(rec, req, self._answer(rec, req)))
+            else:
+                await self._fast(cache, parsed, later, done)
+            fast_done()
+            if slow:
+                await asyncio.gather(*slow)
+        except BaseException:
+            for task in slow:
+                task.cancel()
+            raise
+        finally:
+            fast_done()
+
+    async def _fast(
+        self,
+        cache: Cache,
+        parsed: list[tuple[InRecord, Request]],
+        later: Callable[[InRecord, Coroutine[None, None, str]], None],
+        done: Callable[[InRecord, str], None],
+    ) -> None:
+        try:
+            found = await cache.prefetch([req for _, req in parsed])
+        except Exception:  # a bug in the batch path: each record takes the one-by-one path
+            log.exception("batch prefetch failed; processing %d records one by one", len(parsed))
+            for rec, req in parsed:
+                later(rec, self._guarded(rec, req, self._answer(rec, req)))
+            return
+        ready: list[tuple[InRecord, Request, Completion | None]] = []
+        out: list[OutRecord] = []
+        responses = self._topics.responses
+        for (rec, req), got in zip(parsed, found, strict=True):
+            if got.recalled is not None and got.recalled.kind == "response":
+                ready.append((rec, req, None))
+                out.append(OutRecord(responses, rec.key, got.recalled.value))
+            elif got.hit is not None:
+                value = response_record(req, got.hit, latency_ms=self._latency_ms(rec))
+                ready.append((rec, req, got.hit))
+                out.append(OutRecord(responses, rec.key, value))
+            else:
+                later(rec, self._guarded(rec, req, self._miss(cache, rec, req, got.key)))
+        if not out:
+            return
+        refused = await self._publisher.publish_many(out)
+        for (rec, req, comp), too_large in zip(ready, refused, strict=True):
+            if too_large is not None:
+                later(rec, self._dead_letter(rec, too_large, req, req.id, 0, []))
+            elif comp is None:
+                cache.note_replay()
+                self._metrics.outputs.labels("replayed").inc()
+                done(rec, "replayed")
+            else:
+                done(rec, self._count(rec, comp))
+
+    async def _miss(self, cache: Cache, rec: InRecord, req: Request, key: str) -> str:
+        try:
+            comp = await cache.coalesce(req, key, lambda: self._dispatcher.dispatch(req))
+        except DispatchFailed as failed:
+            return await self._dead_letter(
+                rec, failed.error, req, req.id, failed.attempts, failed.endpoints
+            )
+        return await self._respond(rec, req, comp)
+
+    @staticmethod
+    async def _then(
+        rec: InRecord, work: Coroutine[None, None, str], done: Callable[[InRecord, str], None]
+    ) -> None:
+        done(rec, await work)
+
+    async def _guarded(self, rec: InRecord, req: Request, work: Coroutine[None, None, str]) -> str:
+        try:
+            return await work
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the agent's edge: a bug must become a dead letter, not a skip
             log.exception("request %s: internal error", req.id)
             err = InternalError(f"{type(exc).__name__}: {exc}")
             return await self._dead_letter(rec, err, req, req.id, 0, [])
+
+    def _parse(self, rec: InRecord) -> Request:
+        return parse_request(
+            rec.value,
+            max_bytes=self._settings.limits.max_value_bytes,
+            default_model=self._settings.worker.default_model,
+        )
+
+    def _latency_ms(self, rec: InRecord) -> int:
+        return max(0, int(self._clock() * 1000) - rec.source.timestamp)
 
     async def _answer(self, rec: InRecord, req: Request) -> str:
         cache = self._cache
@@ -140,8 +262,7 @@ class Processor:
         return await self._respond(rec, req, comp)
 
     async def _respond(self, rec: InRecord, req: Request, comp: Completion) -> str:
-        latency_ms = max(0, int(self._clock() * 1000) - rec.source.timestamp)
-        value = response_record(req, comp, latency_ms=latency_ms)
+        value = response_record(req, comp, latency_ms=self._latency_ms(rec))
         cache = self._cache
         try:
             if cache is not None and not comp.cached:
@@ -151,9 +272,13 @@ class Processor:
             await self._publish(self._topics.responses, rec.key, value)
         except OutputTooLarge as exc:
             return await self._dead_letter(rec, exc, req, req.id, comp.attempts, comp.endpoints)
+        return self._count(rec, comp)
+
+    def _count(self, rec: InRecord, comp: Completion) -> str:
+        """Metrics of a published answer; its outcome label."""
         outcome = "cached" if comp.cached else "ok"
         self._metrics.outputs.labels(outcome).inc()
-        self._metrics.latency.labels(outcome).observe(latency_ms / 1000.0)
+        self._metrics.latency.labels(outcome).observe(self._latency_ms(rec) / 1000.0)
         if not comp.cached:
             usage = comp.usage
             self._metrics.tokens.labels(comp.model, "prompt").inc(usage["prompt_tokens"])

@@ -1,9 +1,14 @@
 """The stream worker: a thin faust agent in front of our own in-flight tracker.
 
-The agent takes events with ``noack()``, hands each to a task, and acks to faust only the
-contiguous prefix of finished offsets per partition (see ``acks.py``). A semaphore of
-``limits.max_inflight`` slots is taken before each event is accepted: when it is empty the
-agent stops pulling, faust's buffer fills and faust pauses the partitions (backpressure).
+The agent drains its channel's queue a batch at a time (no per-event Stream iteration) and
+hands each batch to the processor, which recalls and looks up the whole batch in one Redis
+round trip and publishes its hits together; misses continue as one task each. Acks go to
+faust only for the contiguous prefix of finished offsets per partition (see ``acks.py``);
+records fetched before a rebalance are skipped unacked (faust redelivers them). A semaphore
+of ``limits.max_inflight`` slots is taken per record: when it is empty the agent stops
+pulling, faust's buffer fills and faust pauses the partitions (backpressure). At most
+``BATCHES_AHEAD`` batches are in their Redis round trip and produce at once, so under load
+the next batch grows while they are (and nothing waits when idle).
 
 Shutdown (SIGINT/SIGTERM): stop accepting, let in-flight work finish within
 ``worker.shutdown_grace_seconds``, commit, exit 0; unfinished work is redelivered later.
@@ -44,6 +49,9 @@ from streams.upstream import UpstreamClient
 
 log = logging.getLogger("streams.worker")
 
+BATCH_MAX = 1024  # records taken from faust's queue at once
+BATCHES_AHEAD = 2
+
 
 class Runtime:
     """Owns the resources and the in-flight work of one worker process."""
@@ -64,6 +72,8 @@ class Runtime:
         self.redis_ok = False
         self.assigned: int | None = None  # partitions of the last assignment; None: rebalancing
         self._lag_labels: set[tuple[str, str]] = set()
+        self._consumed = self.metrics.consumed.labels(settings.topics.requests)
+        self._gate = asyncio.Semaphore(BATCHES_AHEAD)
 
     async def start(self) -> None:
         s = self.settings
@@ -75,8 +85,12 @@ class Runtime:
             aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         )
         password = s.redis.password.get_secret_value() if s.redis.password else None
-        self._redis = aioredis.Redis.from_url(
+        # A bounded pool where a burst of commands waits for a connection (up to the socket
+        # timeout) instead of failing with "Too many connections" and opening the circuit.
+        pool = aioredis.BlockingConnectionPool.from_url(
             s.redis.url.get_secret_value(),
+            max_connections=s.redis.max_connections,
+            timeout=s.redis.socket_timeout_seconds,
             password=password,
             socket_timeout=s.redis.socket_timeout_seconds,
             socket_connect_timeout=s.redis.socket_timeout_seconds,
@@ -86,6 +100,8 @@ class Runtime:
             retry_on_error=[RedisConnectionError],
             health_check_interval=10,
         )
+        stack.push_async_callback(pool.aclose)
+        self._redis = aioredis.Redis(connection_pool=pool)
         stack.push_async_callback(self._redis.aclose)
         dispatcher = await stack.enter_async_context(
             Dispatcher(s, UpstreamClient(session), self._redis, self.registry)
@@ -144,42 +160,75 @@ class Runtime:
         return (self._ready.is_set() and not self._stopping and self.redis_ok
                 and self.assigned is not None)
 
-    async def submit(self, event: Any) -> None:
-        """Accept one faust event (blocks while every in-flight slot is taken)."""
+    async def submit_batch(self, events: list[Any]) -> None:
+        """Accept faust events and start them, in batches (blocks while every slot is taken)."""
         if not self._ready.is_set():
             await self._ready.wait()
+        assert self.app is not None
+        app = self.app
+        batch: list[tuple[Any, InRecord]] = []
+        for event in events:
+            if self._slots.locked():  # start what we hold before we wait for a slot
+                await self._start(batch)
+                batch = []
+            await self._slots.acquire()
+            msg = event.message
+            if self._stopping or _stale(app, msg):
+                # Shutdown began (left for redelivery), or the record was fetched before a
+                # rebalance: faust seeks to the committed offset and delivers it again. Unlike
+                # faust's own stream we do not ack it, so no commit can pass it.
+                self._slots.release()
+                continue
+            tp = msg.tp
+            if not self._tracker.add(tp, msg.offset, event):
+                self._slots.release()  # a redelivery of work still in flight: no second task
+                _ack_all(self._tracker.pending(tp))
+                continue
+            ts = msg.timestamp
+            src = Source(msg.topic, msg.partition, msg.offset, int(ts * 1000) if ts else 0)
+            batch.append((tp, InRecord(src, msg.key, msg.value)))
+        await self._start(batch)
         if self._stopping:
             await asyncio.Event().wait()  # take nothing more; the agent is cancelled at stop
-        await self._slots.acquire()
-        if self._stopping:  # shutdown began while we waited for a slot: leave it for redelivery
-            self._slots.release()
-            await asyncio.Event().wait()
-        msg = event.message
-        tp = msg.tp
-        if not self._tracker.add(tp, msg.offset, event):
-            self._slots.release()  # a redelivery of work still in flight: no second task
-            _ack_all(self._tracker.pending(tp))
+
+    async def _start(self, batch: list[tuple[Any, InRecord]]) -> None:
+        if not batch:
             return
-        self.metrics.consumed.labels(msg.topic).inc()
-        self.metrics.in_flight.inc()
-        ts = msg.timestamp
-        rec = InRecord(
-            Source(msg.topic, msg.partition, msg.offset, int(ts * 1000) if ts else 0),
-            msg.key,
-            msg.value,
-        )
-        task = asyncio.create_task(self._run(tp, msg.offset, rec))
+        # At most BATCHES_AHEAD batches in their Redis round trip and produce at once: while
+        # they are, the next batch grows in faust's queue (more records per round trip under
+        # load, no added wait when idle).
+        await self._gate.acquire()
+        self._consumed.inc(len(batch))
+        self.metrics.in_flight.inc(len(batch))
+        task = asyncio.create_task(self._run(batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, tp: Any, offset: int, rec: InRecord) -> None:
+    async def _run(self, batch: list[tuple[Any, InRecord]]) -> None:
         assert self._processor is not None
-        try:
-            await self._processor.process(rec)
-        finally:
+        open_: dict[int, Any] = {id(rec): tp for tp, rec in batch}
+        tracker = self._tracker
+        gate_held = True
+
+        def fast_done() -> None:
+            nonlocal gate_held
+            if gate_held:
+                gate_held = False
+                self._gate.release()
+
+        def done(rec: InRecord, outcome: str) -> None:
+            tp = open_.pop(id(rec))
             self._slots.release()
             self.metrics.in_flight.dec()
-        _ack_all(self._tracker.finish(tp, offset))
+            _ack_all(tracker.finish(tp, rec.source.offset))
+
+        try:
+            await self._processor.process_batch([rec for _, rec in batch], done, fast_done)
+        finally:
+            fast_done()
+            for _ in open_:  # cancelled at shutdown: not acked, redelivered later
+                self._slots.release()
+            self.metrics.in_flight.dec(len(open_))
 
     def on_revoked(self, revoked: set[Any]) -> None:
         self._tracker.revoke(revoked)
@@ -200,6 +249,12 @@ class Runtime:
 
     async def close(self) -> None:
         await self._stack.aclose()
+
+
+def _stale(app: faust.App, msg: Any) -> bool:
+    """faust's own test for a record fetched before the current rebalance generation."""
+    return bool(msg.generation_id != app.consumer_generation_id
+                or not app.flow_control.is_active())
 
 
 def _ack_all(events: list[Any]) -> None:
@@ -291,14 +346,28 @@ def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
         key_serializer="raw", value_serializer="raw",
     )
 
-    async def requests(stream: Any) -> None:  # faust.Stream: noack() is not in StreamT
-        async for event in stream.noack().events():
+    async def requests(stream: Any) -> None:
+        # The agent drains its channel's queue itself, a batch at a time, instead of
+        # iterating the Stream: faust's per-event Stream machinery costs more than our whole
+        # cache-hit path (BENCHMARKS.md), and a batch shares one Redis round trip and one
+        # produce. We ack ourselves (as with noack()), through the tracker, in offset order.
+        queue = stream.channel.queue
+        while True:
             try:
-                await runtime.submit(event)
+                events = [await queue.get()]
+            except StopAsyncIteration:  # faust ends the stream at shutdown
+                return
+            while len(events) < BATCH_MAX:
+                try:
+                    events.append(queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            try:
+                await runtime.submit_batch(events)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # never let an event escape the agent (faust would skip it)
-                log.exception("could not accept record at offset %s", event.message.offset)
+            except Exception:  # never let the agent die: unacked records are redelivered
+                log.exception("could not accept %d records", len(events))
 
     app.agent(topic, name="llm-requests")(requests)
 
@@ -315,13 +384,25 @@ def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
     return app
 
 
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """uvloop when configured and installed (a fraction of asyncio's cost per event)."""
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # an optional speed-up: run on asyncio's loop without it
+            log.warning("worker.event_loop is uvloop but uvloop is not installed; using asyncio")
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
 def run_worker(settings: Settings) -> int:
     """Run until SIGINT/SIGTERM; return the exit code."""
     if settings.worker.gc_threshold:
         # Fewer cyclic-GC passes with thousands of requests in flight (see BENCHMARKS.md).
         gc.set_threshold(settings.worker.gc_threshold, 50, 100)
     asyncio.run(ensure_topics(settings))
-    loop = asyncio.new_event_loop()
+    loop = _new_loop(settings.worker.event_loop)
     asyncio.set_event_loop(loop)
     runtime = Runtime(settings)
     app = build_app(settings, runtime)
