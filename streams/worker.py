@@ -28,18 +28,24 @@ import aiohttp
 import faust
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streams.acks import AckTracker
 from streams.cache import ResponseCache
 from streams.config import Settings
-from streams.contract import Source
+from streams.contract import Source, peek_id
 from streams.dispatcher import Dispatcher
-from streams.kafka_io import KafkaPublisher, connection_options, ensure_topics, open_producer
+from streams.kafka_io import (
+    KafkaPublisher,
+    check_kafka,
+    connection_options,
+    ensure_topics,
+    open_producer,
+)
+from streams.logs import request_extra
 from streams.metrics import PipelineMetrics, start_http
 from streams.processor import InRecord, Processor
+from streams.redact import redact_url
+from streams.redis_io import check_redis, open_redis
 from streams.upstream import UpstreamClient
 
 log = logging.getLogger("streams.worker")
@@ -74,18 +80,7 @@ class Runtime:
         session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         )
-        password = s.redis.password.get_secret_value() if s.redis.password else None
-        self._redis = aioredis.Redis.from_url(
-            s.redis.url.get_secret_value(),
-            password=password,
-            socket_timeout=s.redis.socket_timeout_seconds,
-            socket_connect_timeout=s.redis.socket_timeout_seconds,
-            # A connection left stale by a Redis restart is retried once at once, so the
-            # first command after an outage does not count as one more failure.
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError],
-            health_check_interval=10,
-        )
+        self._redis = open_redis(s)
         stack.push_async_callback(self._redis.aclose)
         dispatcher = await stack.enter_async_context(
             Dispatcher(s, UpstreamClient(session), self._redis, self.registry)
@@ -298,7 +293,9 @@ def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let an event escape the agent (faust would skip it)
-                log.exception("could not accept record at offset %s", event.message.offset)
+                msg = event.message
+                log.exception("could not accept record at %s/%s/%s", msg.topic, msg.partition,
+                              msg.offset, extra=request_extra(peek_id(msg.value)))
 
     app.agent(topic, name="llm-requests")(requests)
 
@@ -315,12 +312,31 @@ def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
     return app
 
 
+async def prepare(settings: Settings) -> None:
+    """Stop at once on what no retry can fix (credentials); create the topics.
+
+    Raises ``StartupError``. Redis may be away at start: the worker runs without it.
+    """
+    k = settings.kafka
+    auth = f", {k.mechanism} as {k.sasl_username}" if k.security_protocol.startswith("SASL") else ""
+    log.info("starting: kafka %s (%s%s), redis %s, endpoints %s", k.bootstrap_servers,
+             k.security_protocol, auth, redact_url(settings.redis.url.get_secret_value()),
+             ", ".join(e.name for e in settings.endpoints))
+    await check_kafka(settings)
+    client = open_redis(settings)
+    try:
+        await check_redis(client, settings)
+    finally:
+        await client.aclose()
+    await ensure_topics(settings)
+
+
 def run_worker(settings: Settings) -> int:
-    """Run until SIGINT/SIGTERM; return the exit code."""
+    """Run until SIGINT/SIGTERM; return the exit code. Raises ``StartupError``."""
     if settings.worker.gc_threshold:
         # Fewer cyclic-GC passes with thousands of requests in flight (see BENCHMARKS.md).
         gc.set_threshold(settings.worker.gc_threshold, 50, 100)
-    asyncio.run(ensure_topics(settings))
+    asyncio.run(prepare(settings))
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     runtime = Runtime(settings)
