@@ -317,11 +317,6 @@ async def prepare(settings: Settings) -> None:
 
     Raises ``StartupError``. Redis may be away at start: the worker runs without it.
     """
-    k = settings.kafka
-    auth = f", {k.mechanism} as {k.sasl_username}" if k.security_protocol.startswith("SASL") else ""
-    log.info("starting: kafka %s (%s%s), redis %s, endpoints %s", k.bootstrap_servers,
-             k.security_protocol, auth, redact_url(settings.redis.url.get_secret_value()),
-             ", ".join(e.name for e in settings.endpoints))
     await check_kafka(settings)
     client = open_redis(settings)
     try:
@@ -329,6 +324,11 @@ async def prepare(settings: Settings) -> None:
     finally:
         await client.aclose()
     await ensure_topics(settings)
+    k = settings.kafka
+    auth = f", {k.mechanism} as {k.sasl_username}" if k.security_protocol.startswith("SASL") else ""
+    log.info("starting: kafka %s (%s%s), redis %s, endpoints %s", k.bootstrap_servers,
+             k.security_protocol, auth, redact_url(settings.redis.url.get_secret_value()),
+             ", ".join(e.name for e in settings.endpoints))
 
 
 def run_worker(settings: Settings) -> int:
