@@ -20,21 +20,28 @@ from streams.errors import ConfigError, StartupError
 from streams.logs import setup_logging
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+def _start(args: argparse.Namespace, level: str | None = "WARNING", check: bool = True,
+           ) -> Settings:
+    """Settings and logging (``level`` None: the configured one); with ``check``, one Kafka
+    connection that stops the command with one line on wrong credentials."""
+    settings = load_settings(args.config)
+    setup_logging(level or settings.worker.log_level, args.log_format, settings.secret_values())
+    if check:
+        from streams.kafka_io import check_kafka
+
+        asyncio.run(check_kafka(settings))
+    return settings
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    setup_logging(settings.worker.log_level, args.log_format, settings.secret_values())
+    settings = _start(args, level=None, check=False)  # the worker checks Kafka and Redis
     from streams.worker import run_worker  # faust is heavy to import: only when needed
 
     return run_worker(settings)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    setup_logging("WARNING", args.log_format, settings.secret_values())
+    settings = _start(args)
     from streams.batch import run_batch
 
     summary = asyncio.run(
@@ -56,8 +63,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_inspect(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    setup_logging("WARNING", args.log_format, settings.secret_values())
+    settings = _start(args)
     from rich.console import Console
 
     from streams.dlq import print_inspection, read_dead_letters
@@ -68,8 +74,7 @@ def cmd_dlq_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    setup_logging("WARNING", args.log_format, settings.secret_values())
+    settings = _start(args)
     from streams.dlq import plan_replay, publish_replay, read_dead_letters, replay_summary
 
     letters = asyncio.run(read_dead_letters(settings))

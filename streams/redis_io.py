@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,8 +64,9 @@ def redis_location(settings: Settings) -> str:
 async def check_redis(client: aioredis.Redis, settings: Settings) -> bool:
     """PING once; return whether Redis answered.
 
-    Wrong credentials raise ``StartupError`` (no restart can fix them). An unreachable Redis
-    is only logged: the worker runs without it (cache bypassed, local limits) until it answers.
+    Wrong credentials or an untrusted TLS certificate raise ``StartupError`` (no restart
+    can fix them). An unreachable Redis is only logged: the worker runs without it (cache
+    bypassed, local limits) until it answers.
     """
     try:
         await client.ping()
@@ -73,8 +75,20 @@ async def check_redis(client: aioredis.Redis, settings: Settings) -> bool:
             f"redis authentication failed for user {settings.redis.user} "
             f"at {redis_location(settings)}"
         ) from None
+    except RedisConnectionError as exc:
+        if isinstance(exc.__context__, ssl.SSLCertVerificationError):
+            raise StartupError(
+                f"redis TLS certificate not trusted at {redis_location(settings)}: "
+                f"{exc.__context__.verify_message} (see redis.ssl_cafile)"
+            ) from None
+        _unreachable(settings, exc)
+        return False
     except (RedisError, OSError, TimeoutError) as exc:
-        log.warning("redis not reachable at %s (%s); starting without it, retrying every second",
-                    redact_url(settings.redis.url.get_secret_value()), type(exc).__name__)
+        _unreachable(settings, exc)
         return False
     return True
+
+
+def _unreachable(settings: Settings, exc: BaseException) -> None:
+    log.warning("redis not reachable at %s (%s); starting without it, retrying every second",
+                redact_url(settings.redis.url.get_secret_value()), type(exc).__name__)

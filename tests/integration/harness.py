@@ -173,25 +173,60 @@ def sasl_kafka(state: Path, user: str, password: str) -> PrivateKafka:
     return PrivateKafka(state, KafkaAccess(f"127.0.0.1:{free_port()}", user, password))
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(folder: Path) -> TlsFiles:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it (openssl)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+    ext = folder / "san.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=it-ca",
+         "-keyout", str(folder / "ca.key"), "-out", str(files.ca)],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(files.key), "-out", str(folder / "server.csr")],
+        ["x509", "-req", "-days", "1", "-in", str(folder / "server.csr"), "-CA", str(files.ca),
+         "-CAkey", str(folder / "ca.key"), "-CAcreateserial", "-extfile", str(ext),
+         "-out", str(files.cert)],
+    ):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+    return files
+
+
 @dataclass
 class PrivateRedis:
-    """A redis-server of one test's own on a free port of 127.0.0.1 (never the shared one)."""
+    """A redis-server of one test's own on a free port of 127.0.0.1 (never the shared one);
+    with ``tls``, that port speaks only TLS."""
 
     dir: Path
     password: str | None = None
+    tls: TlsFiles | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
     def url(self, db: int = 0, user: str = "", password: str | None = None) -> str:
         auth = f"{user}:{password}@" if password is not None else (f"{user}@" if user else "")
-        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/{db}"
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is missing: run scripts/stack.sh setup"
         self.dir.mkdir(parents=True, exist_ok=True)
-        args = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                "--appendonly", "no", "--dir", str(self.dir)]
+        args = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.dir)]
+        if self.tls is None:
+            args += ["--port", str(self.port)]
+        else:
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
+                     "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
+                     "--tls-ca-cert-file", str(self.tls.ca)]
         if self.password is not None:
             args += ["--requirepass", self.password]
         with (self.dir / "server.log").open("ab") as log:

@@ -6,6 +6,8 @@ ones: the worker stops at start with one line naming user and server, never the 
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,8 @@ from streams.config import load_settings
 from streams.errors import StartupError
 from streams.redis_io import check_redis, open_redis
 from tests.integration.harness import (
+    PY,
+    ROOT,
     Collector,
     Mock,
     PrivateKafka,
@@ -23,6 +27,7 @@ from tests.integration.harness import (
     Stack,
     Worker,
     encode,
+    make_tls_files,
     produce,
     request,
     sasl_kafka,
@@ -101,6 +106,28 @@ async def test_sasl_scram_wrong_password_fails_at_start_with_one_line(
     )
 
 
+def test_dlq_tools_use_sasl_and_stop_with_one_line_on_a_wrong_password(
+    broker: PrivateKafka, stack: Stack
+) -> None:
+    sasl = _stack(stack, kafka=broker.access)
+    cfg = str(sasl.write_config())
+
+    def inspect(password: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PY, "-m", "streams.cli", "dlq", "inspect", "--config", cfg], cwd=ROOT, text=True,
+            env={**os.environ, **sasl.kafka.worker_env(password)}, capture_output=True,
+            timeout=60,
+        )
+
+    ok = inspect(KAFKA_PASSWORD)
+    assert ok.returncode == 0, ok.stderr
+    assert sasl.dlq in ok.stdout
+    bad = inspect(WRONG)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr == (f"llm-streams: kafka authentication failed for user alice "
+                          f"(SCRAM-SHA-256) at {broker.access.bootstrap}\n")
+
+
 async def test_redis_requirepass_password_from_env_answers_requests(
     private_redis: PrivateRedis, stack: Stack, mocks: list[Mock]
 ) -> None:
@@ -158,3 +185,32 @@ async def test_redis_credentials_from_url_env_and_acl_user(private_redis: Privat
             await client.aclose()
         assert str(info.value) == (
             f"redis authentication failed for user {user} at 127.0.0.1:{private_redis.port}")
+
+
+async def test_redis_over_tls_with_a_private_ca(tmp_path: Path) -> None:
+    """rediss:// with redis.ssl_cafile works; without the CA the worker stops with one line."""
+    tls = make_tls_files(tmp_path / "tls")
+    server = PrivateRedis(tmp_path / "redis-tls", password=REDIS_PASSWORD, tls=tls)
+    server.start()
+    try:
+        url = server.url(password=REDIS_PASSWORD)
+        settings = load_settings(environ={}, redis={"url": url, "ssl_cafile": str(tls.ca)})
+        client = open_redis(settings)
+        try:
+            assert await check_redis(client, settings)
+            await client.set("it-tls", b"over tls", ex=60)
+            assert await client.get("it-tls") == b"over tls"
+        finally:
+            await client.aclose()
+        untrusted = load_settings(environ={}, redis={"url": url})
+        client = open_redis(untrusted)
+        try:
+            with pytest.raises(StartupError) as info:
+                await check_redis(client, untrusted)
+        finally:
+            await client.aclose()
+        assert str(info.value).startswith(
+            f"redis TLS certificate not trusted at 127.0.0.1:{server.port}: ")
+        assert REDIS_PASSWORD not in str(info.value)
+    finally:
+        server.stop()
