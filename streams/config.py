@@ -274,7 +274,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _resolve_secrets(settings: Settings, environ: Mapping[str, str]) -> Settings:
-    def secret(env_name: str | None, what: str) -> SecretStr | None:
+    def secret(given: SecretStr | None, env_name: str | None, what: str) -> SecretStr | None:
+        if given is not None:  # a secret written in the file or a variable would be lost
+            raise ConfigError(f"invalid config key {what.removesuffix('_env')}: secrets are read "
+                              f"from the environment; name the variable in {what}")
         if env_name is None:
             return None
         value = environ.get(env_name)
@@ -282,16 +285,16 @@ def _resolve_secrets(settings: Settings, environ: Mapping[str, str]) -> Settings
             raise ConfigError(f"invalid config key {what}: environment variable {env_name} is not set")
         return SecretStr(value)
 
+    k, r = settings.kafka, settings.redis
     endpoints = [
-        e.model_copy(update={"api_key": secret(e.api_key_env, f"endpoints.{e.name}.api_key_env")})
+        e.model_copy(update={"api_key": secret(e.api_key, e.api_key_env,
+                                               f"endpoints.{e.name}.api_key_env")})
         for e in settings.endpoints
     ]
-    kafka = settings.kafka.model_copy(
-        update={"sasl_password": secret(settings.kafka.sasl_password_env, "kafka.sasl_password_env")}
-    )
-    redis = settings.redis.model_copy(
-        update={"password": secret(settings.redis.password_env, "redis.password_env")}
-    )
+    kafka = k.model_copy(update={"sasl_password": secret(k.sasl_password, k.sasl_password_env,
+                                                         "kafka.sasl_password_env")})
+    redis = r.model_copy(update={"password": secret(r.password, r.password_env,
+                                                    "redis.password_env")})
     return settings.model_copy(update={"endpoints": endpoints, "kafka": kafka, "redis": redis})
 
 

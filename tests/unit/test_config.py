@@ -207,3 +207,17 @@ def test_no_secret_in_repr_str_dump_or_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(cfg, environ={})
     assert "redis.url" in str(info.value) and "hunter2-secret" not in str(info.value)
+
+
+def test_a_secret_written_in_the_config_is_refused_not_dropped(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("endpoints:\n  - {name: oa, url: 'https://x/v1', api_key: sk-in-file-1}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg, environ={})
+    assert str(info.value) == ("invalid config key endpoints.oa.api_key: secrets are read from "
+                               "the environment; name the variable in endpoints.oa.api_key_env")
+    assert "sk-in-file-1" not in str(info.value)
+    with pytest.raises(ConfigError, match="name the variable in kafka.sasl_password_env"):
+        load_settings(environ={}, kafka={"sasl_password": "pw-in-file"})
+    with pytest.raises(ConfigError, match="name the variable in redis.password_env"):
+        load_settings(environ={}, redis={"password": "pw-in-file"})
