@@ -15,7 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.harness import (
     Collector,
     Mock,
-    PrivateRedis,
     Stack,
     Worker,
     encode,
@@ -23,6 +22,7 @@ from tests.integration.harness import (
     request,
     start_worker,
 )
+from tests.integration.servers import PrivateRedis
 
 
 @pytest.fixture

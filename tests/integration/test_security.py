@@ -22,17 +22,14 @@ from tests.integration.harness import (
     ROOT,
     Collector,
     Mock,
-    PrivateKafka,
-    PrivateRedis,
     Stack,
     Worker,
     encode,
-    make_tls_files,
     produce,
     request,
-    sasl_kafka,
     start_worker,
 )
+from tests.integration.servers import PrivateKafka, PrivateRedis, make_tls_files, sasl_kafka
 
 KAFKA_PASSWORD = "kafka-alice-Pw-7f3e9"
 REDIS_PASSWORD = "redis-Pw-c41d2b"
@@ -66,7 +63,8 @@ def _stack(base: Stack, **changes: Any) -> Stack:
 async def _answers_all(stack: Stack, worker: Worker, n: int = 20) -> None:
     try:
         await worker.ready()
-        await produce(stack.requests, encode(request(i) for i in range(n)), access=stack.kafka)
+        await produce(stack.requests, encode(request(i) for i in range(n)), bootstrap=stack.kafka,
+                      sasl=stack.sasl)
         async with Collector(stack) as col:
             outs = await col.wait_for(n, timeout=60)
         assert {o.value["id"] for o in outs} == {f"req-{i}" for i in range(n)}
@@ -88,8 +86,8 @@ def _single_line_failure(worker: Worker, expected: str, secrets: list[str]) -> N
 async def test_sasl_scram_right_password_answers_requests(
     broker: PrivateKafka, stack: Stack, mocks: list[Mock]
 ) -> None:
-    sasl = _stack(stack, kafka=broker.access)
-    worker = start_worker(sasl, env=sasl.kafka.worker_env())
+    sasl = _stack(stack, kafka=broker.bootstrap, sasl=broker.sasl)
+    worker = start_worker(sasl, env=broker.sasl.worker_env())
     await _answers_all(sasl, worker)
     assert KAFKA_PASSWORD not in worker.log.read_text(errors="replace")
 
@@ -97,11 +95,11 @@ async def test_sasl_scram_right_password_answers_requests(
 async def test_sasl_scram_wrong_password_fails_at_start_with_one_line(
     broker: PrivateKafka, stack: Stack, mocks: list[Mock]
 ) -> None:
-    sasl = _stack(stack, kafka=broker.access)
-    worker = start_worker(sasl, env=sasl.kafka.worker_env(WRONG))
+    sasl = _stack(stack, kafka=broker.bootstrap, sasl=broker.sasl)
+    worker = start_worker(sasl, env=broker.sasl.worker_env(WRONG))
     _single_line_failure(
         worker,
-        f"kafka authentication failed for user alice (SCRAM-SHA-256) at {broker.access.bootstrap}",
+        f"kafka authentication failed for user alice (SCRAM-SHA-256) at {broker.bootstrap}",
         [WRONG, KAFKA_PASSWORD],
     )
 
@@ -109,13 +107,13 @@ async def test_sasl_scram_wrong_password_fails_at_start_with_one_line(
 def test_dlq_tools_use_sasl_and_stop_with_one_line_on_a_wrong_password(
     broker: PrivateKafka, stack: Stack
 ) -> None:
-    sasl = _stack(stack, kafka=broker.access)
+    sasl = _stack(stack, kafka=broker.bootstrap, sasl=broker.sasl)
     cfg = str(sasl.write_config())
 
     def inspect(password: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [PY, "-m", "streams.cli", "dlq", "inspect", "--config", cfg], cwd=ROOT, text=True,
-            env={**os.environ, **sasl.kafka.worker_env(password)}, capture_output=True,
+            env={**os.environ, **broker.sasl.worker_env(password)}, capture_output=True,
             timeout=60,
         )
 
@@ -125,7 +123,7 @@ def test_dlq_tools_use_sasl_and_stop_with_one_line_on_a_wrong_password(
     bad = inspect(WRONG)
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr == (f"llm-streams: kafka authentication failed for user alice "
-                          f"(SCRAM-SHA-256) at {broker.access.bootstrap}\n")
+                          f"(SCRAM-SHA-256) at {broker.bootstrap}\n")
 
 
 async def test_redis_requirepass_password_from_env_answers_requests(
@@ -154,7 +152,8 @@ async def test_redis_credentials_from_url_env_and_acl_user(private_redis: Privat
     """Every documented way to give Redis credentials, checked on the real server."""
     admin = open_redis(load_settings(environ={}, redis={"url": private_redis.url(
         password=REDIS_PASSWORD)}))
-    await admin.execute_command("ACL", "SETUSER", "app", "on", ">app-Pw-55e1", "~*", "+@all")
+    await admin.acl_setuser("app", enabled=True, passwords=["+app-Pw-55e1"], keys=["*"],
+                            commands=["+@all"])
     await admin.aclose()
     good = [
         ({"url": private_redis.url(password=REDIS_PASSWORD)}, {}),

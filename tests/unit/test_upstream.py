@@ -110,7 +110,7 @@ async def echo() -> AsyncIterator[tuple[list[web.Request], str]]:
 
     async def handler(request: web.Request) -> web.Response:
         seen.append(request)
-        key = request.headers.get("api-key") or request.headers.get("Authorization", "")
+        key = request.headers.get("api-key") or request.headers.get("Authorization") or ""
         if "refused" in key:
             return web.json_response({"error": {"message": f"Incorrect API key: {key}"}},
                                      status=401)
