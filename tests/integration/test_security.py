@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from streams.config import load_settings
+from streams.config import Settings, load_settings
 from streams.errors import StartupError
 from streams.redis_io import check_redis, open_redis
 from tests.integration.harness import (
@@ -148,6 +148,15 @@ async def test_redis_wrong_password_in_url_fails_at_start_with_one_line(
     )
 
 
+async def _check(settings: Settings) -> bool:
+    """The worker's Redis check at start, on a client of its own."""
+    client = open_redis(settings)
+    try:
+        return await check_redis(client, settings)
+    finally:
+        await client.aclose()
+
+
 async def test_redis_credentials_from_url_env_and_acl_user(private_redis: PrivateRedis) -> None:
     """Every documented way to give Redis credentials, checked on the real server."""
     admin = open_redis(load_settings(environ={}, redis={"url": private_redis.url(
@@ -164,24 +173,14 @@ async def test_redis_credentials_from_url_env_and_acl_user(private_redis: Privat
          {"P": "app-Pw-55e1"}),
     ]
     for redis_cfg, environ in good:
-        settings = load_settings(environ=environ, redis=redis_cfg)
-        client = open_redis(settings)
-        try:
-            assert await check_redis(client, settings), redis_cfg
-        finally:
-            await client.aclose()
+        assert await _check(load_settings(environ=environ, redis=redis_cfg)), redis_cfg
     for redis_cfg, environ, user in [
         ({"url": private_redis.url()}, {}, "default"),  # no password at all
         ({"url": private_redis.url(), "username": "app", "password_env": "P"},
          {"P": REDIS_PASSWORD}, "app"),
     ]:
-        settings = load_settings(environ=environ, redis=redis_cfg)
-        client = open_redis(settings)
-        try:
-            with pytest.raises(StartupError) as info:
-                await check_redis(client, settings)
-        finally:
-            await client.aclose()
+        with pytest.raises(StartupError) as info:
+            await _check(load_settings(environ=environ, redis=redis_cfg))
         assert str(info.value) == (
             f"redis authentication failed for user {user} at 127.0.0.1:{private_redis.port}")
 
@@ -201,13 +200,8 @@ async def test_redis_over_tls_with_a_private_ca(tmp_path: Path) -> None:
             assert await client.get("it-tls") == b"over tls"
         finally:
             await client.aclose()
-        untrusted = load_settings(environ={}, redis={"url": url})
-        client = open_redis(untrusted)
-        try:
-            with pytest.raises(StartupError) as info:
-                await check_redis(client, untrusted)
-        finally:
-            await client.aclose()
+        with pytest.raises(StartupError) as info:
+            await _check(load_settings(environ={}, redis={"url": url}))
         assert str(info.value).startswith(
             f"redis TLS certificate not trusted at 127.0.0.1:{server.port}: ")
         assert REDIS_PASSWORD not in str(info.value)
