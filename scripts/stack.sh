@@ -6,13 +6,20 @@
 #   scripts/stack.sh down    stop what `up` started
 #   scripts/stack.sh status
 #   scripts/stack.sh kafka-stop|kafka-start|redis-stop|redis-start   (fault tests)
+# Environment: STACK_DIR (state, default .stack), KAFKA_PORT, KAFKA_CONTROLLER_PORT, REDIS_PORT,
+# KAFKA_LIBS (the broker's jars, default $STACK_DIR/kafka/libs), KAFKA_HEAP (max heap, 1g).
+# SASL mode (tests of secure connections): with KAFKA_SASL_USER and KAFKA_SASL_PASSWORD set,
+# the broker's only client listener is SASL_PLAINTEXT with SCRAM-SHA-256, and that user is
+# created when the storage is formatted (a fresh STACK_DIR is needed to change it).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 state=${STACK_DIR:-$root/.stack}
 kafka_port=${KAFKA_PORT:-9092}
 controller_port=${KAFKA_CONTROLLER_PORT:-9093}
 redis_port=${REDIS_PORT:-6379}
-libs=$state/kafka/libs
+libs=${KAFKA_LIBS:-$state/kafka/libs}
+sasl_user=${KAFKA_SASL_USER:-}
+sasl_password=${KAFKA_SASL_PASSWORD:-}
 mkdir -p "$state"
 
 log() { echo "[stack] $*" >&2; }
@@ -44,19 +51,39 @@ setup_redis() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >&2
 }
 
+# The client listener: PLAINTEXT, or SASL_PLAINTEXT + SCRAM-SHA-256 in SASL mode.
+listener_properties() {
+  local name=PLAINTEXT
+  if [ -n "$sasl_user" ]; then name=SASL_PLAINTEXT; fi
+  cat <<PROPS
+listeners=$name://127.0.0.1:$kafka_port,CONTROLLER://127.0.0.1:$controller_port
+advertised.listeners=$name://127.0.0.1:$kafka_port
+inter.broker.listener.name=$name
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,$name:$name
+PROPS
+  if [ -n "$sasl_user" ]; then
+    cat <<PROPS
+sasl.enabled.mechanisms=SCRAM-SHA-256
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-256
+listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="$sasl_user" password="$sasl_password";
+PROPS
+  fi
+}
+
 kafka_start() {
   if port_open "$kafka_port"; then log "kafka already up on $kafka_port"; return; fi
+  if [ -n "$sasl_user" ] && [ -z "$sasl_password" ]; then
+    log "KAFKA_SASL_USER needs KAFKA_SASL_PASSWORD"; exit 2
+  fi
+  setup_kafka
   local dir=$state/kafka
   mkdir -p "$dir/data"
-  cat > "$dir/server.properties" <<PROPS
+  (umask 077; cat > "$dir/server.properties") <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$controller_port
-listeners=PLAINTEXT://127.0.0.1:$kafka_port,CONTROLLER://127.0.0.1:$controller_port
-advertised.listeners=PLAINTEXT://127.0.0.1:$kafka_port
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+$(listener_properties)
 log.dirs=$dir/data
 num.partitions=4
 offsets.topic.replication.factor=1
@@ -75,13 +102,17 @@ log4j.appender.file.File=$dir/server.log
 log4j.appender.file.layout=org.apache.log4j.PatternLayout
 log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
 PROPS
-  local java=(java -Xms256m -Xmx1g -XX:+UseG1GC -Dlog4j.configuration="file:$dir/log4j.properties"
-    -cp "$libs/*")
+  local java=(java -Xms256m "-Xmx${KAFKA_HEAP:-1g}" -XX:+UseG1GC
+    -Dlog4j.configuration="file:$dir/log4j.properties" -cp "$libs/*")
   if [ ! -f "$dir/data/meta.properties" ]; then
+    local scram=()
+    if [ -n "$sasl_user" ]; then
+      scram=(--add-scram "SCRAM-SHA-256=[name=$sasl_user,password=$sasl_password]")
+    fi
     "${java[@]}" kafka.tools.StorageTool format -t "$(cat /proc/sys/kernel/random/uuid | tr -d - | head -c 22)" \
-      -c "$dir/server.properties" >/dev/null
+      -c "$dir/server.properties" "${scram[@]}" >/dev/null
   fi
-  log "starting kafka on 127.0.0.1:$kafka_port"
+  log "starting kafka on 127.0.0.1:$kafka_port${sasl_user:+ (SASL_PLAINTEXT, SCRAM-SHA-256)}"
   nohup "${java[@]}" kafka.Kafka "$dir/server.properties" >"$dir/stdout.log" 2>&1 &
   echo $! > "$dir/pid"
   wait_port "$kafka_port" 90 kafka || { tail -20 "$dir/stdout.log" "$dir/server.log" >&2; exit 1; }

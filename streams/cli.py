@@ -12,59 +12,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
-import time
 from pathlib import Path
 
-import orjson
-
 from streams.config import Settings, load_settings
-from streams.errors import ConfigError
+from streams.errors import ConfigError, StartupError
+from streams.logs import setup_logging
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc).decode()
+def _start(args: argparse.Namespace, level: str | None = "WARNING", check: bool = True,
+           ) -> Settings:
+    """Settings and logging (``level`` None: the configured one); with ``check``, one Kafka
+    connection that stops the command with one line on wrong credentials."""
+    settings = load_settings(args.config)
+    setup_logging(level or settings.worker.log_level, args.log_format, settings.secret_values())
+    if check:
+        from streams.kafka_io import check_kafka
 
-
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for noisy in ("aiokafka", "faust", "mode"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+        asyncio.run(check_kafka(settings))
+    return settings
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    setup_logging(settings.worker.log_level, args.log_format)
+    settings = _start(args, level=None, check=False)  # the worker checks Kafka and Redis
     from streams.worker import run_worker  # faust is heavy to import: only when needed
 
     return run_worker(settings)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    setup_logging("WARNING", args.log_format)
+    settings = _start(args)
     from streams.batch import run_batch
 
     summary = asyncio.run(
@@ -86,8 +63,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_inspect(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    setup_logging("WARNING", args.log_format)
+    settings = _start(args)
     from rich.console import Console
 
     from streams.dlq import print_inspection, read_dead_letters
@@ -98,8 +74,7 @@ def cmd_dlq_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    setup_logging("WARNING", args.log_format)
+    settings = _start(args)
     from streams.dlq import plan_replay, publish_replay, read_dead_letters, replay_summary
 
     letters = asyncio.run(read_dead_letters(settings))
@@ -183,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"llm-streams: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"llm-streams: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

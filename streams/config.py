@@ -16,9 +16,18 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from streams.errors import ConfigError
@@ -47,6 +56,20 @@ class KafkaConfig(_Section):
     session_timeout_seconds: float = Field(30.0, gt=0)
     commit_interval_seconds: float = Field(1.0, gt=0)
 
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL"):
+            if not self.sasl_username:
+                raise ValueError(f"sasl_username is required with {self.security_protocol}")
+            if not self.sasl_password_env:
+                raise ValueError(f"sasl_password_env is required with {self.security_protocol}")
+        return self
+
+    @property
+    def mechanism(self) -> str:
+        """The SASL mechanism in use (PLAIN when SASL is on and none is named)."""
+        return self.sasl_mechanism or "PLAIN"
+
 
 class TopicsConfig(_Section):
     requests: str = "llm.requests"
@@ -55,12 +78,45 @@ class TopicsConfig(_Section):
 
 
 class RedisConfig(_Section):
+    # A secret as a whole: the URL may hold a password (redis://user:password@host:port/db).
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    password_env: str | None = None
+    username: str | None = None  # ACL user; or in the URL
+    password_env: str | None = None  # env var holding the password; or in the URL
     password: SecretStr | None = Field(None, exclude=True)
+    ssl_cafile: str | None = None  # CA bundle for rediss:// (default: the system's)
     key_prefix: str = "llmstreams"
     socket_timeout_seconds: float = Field(1.0, gt=0)
     max_connections: int = Field(64, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        try:
+            parts = urlsplit(value.get_secret_value())
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError("is not a valid URL") from None
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source_each(self) -> RedisConfig:
+        parts = urlsplit(self.url.get_secret_value())
+        if parts.password and self.password_env:
+            raise ValueError("give the password in the url or in password_env, not both")
+        if parts.username and self.username:
+            raise ValueError("give the username in the url or in username, not both")
+        if self.ssl_cafile and parts.scheme != "rediss":
+            raise ValueError("ssl_cafile needs a rediss:// url")
+        return self
+
+    @property
+    def user(self) -> str:
+        """The ACL user we log in as (Redis calls the password-only login "default")."""
+        url_user = urlsplit(self.url.get_secret_value()).username
+        return unquote(url_user) if url_user else self.username or "default"
+
 
 
 class NormalizeConfig(_Section):
@@ -106,9 +162,14 @@ class RetryConfig(_Section):
 
 class EndpointConfig(_Section):
     name: str = Field(min_length=1)
+    # {url}/chat/completions is called: .../v1 for OpenAI, vLLM, Ollama; the deployment URL
+    # .../openai/deployments/{deployment} for Azure OpenAI.
     url: str = Field(min_length=1)
     api_key_env: str | None = None
     api_key: SecretStr | None = Field(None, exclude=True)
+    # "Authorization" sends "Bearer {key}"; any other header (Azure: api-key) the bare key.
+    api_key_header: str = Field("Authorization", min_length=1)
+    api_version: str | None = None  # sent as ?api-version= (Azure OpenAI)
     weight: float = Field(1.0, ge=0)
     models: list[str] | None = None
     rpm: int | None = Field(None, ge=1)
@@ -120,7 +181,9 @@ class EndpointConfig(_Section):
     @classmethod
     def _base_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http(s) base URL ending in /v1")
+            raise ValueError("must be an http(s) base URL (to which /chat/completions is added)")
+        if "?" in value:
+            raise ValueError("must not have a query; use api_version for ?api-version=")
         return value.rstrip("/")
 
     def serves(self, model: str) -> bool:
@@ -170,6 +233,16 @@ class Settings(BaseSettings):
             raise ValueError("endpoint names must be unique")
         return value
 
+    def secret_values(self) -> list[str]:
+        """Every secret in the settings (keys, passwords), for redaction."""
+        found = [e.api_key for e in self.endpoints]
+        found += [self.kafka.sasl_password, self.redis.password]
+        values = [s.get_secret_value() for s in found if s is not None]
+        url_password = urlsplit(self.redis.url.get_secret_value()).password
+        if url_password:
+            values += [url_password, unquote(url_password)]
+        return [v for v in values if v]
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -203,7 +276,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _resolve_secrets(settings: Settings, environ: Mapping[str, str]) -> Settings:
-    def secret(env_name: str | None, what: str) -> SecretStr | None:
+    def secret(given: SecretStr | None, env_name: str | None, what: str) -> SecretStr | None:
+        if given is not None:  # a secret written in the file or a variable would be lost
+            raise ConfigError(f"invalid config key {what.removesuffix('_env')}: secrets are read "
+                              f"from the environment; name the variable in {what}")
         if env_name is None:
             return None
         value = environ.get(env_name)
@@ -211,16 +287,16 @@ def _resolve_secrets(settings: Settings, environ: Mapping[str, str]) -> Settings
             raise ConfigError(f"invalid config key {what}: environment variable {env_name} is not set")
         return SecretStr(value)
 
+    k, r = settings.kafka, settings.redis
     endpoints = [
-        e.model_copy(update={"api_key": secret(e.api_key_env, f"endpoints.{e.name}.api_key_env")})
+        e.model_copy(update={"api_key": secret(e.api_key, e.api_key_env,
+                                               f"endpoints.{e.name}.api_key_env")})
         for e in settings.endpoints
     ]
-    kafka = settings.kafka.model_copy(
-        update={"sasl_password": secret(settings.kafka.sasl_password_env, "kafka.sasl_password_env")}
-    )
-    redis = settings.redis.model_copy(
-        update={"password": secret(settings.redis.password_env, "redis.password_env")}
-    )
+    kafka = k.model_copy(update={"sasl_password": secret(k.sasl_password, k.sasl_password_env,
+                                                         "kafka.sasl_password_env")})
+    redis = r.model_copy(update={"password": secret(r.password, r.password_env,
+                                                    "redis.password_env")})
     return settings.model_copy(update={"endpoints": endpoints, "kafka": kafka, "redis": redis})
 
 

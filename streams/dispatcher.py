@@ -50,6 +50,7 @@ from streams.errors import (
     UpstreamError,
     UpstreamStatusError,
 )
+from streams.logs import request_extra
 from streams.ratelimit import Permit, RateLimiter, estimate_tokens
 from streams.retry import Backoff, error_class, hurts_health, is_rate_limited, is_retryable
 from streams.scheduler import Scheduler
@@ -363,6 +364,8 @@ class Dispatcher:
                 # another endpoint can serve the retry, jittered backoff is enough.
                 other = self._other_usable(model, grant.endpoint.name)
                 delay = self._backoff.delay(attempts, None if other else exc)
+                log.debug("attempt %d on %s failed (%s); retrying in %.2f s", attempts,
+                          grant.endpoint.name, exc, delay, extra=request_extra(req.id))
                 await self._backoff_sleep(delay, req.deadline)
                 continue
             self._metrics.outcome["ok"].inc()

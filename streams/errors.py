@@ -4,6 +4,8 @@
 
     StreamsError
     ├── ConfigError                 wrong configuration; the CLI prints one line and exits 2
+    ├── StartupError                Kafka or Redis refused the worker at start (wrong
+    │                               credentials, unreachable); one line, exit 1
     ├── ValidationFailed            a request record breaks the contract  -> DLQ "validation"
     ├── UpstreamError               an endpoint call failed               -> DLQ "upstream"
     │   ├── UpstreamStatusError     HTTP status >= 400 (retryable: 408, 429, 5xx)
@@ -15,7 +17,8 @@
     └── NoEndpoint                  no configured endpoint serves the model -> DLQ "upstream"
 
 Foreign exceptions (aiohttp, redis, aiokafka) are translated where they enter, in
-``upstream.py``, ``cache.py`` and ``ratelimit.py``. Messages never contain secrets.
+``upstream.py``, ``cache.py``, ``ratelimit.py``, ``kafka_io.py`` and ``redis_io.py``. Messages
+never contain secrets.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class StreamsError(Exception):
 
 class ConfigError(StreamsError):
     """The configuration is invalid; the message names the key."""
+
+
+class StartupError(StreamsError):
+    """A dependency refused the worker at start; the message names it, never a secret."""
 
 
 class ValidationFailed(StreamsError):

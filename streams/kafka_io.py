@@ -1,7 +1,9 @@
-"""Kafka plumbing outside faust: connection options, topic creation and the output publisher.
+"""Kafka plumbing outside faust: connection options, the check at start, topic creation and
+the output publisher.
 
 Usage::
 
+    await check_kafka(settings)   # StartupError: wrong credentials, no broker answering
     await ensure_topics(settings)
     async with open_producer(settings) as producer:
         publisher = KafkaPublisher(producer, metrics)
@@ -20,14 +22,19 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import create_conn
 from aiokafka.errors import (
+    AuthenticationFailedError,
     KafkaError,
     MessageSizeTooLargeError,
     RecordTooLargeError,
+    SaslAuthenticationFailed,
     TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
 )
 
 from streams.config import Settings
+from streams.errors import StartupError
 from streams.metrics import PipelineMetrics
 from streams.processor import Headers, OutputTooLarge, OutRecord
 
@@ -61,6 +68,38 @@ def connection_options(settings: Settings) -> dict[str, Any]:
             k.sasl_password.get_secret_value() if k.sasl_password is not None else None
         )
     return opts
+
+
+async def check_kafka(settings: Settings, timeout: float = 10.0) -> None:
+    """Connect (and authenticate) to the first bootstrap server that answers.
+
+    aiokafka's own clients turn a refused login into "unable to bootstrap" after logging it;
+    one plain connection here tells wrong credentials apart, so the worker can stop with
+    one line naming the user and the server. Raises ``StartupError``; never shows a secret.
+    """
+    opts = connection_options(settings)
+    servers: list[str] = opts.pop("bootstrap_servers")
+    k = settings.kafka
+    failures: list[str] = []
+    for server in servers:
+        host, _, port = server.strip().rpartition(":")
+        try:
+            conn = await create_conn(host, int(port), request_timeout_ms=int(timeout * 1000), **opts)
+        except (SaslAuthenticationFailed, AuthenticationFailedError):
+            raise StartupError(
+                f"kafka authentication failed for user {k.sasl_username} ({k.mechanism}) "
+                f"at {host}:{port}"
+            ) from None
+        except UnsupportedSaslMechanismError:
+            raise StartupError(f"kafka at {host}:{port} does not offer SASL {k.mechanism}") from None
+        except ssl.SSLError as exc:
+            raise StartupError(f"kafka TLS handshake failed at {host}:{port}: {exc.reason}") from None
+        except (KafkaError, OSError, TimeoutError, ValueError) as exc:
+            failures.append(f"{host}:{port} ({type(exc).__name__})")
+            continue
+        conn.close()
+        return
+    raise StartupError(f"kafka not reachable at {', '.join(failures)}")
 
 
 async def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:

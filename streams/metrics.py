@@ -66,7 +66,7 @@ class PipelineMetrics:
             registry=registry,
         )
         self.assigned_partitions = Gauge(
-            "llm_streams_assigned_partitions", "Partitions assigned to this worker",
+            "llm_streams_assigned_partitions", "Partitions of the requests topic assigned to this worker",
             registry=registry,
         )
 

@@ -38,7 +38,9 @@ from streams.errors import (
     StreamsError,
     ValidationFailed,
 )
+from streams.logs import request_extra
 from streams.metrics import PipelineMetrics
+from streams.redact import Redactor
 
 log = logging.getLogger("streams.processor")
 
@@ -115,6 +117,7 @@ class Processor:
         self._metrics = metrics
         self._clock = clock
         self._topics = settings.topics
+        self._redact = Redactor(settings.secret_values())
 
     async def process(self, rec: InRecord) -> str:
         """Answer or dead-letter one record; return the outcome label."""
@@ -227,8 +230,9 @@ class Processor:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the agent's edge: a bug must become a dead letter, not a skip
-            log.exception("request %s: internal error", req.id)
-            err = InternalError(f"{type(exc).__name__}: {exc}")
+            log.exception("internal error", extra=request_extra(req.id))
+            # Text we do not control goes into the dead letter: mask any secret in it.
+            err = InternalError(self._redact(f"{type(exc).__name__}: {exc}"))
             return await self._dead_letter(rec, err, req, req.id, 0, [])
 
     def _parse(self, rec: InRecord) -> Request:
@@ -315,6 +319,8 @@ class Processor:
         kind = error.dlq_type
         self._metrics.dead_letters.labels(kind).inc()
         self._metrics.outputs.labels(f"dead_letter_{kind}").inc()
-        if kind != "validation":
-            log.warning("request %s: dead letter %s: %s", request_id, kind, error)
+        if kind == "validation":  # the sender's fault, maybe thousands: not worth a warning
+            log.debug("dead letter validation: %s", error, extra=request_extra(request_id))
+        else:
+            log.warning("dead letter %s: %s", kind, error, extra=request_extra(request_id))
         return f"dead_letter_{kind}"

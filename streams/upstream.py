@@ -3,6 +3,9 @@
 The client never retries underneath: retries are the dispatcher's job, counted once.
 aiohttp errors are translated here into the ``UpstreamError`` family.
 
+``POST {url}/chat/completions[?api-version=...]`` with the key as ``Authorization: Bearer``
+(OpenAI, vLLM, Ollama) or in the header ``api_key_header`` names (Azure OpenAI: ``api-key``).
+
 Usage::
 
     async with aiohttp.ClientSession() as session:
@@ -28,6 +31,7 @@ from streams.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from streams.redact import Redactor
 
 _JSON = {"Content-Type": "application/json"}
 
@@ -87,6 +91,19 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     return max(resets) if resets else None
 
 
+def request_target(endpoint: EndpointConfig) -> tuple[str, dict[str, str], dict[str, str]]:
+    """URL, query parameters and headers of a chat-completions call to ``endpoint``."""
+    headers = dict(_JSON)
+    if endpoint.api_key is not None:
+        key = endpoint.api_key.get_secret_value()
+        if endpoint.api_key_header.lower() == "authorization":
+            headers["Authorization"] = f"Bearer {key}"
+        else:
+            headers[endpoint.api_key_header] = key
+    query = {"api-version": endpoint.api_version} if endpoint.api_version else {}
+    return f"{endpoint.url}/chat/completions", query, headers
+
+
 def _error_message(raw: bytes, status: int) -> str:
     """The upstream's own error message, short, for the dead letter."""
     try:
@@ -115,19 +132,21 @@ class UpstreamClient:
         params: Mapping[str, Any],
     ) -> dict[str, Any]:
         payload = orjson.dumps({**params, "model": model, "messages": messages})
-        headers = dict(_JSON)
-        if endpoint.api_key is not None:
-            headers["Authorization"] = f"Bearer {endpoint.api_key.get_secret_value()}"
-        url = f"{endpoint.url}/chat/completions"
+        url, query, headers = request_target(endpoint)
         name = endpoint.name
         try:
             async with asyncio.timeout(endpoint.timeout_seconds):
-                async with self._session.post(url, data=payload, headers=headers) as resp:
+                async with self._session.post(
+                    url, params=query, data=payload, headers=headers
+                ) as resp:
                     raw = await resp.read()
                     status = resp.status
                     if status >= 400:
+                        # Some servers quote the key they refused: it must not reach a record.
+                        redact = Redactor([endpoint.api_key.get_secret_value()]
+                                          if endpoint.api_key else ())
                         raise UpstreamStatusError(
-                            _error_message(raw, status),
+                            redact(_error_message(raw, status)),
                             endpoint=name,
                             status=status,
                             retry_after=parse_retry_after(resp.headers),

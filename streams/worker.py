@@ -33,18 +33,23 @@ import aiohttp
 import faust
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streams.acks import AckTracker
 from streams.cache import ResponseCache
 from streams.config import Settings
 from streams.contract import Source
 from streams.dispatcher import Dispatcher
-from streams.kafka_io import KafkaPublisher, connection_options, ensure_topics, open_producer
+from streams.kafka_io import (
+    KafkaPublisher,
+    check_kafka,
+    connection_options,
+    ensure_topics,
+    open_producer,
+)
 from streams.metrics import PipelineMetrics, start_http
 from streams.processor import InRecord, Processor
+from streams.redact import redact_url
+from streams.redis_io import check_redis, open_redis
 from streams.upstream import UpstreamClient
 
 log = logging.getLogger("streams.worker")
@@ -84,24 +89,7 @@ class Runtime:
         session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         )
-        password = s.redis.password.get_secret_value() if s.redis.password else None
-        # A bounded pool where a burst of commands waits for a connection (up to the socket
-        # timeout) instead of failing with "Too many connections" and opening the circuit.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            s.redis.url.get_secret_value(),
-            max_connections=s.redis.max_connections,
-            timeout=s.redis.socket_timeout_seconds,
-            password=password,
-            socket_timeout=s.redis.socket_timeout_seconds,
-            socket_connect_timeout=s.redis.socket_timeout_seconds,
-            # A connection left stale by a Redis restart is retried once at once, so the
-            # first command after an outage does not count as one more failure.
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError],
-            health_check_interval=10,
-        )
-        stack.push_async_callback(pool.aclose)
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._redis = open_redis(s)
         stack.push_async_callback(self._redis.aclose)
         dispatcher = await stack.enter_async_context(
             Dispatcher(s, UpstreamClient(session), self._redis, self.registry)
@@ -378,8 +366,10 @@ def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _assigned(sender: Any, assigned: set[Any], **_: Any) -> None:
-        runtime.assigned = len(assigned)
-        runtime.metrics.assigned_partitions.set(len(assigned))
+        # faust's own topics (its leader topic) are assigned too: count only ours
+        mine = sum(1 for tp in assigned if tp.topic == s.topics.requests)
+        runtime.assigned = mine
+        runtime.metrics.assigned_partitions.set(mine)
 
     return app
 
@@ -396,12 +386,31 @@ def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+async def prepare(settings: Settings) -> None:
+    """Stop at once on what no retry can fix (credentials); create the topics.
+
+    Raises ``StartupError``. Redis may be away at start: the worker runs without it.
+    """
+    await check_kafka(settings)
+    client = open_redis(settings)
+    try:
+        await check_redis(client, settings)
+    finally:
+        await client.aclose()
+    await ensure_topics(settings)
+    k = settings.kafka
+    auth = f", {k.mechanism} as {k.sasl_username}" if k.security_protocol.startswith("SASL") else ""
+    log.info("starting: kafka %s (%s%s), redis %s, endpoints %s", k.bootstrap_servers,
+             k.security_protocol, auth, redact_url(settings.redis.url.get_secret_value()),
+             ", ".join(e.name for e in settings.endpoints))
+
+
 def run_worker(settings: Settings) -> int:
-    """Run until SIGINT/SIGTERM; return the exit code."""
+    """Run until SIGINT/SIGTERM; return the exit code. Raises ``StartupError``."""
     if settings.worker.gc_threshold:
         # Fewer cyclic-GC passes with thousands of requests in flight (see BENCHMARKS.md).
         gc.set_threshold(settings.worker.gc_threshold, 50, 100)
-    asyncio.run(ensure_topics(settings))
+    asyncio.run(prepare(settings))
     loop = _new_loop(settings.worker.event_loop)
     asyncio.set_event_loop(loop)
     runtime = Runtime(settings)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +23,12 @@ import orjson
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from tests.integration.servers import Sasl, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA = os.environ.get("TEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "15"))
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_http(url: str, timeout: float = 30.0, status: int = 200) -> None:
@@ -89,6 +84,10 @@ async def start_mocks(n: int, *args: str) -> list[Mock]:
     return mocks
 
 
+def kafka_client_kwargs(bootstrap: str, sasl: Sasl | None) -> dict[str, Any]:
+    return {"bootstrap_servers": bootstrap, **(sasl.client_kwargs() if sasl else {})}
+
+
 @dataclass
 class Stack:
     """One test's topics, group and config file."""
@@ -97,6 +96,8 @@ class Stack:
     endpoints: list[dict[str, Any]]
     overrides: dict[str, Any] = field(default_factory=dict)
     name: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    kafka: str = KAFKA  # bootstrap servers
+    sasl: Sasl | None = None
 
     @property
     def requests(self) -> str:
@@ -112,7 +113,8 @@ class Stack:
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {
-            "kafka": {"bootstrap_servers": KAFKA, "group_id": f"it-{self.name}", "partitions": 4,
+            "kafka": {"bootstrap_servers": self.kafka, **(self.sasl.config() if self.sasl else {}),
+                      "group_id": f"it-{self.name}", "partitions": 4,
                       "commit_interval_seconds": 0.5, "session_timeout_seconds": 10},
             "topics": {"requests": self.requests, "responses": self.responses,
                        "dead_letter": self.dlq},
@@ -179,8 +181,8 @@ def request(i: int, **kw: Any) -> dict[str, Any]:
 
 
 async def produce(topic: str, values: Iterable[bytes], keys: Iterable[bytes | None] | None = None,
-                  ) -> int:
-    producer = AIOKafkaProducer(bootstrap_servers=KAFKA, linger_ms=5, acks="all")
+                  bootstrap: str = KAFKA, sasl: Sasl | None = None) -> int:
+    producer = AIOKafkaProducer(**kafka_client_kwargs(bootstrap, sasl), linger_ms=5, acks="all")
     await producer.start()
     n = 0
     try:
@@ -217,8 +219,8 @@ class Collector:
         self._consumer: AIOKafkaConsumer | None = None
 
     async def __aenter__(self) -> Collector:
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA, enable_auto_commit=False,
-                                          auto_offset_reset="earliest")
+        self._consumer = AIOKafkaConsumer(**kafka_client_kwargs(self.stack.kafka, self.stack.sasl),
+                                          enable_auto_commit=False, auto_offset_reset="earliest")
         await self._consumer.start()
         return self
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
+from pathlib import Path
 
 from tests.integration.harness import (
-    ROOT,
     Collector,
     Mock,
     Stack,
@@ -14,6 +13,7 @@ from tests.integration.harness import (
     produce,
     start_worker,
 )
+from tests.integration.servers import PrivateRedis
 
 
 def _prompt_req(i: int, prompt: int, **kw: object) -> dict[str, object]:
@@ -138,20 +138,24 @@ async def test_sigkill_then_restart_never_calls_upstream_twice(
     assert len(again) < 200
 
 
-async def test_redis_outage_loses_nothing_and_hits_resume(stack: Stack, mocks: list[Mock]) -> None:
+async def test_redis_outage_loses_nothing_and_hits_resume(
+    stack: Stack, mocks: list[Mock], tmp_path: Path
+) -> None:
     for m in mocks:
         await m.configure(latency_ms=20)
+    redis = PrivateRedis(tmp_path / "redis")  # stopped below: never the shared Redis
+    redis.start()
+    stack.overrides["redis.url"] = redis.url()
     worker = start_worker(stack)
-    stack_sh = str(ROOT / "scripts" / "stack.sh")
     try:
         await worker.ready()
         async with Collector(stack) as col:
             await produce(stack.requests, encode(_prompt_req(i, i) for i in range(1000)))
             await col.wait_for(300)
-            subprocess.run([stack_sh, "redis-stop"], check=True)
+            redis.stop()
             await produce(stack.requests, encode(_prompt_req(i, i) for i in range(1000, 2000)))
             await asyncio.sleep(10)
-            subprocess.run([stack_sh, "redis-start"], check=True)
+            redis.start()
             await col.wait_for(2000, timeout=120)
             await asyncio.sleep(2)
             # prompt 1999 was answered during the outage (not stored): a miss, then a hit
@@ -161,8 +165,10 @@ async def test_redis_outage_loses_nothing_and_hits_resume(stack: Stack, mocks: l
             outs = await col.wait_for(2002, timeout=60)
         assert worker.alive()
     finally:
-        subprocess.run([stack_sh, "redis-start"], check=True)
-        assert worker.stop() == 0
+        try:
+            assert worker.stop() == 0
+        finally:
+            redis.stop()
     last = [o.value for o in outs if o.value["id"] == "req-5001"]
     assert last and last[0]["cached"] is True
     assert all(o.value["status"] == "ok" for o in outs)

@@ -100,3 +100,69 @@ async def test_non_completion_body_is_bad_response() -> None:
                 )
     finally:
         await server.close()
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[tuple[list[web.Request], str]]:
+    """An endpoint that records each request; a call with the key "refused" gets a 401
+    quoting the key, as some servers do."""
+    seen: list[web.Request] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request)
+        key = request.headers.get("api-key") or request.headers.get("Authorization") or ""
+        if "refused" in key:
+            return web.json_response({"error": {"message": f"Incorrect API key: {key}"}},
+                                     status=401)
+        return web.json_response({"choices": [{"message": {"content": "hi"}}]})
+
+    app = web.Application()
+    app.router.add_post("/{path:.*}", handler)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        yield seen, f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
+
+
+async def test_azure_deployment_url_api_version_and_api_key_header(
+    echo: tuple[list[web.Request], str],
+) -> None:
+    seen, base = echo
+    azure = ep(f"{base}/openai/deployments/gpt-4o-mini", api_key=SecretStr("az-key-1"),
+               api_key_header="api-key", api_version="2024-10-21")
+    async with aiohttp.ClientSession() as s:
+        await UpstreamClient(s).complete(azure, "gpt-4o-mini", [], {})
+    (req,) = seen
+    assert req.path == "/openai/deployments/gpt-4o-mini/chat/completions"
+    assert dict(req.query) == {"api-version": "2024-10-21"}
+    assert req.headers["api-key"] == "az-key-1" and "Authorization" not in req.headers
+
+
+async def test_bearer_by_default_and_no_auth_without_key(
+    echo: tuple[list[web.Request], str],
+) -> None:
+    seen, base = echo
+    async with aiohttp.ClientSession() as s:
+        await UpstreamClient(s).complete(ep(f"{base}/v1", api_key=SecretStr("sk-2")), "m", [], {})
+        await UpstreamClient(s).complete(ep(f"{base}/v1"), "m", [], {})
+    assert seen[0].path == "/v1/chat/completions" and not seen[0].query
+    assert seen[0].headers["Authorization"] == "Bearer sk-2"
+    assert "Authorization" not in seen[1].headers and "api-key" not in seen[1].headers
+
+
+@pytest.mark.parametrize("header", ["Authorization", "api-key"])
+async def test_a_key_quoted_back_by_the_server_is_masked(
+    echo: tuple[list[web.Request], str], header: str
+) -> None:
+    _, base = echo
+    key = "sk-refused-0123456789"
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(UpstreamStatusError) as info:
+            await UpstreamClient(s).complete(
+                ep(f"{base}/v1", api_key=SecretStr(key), api_key_header=header), "m", [], {}
+            )
+    assert info.value.status == 401 and not info.value.retryable
+    assert key not in str(info.value) and "Incorrect API key" in str(info.value)
+    assert "***" in str(info.value)

@@ -1,0 +1,99 @@
+"""The Redis client of a worker, and its check at start.
+
+``redis.url`` may be ``redis://``, ``rediss://`` (TLS; ``redis.ssl_cafile`` for a private CA)
+or ``unix://``; the username and password come from the URL or from ``redis.username`` and
+the environment variable ``redis.password_env`` names. Redis errors are translated here at
+start; while running, ``cache.py`` and ``ratelimit.py`` treat them as an outage.
+
+Usage::
+
+    client = open_redis(settings)
+    await check_redis(client, settings)   # StartupError on wrong credentials
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from streams.config import Settings
+from streams.errors import StartupError
+from streams.redact import redact_url
+
+log = logging.getLogger("streams.redis")
+
+
+def open_redis(settings: Settings) -> aioredis.Redis:
+    """A client on ``redis.url``; nothing connects before the first command."""
+    r = settings.redis
+    extra: dict[str, Any] = {}
+    if r.ssl_cafile:
+        extra["ssl_ca_certs"] = r.ssl_cafile
+    if r.username:
+        extra["username"] = r.username
+    # A bounded pool where a burst of commands waits for a connection (up to the socket
+    # timeout) instead of failing with "Too many connections" and opening the cache circuit.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        r.url.get_secret_value(),
+        max_connections=r.max_connections,
+        timeout=r.socket_timeout_seconds,
+        password=r.password.get_secret_value() if r.password else None,
+        socket_timeout=r.socket_timeout_seconds,
+        socket_connect_timeout=r.socket_timeout_seconds,
+        # A connection left stale by a Redis restart is retried once at once, so the
+        # first command after an outage does not count as one more failure.
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
+        health_check_interval=10,
+        **extra,
+    )
+    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+
+
+def redis_location(settings: Settings) -> str:
+    """host:port (or the socket path) of ``redis.url``, for messages."""
+    parts = urlsplit(settings.redis.url.get_secret_value())
+    if parts.scheme == "unix":
+        return parts.path
+    return f"{parts.hostname}:{parts.port or 6379}"
+
+
+async def check_redis(client: aioredis.Redis, settings: Settings) -> bool:
+    """PING once; return whether Redis answered.
+
+    Wrong credentials or an untrusted TLS certificate raise ``StartupError`` (no restart
+    can fix them). An unreachable Redis is only logged: the worker runs without it (cache
+    bypassed, local limits) until it answers.
+    """
+    try:
+        await client.ping()
+    except AuthenticationError:
+        raise StartupError(
+            f"redis authentication failed for user {settings.redis.user} "
+            f"at {redis_location(settings)}"
+        ) from None
+    except RedisConnectionError as exc:
+        if isinstance(exc.__context__, ssl.SSLCertVerificationError):
+            raise StartupError(
+                f"redis TLS certificate not trusted at {redis_location(settings)}: "
+                f"{exc.__context__.verify_message} (see redis.ssl_cafile)"
+            ) from None
+        _unreachable(settings, exc)
+        return False
+    except (RedisError, OSError, TimeoutError) as exc:
+        _unreachable(settings, exc)
+        return False
+    return True
+
+
+def _unreachable(settings: Settings, exc: BaseException) -> None:
+    log.warning("redis not reachable at %s (%s); starting without it, retrying every second",
+                redact_url(settings.redis.url.get_secret_value()), type(exc).__name__)
