@@ -6,7 +6,10 @@ import os
 import platform
 import subprocess
 from importlib import metadata
+from pathlib import Path
 from typing import Any
+
+FINDINGS = Path(__file__).with_name("FINDINGS.md")
 
 # Per scenario: title, what it does, and its rows (label, key, format).
 TABLES: dict[str, tuple[str, str, list[tuple[str, str, str]]]] = {
@@ -186,4 +189,6 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"\nrun failed: `{err}`")
     if doc["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
+    if FINDINGS.exists():  # hand-written: what the profiles show, kept next to the figures
+        lines += ["", FINDINGS.read_text().rstrip()]
     return "\n".join(lines) + "\n"
