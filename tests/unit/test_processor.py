@@ -1,0 +1,154 @@
+"""Processor.process_batch with fakes: one round trip per batch, one output per record."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streams.cache import ResponseCache
+from streams.config import load_settings
+from streams.contract import Completion, Request, Source
+from streams.errors import DispatchFailed, UpstreamStatusError
+from streams.metrics import PipelineMetrics
+from streams.processor import Headers, InRecord, OutputTooLarge, OutRecord, Processor
+from tests.unit.fake_redis import FakeRedis
+
+BODY = {"id": "x", "choices": [{"message": {"role": "assistant", "content": "fresh"}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+
+
+class FakePublisher:
+    def __init__(self, max_bytes: int = 1 << 20) -> None:
+        self.out: list[tuple[str, bytes | None, dict[str, Any]]] = []
+        self.max_bytes = max_bytes
+        self.batches: list[int] = []
+
+    async def publish(self, topic: str, key: bytes | None, value: bytes,
+                      headers: Headers | None = None) -> None:
+        if len(value) > self.max_bytes:
+            raise OutputTooLarge(f"output record of {len(value)} bytes refused")
+        self.out.append((topic, key, orjson.loads(value)))
+
+    async def publish_many(self, records: list[OutRecord]) -> list[OutputTooLarge | None]:
+        self.batches.append(len(records))
+        res: list[OutputTooLarge | None] = []
+        for r in records:
+            try:
+                await self.publish(r.topic, r.key, r.value, r.headers)
+                res.append(None)
+            except OutputTooLarge as exc:
+                res.append(exc)
+        return res
+
+
+class FakeDispatcher:
+    def __init__(self, fail: set[str] | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail = fail or set()
+
+    async def dispatch(self, req: Request) -> Completion:
+        self.calls.append(req.id)
+        if req.id in self.fail:
+            err = UpstreamStatusError("HTTP 400: bad", endpoint="a", status=400)
+            raise DispatchFailed(err, 1, ["a"])
+        return Completion(model=req.model or "m", body=BODY, endpoint="a", attempts=1, endpoints=["a"])
+
+
+def rec(offset: int, doc: dict[str, Any] | bytes) -> InRecord:
+    value = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+    return InRecord(Source("req", 0, offset, 1), f"k{offset}".encode(), value)
+
+
+def make(cache: bool = True, publisher: FakePublisher | None = None,
+         dispatcher: FakeDispatcher | None = None) -> tuple[Processor, FakePublisher, FakeDispatcher,
+                                                             ResponseCache | None, FakeRedis]:
+    s = load_settings(environ={})
+    fake = FakeRedis()
+    c = ResponseCache(s, fake, CollectorRegistry()) if cache else None  # type: ignore[arg-type]
+    pub = publisher or FakePublisher()
+    disp = dispatcher or FakeDispatcher()
+    proc = Processor(s, pub, disp, c, PipelineMetrics(CollectorRegistry()))
+    return proc, pub, disp, c, fake
+
+
+async def run(proc: Processor, recs: list[InRecord]) -> dict[int, str]:
+    done: dict[int, str] = {}
+
+    def on_done(r: InRecord, outcome: str) -> None:
+        assert r.source.offset not in done, "done twice"
+        done[r.source.offset] = outcome
+
+    fast = []
+    await proc.process_batch(recs, on_done, lambda: fast.append(1))
+    assert fast, "fast_done never called"
+    return done
+
+
+async def test_one_batch_serves_hits_replays_misses_and_bad_records() -> None:
+    proc, pub, disp, cache, fake = make()
+    assert cache is not None
+    hot = Request.model_validate({"id": "h0", "input": "hot", "model": "gpt-4o-mini"})
+    await cache.store(hot, Completion(model="gpt-4o-mini", body=BODY, endpoint="a", attempts=1))
+    await cache.remember("seen", b'{"id": "seen", "status": "ok", "replayed": true}')
+    fake.round_trips.clear()
+    recs = [
+        rec(0, {"id": "hit", "input": "hot"}),
+        rec(1, {"id": "seen", "input": "whatever"}),
+        rec(2, {"id": "miss", "input": "cold"}),
+        rec(3, b"{not json"),
+        rec(4, {"id": "bad", "input": "x", "priority": 99}),
+    ]
+    done = await run(proc, recs)
+    assert done == {0: "cached", 1: "replayed", 2: "ok", 3: "dead_letter_validation",
+                    4: "dead_letter_validation"}
+    assert disp.calls == ["miss"]
+    assert fake.round_trips["mget"] == 1  # recall + lookup of the whole batch
+    assert pub.batches == [2]  # the hit and the replay, sent together
+    by_id = {doc.get("id"): (topic, key, doc) for topic, key, doc in pub.out}
+    assert by_id["hit"][2]["cached"] is True and by_id["hit"][1] == b"k0"
+    assert by_id["seen"][2] == {"id": "seen", "status": "ok", "replayed": True}
+    assert by_id["miss"][2]["cached"] is False and by_id["miss"][2]["endpoint"] == "a"
+    assert by_id["bad"][0] == "llm.requests.dlq"
+    assert sum(1 for t, _, _ in pub.out if t == "llm.requests.dlq") == 2
+
+
+async def test_identical_misses_in_one_batch_call_upstream_once() -> None:
+    proc, pub, disp, _, _ = make()
+    done = await run(proc, [rec(i, {"id": f"r{i}", "input": "same"}) for i in range(20)])
+    assert len(done) == 20 and len(disp.calls) == 1
+    assert sorted(d["cached"] for _, _, d in pub.out) == [False] + [True] * 19
+
+
+async def test_a_hit_too_large_to_publish_becomes_a_dead_letter() -> None:
+    proc, pub, _, cache, _ = make(publisher=FakePublisher(max_bytes=600))
+    assert cache is not None
+    big = {**BODY, "pad": "x" * 400}
+    hot = Request.model_validate({"id": "h0", "input": "hot", "model": "gpt-4o-mini"})
+    await cache.store(hot, Completion(model="gpt-4o-mini", body=big, endpoint="a", attempts=1))
+    done = await run(proc, [rec(0, {"id": "hit", "input": "hot"})])
+    assert list(done) == [0] and done[0].startswith("dead_letter_")
+    assert [t for t, _, _ in pub.out] == ["llm.requests.dlq"]
+    assert "refused" in pub.out[0][2]["error"]["message"]
+
+
+async def test_failed_dispatch_and_no_cache_path() -> None:
+    proc, pub, disp, _, _ = make(cache=False, dispatcher=FakeDispatcher(fail={"r1"}))
+    done = await run(proc, [rec(0, {"id": "r0", "input": "a"}), rec(1, {"id": "r1", "input": "b"})])
+    assert done[0] == "ok" and done[1].startswith("dead_letter_")
+    assert disp.calls == ["r0", "r1"]
+
+
+async def test_prefetch_failure_falls_back_to_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    proc, pub, disp, cache, _ = make()
+    assert cache is not None
+
+    async def broken(reqs: list[Request]) -> list[Any]:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(cache, "prefetch", broken)
+    done = await run(proc, [rec(i, {"id": f"r{i}", "input": f"p{i}"}) for i in range(3)])
+    assert done == {0: "ok", 1: "ok", 2: "ok"}
+    assert sorted(disp.calls) == ["r0", "r1", "r2"]
