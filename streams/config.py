@@ -60,6 +60,7 @@ class RedisConfig(_Section):
     password: SecretStr | None = Field(None, exclude=True)
     key_prefix: str = "llmstreams"
     socket_timeout_seconds: float = Field(1.0, gt=0)
+    max_connections: int = Field(128, ge=1)  # per worker; more concurrent commands wait
 
 
 class NormalizeConfig(_Section):

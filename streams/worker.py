@@ -74,18 +74,8 @@ class Runtime:
         session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
         )
-        password = s.redis.password.get_secret_value() if s.redis.password else None
-        self._redis = aioredis.Redis.from_url(
-            s.redis.url.get_secret_value(),
-            password=password,
-            socket_timeout=s.redis.socket_timeout_seconds,
-            socket_connect_timeout=s.redis.socket_timeout_seconds,
-            # A connection left stale by a Redis restart is retried once at once, so the
-            # first command after an outage does not count as one more failure.
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError],
-            health_check_interval=10,
-        )
+        self._redis = open_redis(s)
+        stack.push_async_callback(self._redis.connection_pool.aclose)
         stack.push_async_callback(self._redis.aclose)
         dispatcher = await stack.enter_async_context(
             Dispatcher(s, UpstreamClient(session), self._redis, self.registry)
@@ -200,6 +190,31 @@ class Runtime:
 
     async def close(self) -> None:
         await self._stack.aclose()
+
+
+def open_redis(settings: Settings) -> aioredis.Redis:
+    """The worker's Redis client; close it, then its ``connection_pool``.
+
+    Thousands of requests in flight share a bounded pool: a burst waits for a free
+    connection (up to the socket timeout) instead of failing with "Too many connections"
+    (redis-py's default pool stops at 100), which would bypass the cache and the
+    idempotency store and so let a redelivered answered id call the upstream again.
+    """
+    r = settings.redis
+    pool = aioredis.BlockingConnectionPool.from_url(
+        r.url.get_secret_value(),
+        password=r.password.get_secret_value() if r.password else None,
+        max_connections=r.max_connections,
+        timeout=r.socket_timeout_seconds,
+        socket_timeout=r.socket_timeout_seconds,
+        socket_connect_timeout=r.socket_timeout_seconds,
+        # A connection left stale by a Redis restart is retried once at once, so the
+        # first command after an outage does not count as one more failure.
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
+        health_check_interval=10,
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def _ack_all(events: list[Any]) -> None:
