@@ -260,6 +260,10 @@ class StreamsApp(faust.App):
         await self.runtime.start()
 
     async def on_stop(self) -> None:
+        # Stop taking records first (faust's own first step): a rebalance during our drain
+        # skips faust's assignment handling once it is stopping, and a fetcher still running
+        # would then crash on a record of a newly assigned partition (KeyError in on_message).
+        await self._stop_consumer()
         await self.runtime.drain()
         try:
             await self.consumer.commit()

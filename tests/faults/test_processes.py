@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.faults.trial import Fleet, Trial, keep_polling, pick, stop_all
+from tests.faults.trial import Fleet, Trial, keep_polling, metric, pick, stop_all
 from tests.integration.harness import Mock, Stack
 
 
@@ -42,24 +42,29 @@ async def test_sigkill_a_worker_every_few_seconds(stack: Stack, mocks: list[Mock
 async def test_scale_one_three_one_with_thousands_in_flight(
     stack: Stack, mocks: list[Mock], fleet: Fleet
 ) -> None:
-    n = pick(6000, 20_000)
-    cycles = pick(1, 2)
+    n = pick(8000, 24_000)
+    cycles = pick(1, 3)
     for m in mocks:
-        await m.configure(latency_ms=1500, jitter_ms=500)  # ~2000 in flight per worker
+        await m.configure(latency_ms=1500, jitter_ms=500)  # up to 2000 in flight per worker
     stack.overrides["limits.max_inflight"] = 2000
     stack.overrides["worker.shutdown_grace_seconds"] = 10
     async with Trial("4 scale 1-3-1", stack, mocks) as trial:
         first = fleet.start()
         await first.ready()
         await trial.send([trial.request(i) for i in range(n)])
-        step = n // (2 * cycles + 1)
+        share = n // (2 * cycles + 1)
+        held = []
         for c in range(cycles):
-            await trial.wait_answered(step * (2 * c) + step // 2, timeout=300)
-            joiners = [fleet.start(), fleet.start()]  # 1 -> 3
+            await trial.wait_answered(share * 2 * c + share // 2, timeout=300)
+            held.append(int(await metric(first, "llm_streams_in_flight")))
+            joiners = [fleet.start(), fleet.start()]  # 1 -> 3: rebalance with ~2000 in flight
             await asyncio.gather(*(w.ready() for w in joiners))
-            await trial.wait_answered(step * (2 * c + 1) + step // 2, timeout=300)
-            await stop_all(joiners)  # 3 -> 1: leave with thousands in flight
+            await trial.wait_answered(share * (2 * c + 1) + share // 2, timeout=300)
+            await keep_polling(trial, 2.0)  # the joiners have their own thousands in flight now
+            await stop_all(joiners)  # 3 -> 1: both leave at once, draining what they hold
         await trial.wait_all(timeout=pick(300, 900))
         assert first.alive()
         await stop_all(fleet.running)
-        await trial.verdict(f"{cycles}x scale 1 -> 3 -> 1, up to 2000 in flight per worker")
+        assert max(held) >= 1000, f"in flight when the group grew: {held}"
+        await trial.verdict(f"{cycles}x 1 -> 3 -> 1 workers; in flight when the group grew: "
+                            f"{', '.join(map(str, held))}")

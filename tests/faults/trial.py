@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -362,3 +363,15 @@ async def keep_polling(trial: Trial, seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end and trial.answered < len(trial.sent):
         await trial.poll()
+
+
+async def metric(worker: Worker, name: str) -> float:
+    """The sum of a metric's samples on a worker's /metrics (all label sets)."""
+    url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        text = await resp.text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
