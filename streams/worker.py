@@ -37,7 +37,7 @@ from streams.cache import ResponseCache
 from streams.config import Settings
 from streams.contract import Source
 from streams.dispatcher import Dispatcher
-from streams.kafka_io import KafkaPublisher, connection_options, ensure_topics, open_producer
+from streams.kafka_io import KafkaPublisher, connection_options, ensure_topics, start_producer
 from streams.metrics import PipelineMetrics, start_http
 from streams.processor import InRecord, Processor
 from streams.upstream import UpstreamClient
@@ -68,8 +68,9 @@ class Runtime:
     async def start(self) -> None:
         s = self.settings
         stack = self._stack
-        producer = await stack.enter_async_context(open_producer(s))
-        publisher = KafkaPublisher(producer, self.metrics)
+        publisher = await stack.enter_async_context(
+            KafkaPublisher(lambda: start_producer(s), self.metrics)
+        )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
