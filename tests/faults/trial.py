@@ -175,12 +175,12 @@ class Trial:
 
     # -- producing ---------------------------------------------------------------------------
 
-    def request(self, i: int, **extra: Any) -> Record:
+    def request(self, i: int, keyed: bool = True, **extra: Any) -> Record:
         """A valid request with a prompt no other request of the run has."""
         rid = f"{self.scenario}-{i}"
         prompt = f"{self.scenario} prompt {i}"
         doc = {"id": rid, "input": prompt, **extra}
-        return Record(orjson.dumps(doc), f"k{i}".encode(), rid, prompt)
+        return Record(orjson.dumps(doc), f"k{i}".encode() if keyed else None, rid, prompt)
 
     async def send(self, records: list[Record]) -> None:
         """Produce records (acks=all) and remember where each one landed."""
