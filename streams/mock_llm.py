@@ -283,4 +283,5 @@ def run_mock(host: str, port: int, behaviour: MockBehaviour) -> None:
     web.run_app(
         MockLLM(behaviour).app(), host=host, port=port, access_log=None, print=None,
         backlog=4096,
+        shutdown_timeout=2.0,  # calls held by the "hang" fault must not hold up a stop
     )
