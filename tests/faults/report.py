@@ -31,10 +31,16 @@ def _cells(row: Any) -> list[str]:
             str(get("notes"))]
 
 
+def _order(row: Any) -> tuple[int, str]:
+    name = str(row["scenario"] if isinstance(row, dict) else row.scenario)
+    number = name.split(" ", 1)[0]
+    return (int(number) if number.isdigit() else 99, name)
+
+
 def render(rows: Iterable[Any]) -> str:
-    """A Markdown table of the rows (``Row`` objects or their dicts)."""
+    """A Markdown table of the rows (``Row`` objects or their dicts), by scenario number."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in sorted(rows, key=_order)]
     return "\n".join(lines)
 
 
