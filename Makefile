@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup stack-up stack-down demo test unit integration lint bench bench-smoke clean
+.PHONY: setup stack-up stack-down demo test unit integration faults lint bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,14 @@ unit: $(STAMP)
 integration: setup
 	scripts/with-stack.sh $(BIN)/pytest -q tests/integration
 
+# The fault-injection suite (tests/faults) at full size, on its own Kafka and Redis
+# (127.0.0.1:29092 and :26379, state in .stack-faults/; started and stopped by the suite), then
+# the figures into README.md's reliability table. `make test` runs it at FAULTS_SIZE=small.
+faults: setup
+	mkdir -p out
+	FAULTS_SIZE=full FAULTS_RESULTS=out/faults.json $(BIN)/pytest -q -p no:cacheprovider tests/faults
+	$(BIN)/python -m tests.faults.report out/faults.json README.md
+
 lint: $(STAMP)
 	$(BIN)/ruff check streams tests $(wildcard bench)
 	$(BIN)/mypy
@@ -54,4 +62,4 @@ bench-smoke: setup $(BENCH_STAMP)
 		--json bench/results-smoke.json
 
 clean:
-	rm -rf $(VENV) .stack build *.egg-info
+	rm -rf $(VENV) .stack .stack-faults build *.egg-info

@@ -3,7 +3,7 @@
     llm-streams worker [--config PATH] [--log-format text|json]
     llm-streams batch REQUESTS.jsonl --save SAVE.jsonl [--errors ERRORS.jsonl] [--config PATH]
     llm-streams mock-llm [--port] [--latency-ms] [--jitter-ms] [--error-rate]
-                         [--status-on-error] [--retry-after]
+                         [--status-on-error] [--retry-after] [--faults MIX] [--hang-seconds]
     llm-streams dlq inspect [--limit N] [--config PATH]
     llm-streams dlq replay [--error-type T] [--since TIME] [--dry-run] [--config PATH]
 """
@@ -57,6 +57,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
     behaviour = MockBehaviour(
         latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, error_rate=args.error_rate,
         status_on_error=args.status_on_error, retry_after=args.retry_after,
+        faults=args.faults, hang_seconds=args.hang_seconds,
     )
     run_mock(args.host, args.port, behaviour)
     return 0
@@ -96,6 +97,15 @@ def _since(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _faults(text: str) -> dict[str, float]:
+    from streams.mock_llm import parse_faults
+
+    try:
+        return parse_faults(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive(text: str) -> int:
     n = int(text)
     if n < 1:
@@ -131,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--error-rate", type=float, default=0.0)
     m.add_argument("--status-on-error", type=int, default=500)
     m.add_argument("--retry-after", type=float, default=None)
+    m.add_argument("--faults", type=_faults, default={}, metavar="MIX",
+                   help="chaos mix, e.g. 500=0.2,429=0.1,hang=0.05,reset=0.05")
+    m.add_argument("--hang-seconds", type=float, default=300.0)
     m.set_defaults(func=cmd_mock)
 
     d = sub.add_parser("dlq", help="inspect or replay the dead-letter topic")

@@ -86,7 +86,7 @@ class RedisConfig(_Section):
     ssl_cafile: str | None = None  # CA bundle for rediss:// (default: the system's)
     key_prefix: str = "llmstreams"
     socket_timeout_seconds: float = Field(1.0, gt=0)
-    max_connections: int = Field(64, ge=1)
+    max_connections: int = Field(128, ge=1)
 
     @field_validator("url")
     @classmethod

@@ -5,9 +5,10 @@ Usage::
 
     await check_kafka(settings)   # StartupError: wrong credentials, no broker answering
     await ensure_topics(settings)
-    async with open_producer(settings) as producer:
-        publisher = KafkaPublisher(producer, metrics)
+    async with KafkaPublisher(lambda: start_producer(settings), metrics) as publisher:
         await publisher.publish("llm.responses", key, value)
+    async with open_producer(settings) as producer:   # a plain producer (batch, dlq replay)
+        ...
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,11 +26,15 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     AuthenticationFailedError,
+    InvalidProducerEpoch,
     KafkaError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
     RecordTooLargeError,
     SaslAuthenticationFailed,
     TopicAlreadyExistsError,
+    UnknownProducerId,
     UnsupportedSaslMechanismError,
 )
 
@@ -128,8 +133,14 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
         await admin.close()
 
 
-@asynccontextmanager
-async def open_producer(settings: Settings, **overrides: Any) -> AsyncIterator[AIOKafkaProducer]:
+# aiokafka's sender task dies on these and every later send fails with the same error:
+# only a new producer (a new producer id) can publish again. A broker restart can cause the
+# first one.
+_PRODUCER_DEAD = (OutOfOrderSequenceNumber, ProducerFenced, UnknownProducerId, InvalidProducerEpoch)
+
+
+async def start_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    """A started idempotent producer (acks=all); the caller stops it."""
     options: dict[str, Any] = {
         "client_id": settings.kafka.client_id,
         "acks": "all",
@@ -142,6 +153,12 @@ async def open_producer(settings: Settings, **overrides: Any) -> AsyncIterator[A
     }
     producer = AIOKafkaProducer(**options)
     await producer.start()
+    return producer
+
+
+@asynccontextmanager
+async def open_producer(settings: Settings, **overrides: Any) -> AsyncIterator[AIOKafkaProducer]:
+    producer = await start_producer(settings, **overrides)
     try:
         yield producer
     finally:
@@ -153,23 +170,40 @@ class KafkaPublisher:
 
     Transient failures are retried with capped backoff for as long as it takes: the offset
     of the request is not committed meanwhile, so the partition waits instead of losing it.
+    A producer that failed for good (``_PRODUCER_DEAD``) is replaced by a new one from
+    ``connect``. Owns its producer: use it as an async context manager.
     """
 
     def __init__(
-        self, producer: AIOKafkaProducer, metrics: PipelineMetrics, max_backoff: float = 5.0
+        self,
+        connect: Callable[[], Awaitable[AIOKafkaProducer]],
+        metrics: PipelineMetrics,
+        max_backoff: float = 5.0,
     ) -> None:
-        self._producer = producer
+        self._connect = connect
+        self._producer: AIOKafkaProducer | None = None
+        self._replacing = asyncio.Lock()
         self._metrics = metrics
         self._max_backoff = max_backoff
         self._last_log = 0.0
+
+    async def __aenter__(self) -> KafkaPublisher:
+        self._producer = await self._connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
 
     async def publish(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
     ) -> None:
         delay = 0.05
         while True:
+            producer = self._producer
+            assert producer is not None, "publish() outside 'async with'"
             try:
-                fut = await self._producer.send(topic, value=value, key=key, headers=headers)
+                fut = await producer.send(topic, value=value, key=key, headers=headers)
                 await fut
                 return
             except (MessageSizeTooLargeError, RecordTooLargeError) as exc:
@@ -180,12 +214,16 @@ class KafkaPublisher:
                 if now - self._last_log > 5.0:
                     self._last_log = now
                     log.warning("publish to %s failed (%s); retrying", topic, type(exc).__name__)
+                if isinstance(exc, _PRODUCER_DEAD):
+                    await self._replace(producer, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_backoff)
 
     async def publish_many(self, records: list[OutRecord]) -> list[OutputTooLarge | None]:
         """Send every record before waiting for any; then ``publish`` those that failed."""
-        send = self._producer.send
+        producer = self._producer
+        assert producer is not None, "publish_many() outside 'async with'"
+        send = producer.send
         sent: list[asyncio.Future[Any] | KafkaError] = []
         for r in records:
             try:
@@ -207,3 +245,16 @@ class KafkaPublisher:
             except OutputTooLarge as exc:
                 out.append(exc)
         return out
+
+    async def _replace(self, broken: AIOKafkaProducer, why: KafkaError) -> None:
+        async with self._replacing:
+            replaced = self._producer is not broken  # by another publish already
+            if not replaced:
+                try:
+                    self._producer = await self._connect()
+                except KafkaError as exc:  # the broker is away: the next failure tries again
+                    log.warning("could not start a new producer (%s)", type(exc).__name__)
+                    return
+        if not replaced:
+            log.warning("producer failed for good (%s); replaced by a new one", type(why).__name__)
+            await broken.stop()  # its sender is dead, so stop() does not wait for a flush

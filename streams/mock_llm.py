@@ -2,20 +2,31 @@
 
 POST /v1/chat/completions answers deterministically from the prompt, with a usage block.
 GET /stats returns counts (calls, statuses, distinct prompts, duplicate calls, the busiest
-1-second window); POST /reset clears them; POST /config changes behaviour at run time
-(JSON with any of latency_ms, jitter_ms, error_rate, status_on_error, retry_after, down).
+1-second window; with ``?log=1`` every call's time, status, fault and prompt); POST /reset
+clears them; POST /config changes behaviour at run time (JSON with any of latency_ms,
+jitter_ms, error_rate, status_on_error, retry_after, down, faults, hang_seconds).
+
+``faults`` is a chaos mix: the share of calls that fail each way, drawn per call, e.g.
+``{"500": 0.2, "429": 0.1, "hang": 0.05, "reset": 0.05}``. A status fault answers with that
+status (a 429 or 503 carries ``Retry-After: retry_after``, default 1 s); ``hang`` holds the
+call for ``hang_seconds`` (past any client timeout); ``reset`` aborts the connection with a
+TCP reset.
 
 Usage::
 
     llm-streams mock-llm --port 8001 --latency-ms 50 --error-rate 0.1 --status-on-error 429
+    llm-streams mock-llm --faults 500=0.2,429=0.1,hang=0.05,reset=0.05 --retry-after 1
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import random
+import socket
+import struct
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -32,37 +43,72 @@ class MockBehaviour:
     status_on_error: int = 500
     retry_after: float | None = None
     down: bool = False  # answer every call with status_on_error
+    faults: dict[str, float] = field(default_factory=dict)  # chaos mix, see the module doc
+    hang_seconds: float = 300.0
+
+
+FAULT_KINDS = ("hang", "reset")  # besides HTTP statuses "400".."599"
+_LOG_MAX = 1_000_000
+
+
+def check_faults(faults: object) -> dict[str, float]:
+    """A valid chaos mix, or ValueError naming what is wrong."""
+    if not isinstance(faults, dict):
+        raise ValueError("faults must be an object of kind: share")
+    for kind, share in faults.items():
+        status_ok = kind.isdigit() and 400 <= int(kind) <= 599
+        if not (status_ok or kind in FAULT_KINDS):
+            raise ValueError(f"unknown fault {kind!r}: an HTTP status 400-599, hang or reset")
+        if not isinstance(share, int | float) or share < 0:
+            raise ValueError(f"fault {kind}: share must be a number >= 0")
+    if sum(faults.values()) > 1:
+        raise ValueError("fault shares add up to more than 1")
+    return {k: float(v) for k, v in faults.items()}
 
 
 @dataclass
 class MockStats:
     calls: int = 0
     ok: int = 0
+    authorized: int = 0  # calls that carried an Authorization header
     by_status: collections.Counter[int] = field(default_factory=collections.Counter)
+    by_fault: collections.Counter[str] = field(default_factory=collections.Counter)
     prompts: collections.Counter[str] = field(default_factory=collections.Counter)
-    times: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=1_000_000))
-    statuses: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=1_000_000))
+    times: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=_LOG_MAX))
+    statuses: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=_LOG_MAX))
+    entries: collections.deque[dict[str, Any]] = field(
+        default_factory=lambda: collections.deque(maxlen=_LOG_MAX))
 
-    def record(self, when: float, status: int) -> None:
+    def record(self, when: float, status: int, prompt: str | None = None, fault: str = "",
+               retry_after: float | None = None) -> None:
+        """One call: status 0 when no HTTP answer was sent (hang, reset)."""
         self.calls += 1
         self.by_status[status] += 1
+        if fault:
+            self.by_fault[fault] += 1
         self.times.append(when)
         self.statuses.append(status)
+        self.entries.append({"t": when, "status": status, "fault": fault,
+                             "retry_after": retry_after, "prompt": prompt})
 
     def summary(self, with_log: bool = False) -> dict[str, Any]:
-        """Counts; with_log adds every call's (time, status) and the prompts called twice."""
+        """Counts; with_log adds every call's (time, status), the prompts called twice and
+        ``calls``: each call's time (arrival), status, fault, Retry-After sent and prompt."""
         dup = sum(n - 1 for n in self.prompts.values() if n > 1)
         return {
             "calls": self.calls,
             "ok": self.ok,
+            "authorized": self.authorized,
             "by_status": {str(k): v for k, v in self.by_status.items()},
+            "by_fault": dict(self.by_fault),
             "distinct_prompts": len(self.prompts),
             "duplicate_calls": dup,
             "max_per_second": _max_window(list(self.times), 1.0),
             "first_call": self.times[0] if self.times else None,
             "last_call": self.times[-1] if self.times else None,
             **({"log": list(zip(self.times, self.statuses, strict=False)),
-                "duplicate_prompts": [p for p, n in self.prompts.items() if n > 1]}
+                "duplicate_prompts": [p for p, n in self.prompts.items() if n > 1],
+                "calls_log": list(self.entries)}
                if with_log else {}),
         }
 
@@ -113,9 +159,11 @@ class MockLLM:
         self.stats = MockStats()
         self._rng = rng or random.Random()
 
-    async def chat(self, request: web.Request) -> web.Response:
+    async def chat(self, request: web.Request) -> web.StreamResponse:
         now = time.time()
         b = self.behaviour
+        if "Authorization" in request.headers:
+            self.stats.authorized += 1
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
@@ -124,22 +172,47 @@ class MockLLM:
             return self._error(400, "'messages' is required", now)
         prompt = _prompt_text(body)
         self.stats.prompts[prompt] += 1
+        fault = self._draw_fault()
+        if fault == "reset":
+            self.stats.record(now, 0, prompt, fault)
+            return _reset(request)
+        if fault == "hang":
+            self.stats.record(now, 0, prompt, fault)
+            await asyncio.sleep(b.hang_seconds)
+            return web.Response(status=504)
         delay = b.latency_ms + (self._rng.uniform(-b.jitter_ms, b.jitter_ms) if b.jitter_ms else 0)
         if delay > 0:
             await asyncio.sleep(delay / 1000.0)
+        if fault:
+            status = int(fault)
+            retry_after = (b.retry_after or 1.0) if status in (429, 503) else None
+            return self._error(status, "mock fault", now, prompt, fault, retry_after)
         if b.down or (b.error_rate and self._rng.random() < b.error_rate):
-            return self._error(b.status_on_error, "mock failure", now)
+            return self._error(b.status_on_error, "mock failure", now, prompt, "",
+                               b.retry_after)
         self.stats.ok += 1
-        self.stats.record(now, 200)
+        self.stats.record(now, 200, prompt)
         payload = completion_body(str(body.get("model", "mock")), prompt)
         payload["mock"] = {"latency_ms": max(0.0, delay)}  # the benchmark subtracts it per request
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
-    def _error(self, status: int, message: str, now: float) -> web.Response:
-        self.stats.record(now, status)
+    def _draw_fault(self) -> str:
+        mix = self.behaviour.faults
+        if not mix:
+            return ""
+        r = self._rng.random()
+        for kind, share in mix.items():
+            if r < share:
+                return kind
+            r -= share
+        return ""
+
+    def _error(self, status: int, message: str, now: float, prompt: str | None = None,
+               fault: str = "", retry_after: float | None = None) -> web.Response:
+        self.stats.record(now, status, prompt, fault, retry_after)
         headers = {}
-        if self.behaviour.retry_after is not None:
-            headers["Retry-After"] = f"{self.behaviour.retry_after:g}"
+        if retry_after is not None:
+            headers["Retry-After"] = f"{retry_after:g}"
         doc = {"error": {"message": message, "type": "mock_error", "code": status}}
         return web.Response(
             status=status, body=orjson.dumps(doc), content_type="application/json", headers=headers
@@ -155,9 +228,15 @@ class MockLLM:
 
     async def configure(self, request: web.Request) -> web.Response:
         changes = orjson.loads(await request.read() or b"{}")
-        for key, value in changes.items():
+        for key in changes:
             if not hasattr(self.behaviour, key):
                 return web.json_response({"error": f"unknown key {key}"}, status=400)
+        try:
+            if "faults" in changes:
+                changes["faults"] = check_faults(changes["faults"])
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        for key, value in changes.items():
             setattr(self.behaviour, key, value)
         return web.json_response(asdict(self.behaviour))
 
@@ -168,6 +247,29 @@ class MockLLM:
         app.router.add_post("/reset", self.reset)
         app.router.add_post("/config", self.configure)
         return app
+
+
+def _reset(request: web.Request) -> web.StreamResponse:
+    """Abort the connection with a TCP reset (SO_LINGER 0); nothing is sent back."""
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    return web.Response(status=500)  # never written: the connection is gone
+
+
+def parse_faults(text: str) -> dict[str, float]:
+    """``500=0.2,429=0.1,hang=0.05`` -> a checked chaos mix (the CLI's ``--faults``)."""
+    mix: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, sep, share = part.partition("=")
+        if not sep:
+            raise ValueError(f"{part!r}: expected KIND=SHARE")
+        mix[kind.strip()] = float(share)
+    return check_faults(mix)
 
 
 def run_mock(host: str, port: int, behaviour: MockBehaviour) -> None:
@@ -181,4 +283,5 @@ def run_mock(host: str, port: int, behaviour: MockBehaviour) -> None:
     web.run_app(
         MockLLM(behaviour).app(), host=host, port=port, access_log=None, print=None,
         backlog=4096,
+        shutdown_timeout=2.0,  # calls held by the "hang" fault must not hold up a stop
     )

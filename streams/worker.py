@@ -44,7 +44,7 @@ from streams.kafka_io import (
     check_kafka,
     connection_options,
     ensure_topics,
-    open_producer,
+    start_producer,
 )
 from streams.metrics import PipelineMetrics, start_http
 from streams.processor import InRecord, Processor
@@ -83,8 +83,9 @@ class Runtime:
     async def start(self) -> None:
         s = self.settings
         stack = self._stack
-        producer = await stack.enter_async_context(open_producer(s))
-        publisher = KafkaPublisher(producer, self.metrics)
+        publisher = await stack.enter_async_context(
+            KafkaPublisher(lambda: start_producer(s), self.metrics)
+        )
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         session = await stack.enter_async_context(
             aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
@@ -288,6 +289,10 @@ class StreamsApp(faust.App):
         await self.runtime.start()
 
     async def on_stop(self) -> None:
+        # Stop taking records first (faust's own first step): a rebalance during our drain
+        # skips faust's assignment handling once it is stopping, and a fetcher still running
+        # would then crash on a record of a newly assigned partition (KeyError in on_message).
+        await self._stop_consumer()
         await self.runtime.drain()
         try:
             await self.consumer.commit()

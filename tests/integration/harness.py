@@ -27,7 +27,10 @@ from tests.integration.servers import Sasl, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA = os.environ.get("TEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
 REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "15"))
+REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
 PY = sys.executable
 
 
@@ -98,6 +101,7 @@ class Stack:
     name: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     kafka: str = KAFKA  # bootstrap servers
     sasl: Sasl | None = None
+    redis_url: str = REDIS_URL
 
     @property
     def requests(self) -> str:
@@ -111,14 +115,18 @@ class Stack:
     def dlq(self) -> str:
         return f"it-{self.name}.dlq"
 
+    @property
+    def group(self) -> str:
+        return f"it-{self.name}"
+
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {
             "kafka": {"bootstrap_servers": self.kafka, **(self.sasl.config() if self.sasl else {}),
-                      "group_id": f"it-{self.name}", "partitions": 4,
+                      "group_id": self.group, "partitions": 4,
                       "commit_interval_seconds": 0.5, "session_timeout_seconds": 10},
             "topics": {"requests": self.requests, "responses": self.responses,
                        "dead_letter": self.dlq},
-            "redis": {"url": f"redis://127.0.0.1:6379/{REDIS_DB}", "key_prefix": f"it-{self.name}"},
+            "redis": {"url": self.redis_url, "key_prefix": f"it-{self.name}"},
             "retry": {"base_delay_ms": 20, "max_delay_ms": 200},
             "endpoints": self.endpoints,
             "metrics": {"port": 0},
@@ -208,6 +216,7 @@ class Output:
     key: bytes | None
     value: dict[str, Any]
     headers: dict[str, bytes]
+    timestamp: int = 0  # the record's timestamp, epoch ms
 
 
 class Collector:
@@ -250,8 +259,8 @@ class Collector:
         batches = await c.getmany(timeout_ms=300, max_records=10_000)
         for tp, msgs in batches.items():
             for m in msgs:
-                self.outputs.append(
-                    Output(tp.topic, m.key, orjson.loads(m.value), dict(m.headers or ())))
+                self.outputs.append(Output(tp.topic, m.key, orjson.loads(m.value),
+                                           dict(m.headers or ()), m.timestamp))
 
     def ids(self) -> set[str | None]:
         return {o.value.get("id") for o in self.outputs}

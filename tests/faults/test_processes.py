@@ -1,0 +1,70 @@
+"""Worker processes come and go: a SIGKILL loop, and the group scaled 1 -> 3 -> 1."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.faults.trial import Fleet, Trial, keep_polling, metric, pick, stop_all
+from tests.integration.harness import Mock, Stack
+
+
+@pytest.mark.timeout(pick(300, 1500))
+async def test_sigkill_a_worker_every_few_seconds(stack: Stack, mocks: list[Mock], fleet: Fleet) -> None:
+    n = pick(3000, 20_000)
+    for m in mocks:
+        await m.configure(latency_ms=40, jitter_ms=30)
+    stack.overrides["kafka.session_timeout_seconds"] = 6  # the broker's minimum: shorter stalls
+    async with Trial("1 SIGKILL loop", stack, mocks) as trial:
+        workers = [fleet.start(), fleet.start()]
+        await asyncio.gather(*(w.ready() for w in workers))
+        await trial.send([trial.request(i) for i in range(n)])
+        kills = 0
+        replacement = None
+        while trial.answered < n:
+            # every few seconds, but never before the last replacement is up: each kill then
+            # lands on a worker with work in flight, not on one still starting
+            waits = [keep_polling(trial, 4.0)] + ([replacement.ready(90)] if replacement else [])
+            await asyncio.gather(*waits)
+            if trial.answered >= n:
+                break
+            fleet.running[0].kill()
+            kills += 1
+            replacement = fleet.start()
+        await trial.wait_all(timeout=pick(240, 900))
+        assert kills >= 2, f"only {kills} kills: the run was too short to test anything"
+        await stop_all(fleet.running)
+        await trial.verdict(f"{kills} SIGKILLs, each followed by a restart")
+
+
+@pytest.mark.timeout(pick(300, 1200))
+async def test_scale_one_three_one_with_thousands_in_flight(
+    stack: Stack, mocks: list[Mock], fleet: Fleet
+) -> None:
+    n = pick(8000, 24_000)
+    cycles = pick(1, 3)
+    for m in mocks:
+        await m.configure(latency_ms=1500, jitter_ms=500)  # up to 2000 in flight per worker
+    stack.overrides["limits.max_inflight"] = 2000
+    stack.overrides["worker.shutdown_grace_seconds"] = 10
+    async with Trial("4 scale 1-3-1", stack, mocks) as trial:
+        first = fleet.start()
+        await first.ready()
+        await trial.send([trial.request(i) for i in range(n)])
+        share = n // (2 * cycles + 1)
+        held = []
+        for c in range(cycles):
+            await trial.wait_answered(share * 2 * c + share // 2, timeout=300)
+            held.append(int(await metric(first, "llm_streams_in_flight")))
+            joiners = [fleet.start(), fleet.start()]  # 1 -> 3: rebalance with ~2000 in flight
+            await asyncio.gather(*(w.ready() for w in joiners))
+            await trial.wait_answered(share * (2 * c + 1) + share // 2, timeout=300)
+            await keep_polling(trial, 2.0)  # the joiners have their own thousands in flight now
+            await stop_all(joiners)  # 3 -> 1: both leave at once, draining what they hold
+        await trial.wait_all(timeout=pick(300, 900))
+        assert first.alive()
+        await stop_all(fleet.running)
+        assert max(held) >= 1000, f"in flight when the group grew: {held}"
+        await trial.verdict(f"{cycles}x 1 -> 3 -> 1 workers; in flight when the group grew: "
+                            f"{', '.join(map(str, held))}")

@@ -1,0 +1,91 @@
+"""The mock endpoint's chaos mix and call log (an in-process server, no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from streams.mock_llm import MockBehaviour, MockLLM, check_faults, parse_faults
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Any]:
+    servers: list[TestServer] = []
+
+    async def start(behaviour: MockBehaviour) -> tuple[MockLLM, str]:
+        mock = MockLLM(behaviour, rng=random.Random(7))
+        server = TestServer(mock.app())
+        await server.start_server()
+        servers.append(server)
+        return mock, str(server.make_url(""))
+
+    yield start
+    for s in servers:
+        await s.close()
+
+
+async def _chat(session: aiohttp.ClientSession, url: str, prompt: str) -> tuple[int, dict[str, str]]:
+    body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+    async with session.post(f"{url}/v1/chat/completions", json=body,
+                            headers={"Authorization": "Bearer k"}) as resp:
+        await resp.read()
+        return resp.status, dict(resp.headers)
+
+
+async def test_statuses_follow_the_mix_and_429_carries_retry_after(serve: Any) -> None:
+    mock, url = await serve(MockBehaviour(faults={"500": 0.3, "429": 0.2}, retry_after=2.5))
+    async with aiohttp.ClientSession() as s:
+        got = [await _chat(s, url, f"p{i}") for i in range(400)]
+    statuses = Counter(status for status, _ in got)
+    assert set(statuses) == {200, 500, 429}
+    assert 90 <= statuses[500] <= 150 and 50 <= statuses[429] <= 110
+    assert all(h.get("Retry-After") == "2.5" for st, h in got if st == 429)
+    assert all("Retry-After" not in h for st, h in got if st != 429)
+    log = mock.stats.summary(with_log=True)
+    entries = log["calls_log"]
+    assert [e["prompt"] for e in entries] == [f"p{i}" for i in range(400)]
+    assert {e["status"]: e["retry_after"] for e in entries if e["fault"] == "429"} == {429: 2.5}
+    assert log["authorized"] == 400 and log["by_fault"] == {"500": statuses[500], "429": statuses[429]}
+
+
+async def test_reset_aborts_the_connection_and_hang_outlasts_the_client(serve: Any) -> None:
+    mock, url = await serve(MockBehaviour(faults={"reset": 1.0}))
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.ClientError):
+            await _chat(s, url, "reset me")
+    mock.behaviour.faults = {"hang": 1.0}
+    mock.behaviour.hang_seconds = 30
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as s:
+        with pytest.raises(asyncio.TimeoutError):
+            await _chat(s, url, "hang on")
+    entries = mock.stats.summary(with_log=True)["calls_log"]
+    assert [(e["prompt"], e["status"], e["fault"]) for e in entries] == [
+        ("reset me", 0, "reset"), ("hang on", 0, "hang")]
+
+
+async def test_config_rejects_a_bad_mix(serve: Any) -> None:
+    mock, url = await serve(MockBehaviour())
+    async with aiohttp.ClientSession() as s:
+        for bad in ({"418x": 0.1}, {"500": 0.7, "hang": 0.4}, {"500": -1}, ["500"]):
+            async with s.post(f"{url}/config", json={"faults": bad}) as resp:
+                assert resp.status == 400, bad
+        async with s.post(f"{url}/config", json={"faults": {"503": 0.5}}) as resp:
+            assert resp.status == 200 and (await resp.json())["faults"] == {"503": 0.5}
+    assert mock.behaviour.faults == {"503": 0.5}
+
+
+def test_parse_faults() -> None:
+    assert parse_faults("500=0.2, 429=0.1,hang=0.05,reset=0.05") == {
+        "500": 0.2, "429": 0.1, "hang": 0.05, "reset": 0.05}
+    assert parse_faults("") == {}
+    for bad in ("500", "teapot=0.1", "500=0.9,429=0.2"):
+        with pytest.raises(ValueError):
+            parse_faults(bad)
+    assert check_faults({"502": 1}) == {"502": 1.0}
