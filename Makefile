@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup stack-up stack-down demo test unit integration faults lint bench bench-smoke clean
+.PHONY: setup stack-up stack-down demo test unit integration faults faults-small lint bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,7 +26,11 @@ demo: setup
 
 # The whole suite against the real broker and Redis (started here, stopped after if we started them).
 test: setup lint
-	scripts/with-stack.sh $(BIN)/pytest -q -p no:cacheprovider tests
+	scripts/with-stack.sh $(BIN)/pytest -q -p no:cacheprovider -rf --ignore=tests/faults tests
+
+# The fault suite at its small size (about 10 minutes, its own private stack).
+faults-small: setup
+	$(BIN)/pytest -q -p no:cacheprovider -rf tests/faults
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
@@ -36,7 +40,7 @@ integration: setup
 
 # The fault-injection suite (tests/faults) at full size, on its own Kafka and Redis
 # (127.0.0.1:29092 and :26379, state in .stack-faults/; started and stopped by the suite), then
-# the figures into README.md's reliability table. `make test` runs it at FAULTS_SIZE=small.
+# the figures into README.md's reliability table. `make faults-small` runs it at FAULTS_SIZE=small.
 faults: setup
 	mkdir -p out
 	FAULTS_SIZE=full FAULTS_RESULTS=out/faults.json $(BIN)/pytest -q -p no:cacheprovider tests/faults
