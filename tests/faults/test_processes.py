@@ -7,15 +7,14 @@ import time
 
 import pytest
 
-from tests.faults.trial import Fleet, Trial, keep_polling, metric, pick, stop_all
+from tests.faults.trial import Fleet, Trial, configure, keep_polling, metric, pick, stop_all
 from tests.integration.harness import Mock, Stack, Worker
 
 
 @pytest.mark.timeout(pick(300, 1500))
 async def test_sigkill_a_worker_every_few_seconds(stack: Stack, mocks: list[Mock], fleet: Fleet) -> None:
     n = pick(3000, 20_000)
-    for m in mocks:
-        await m.configure(latency_ms=40, jitter_ms=30)
+    await configure(mocks, latency_ms=40, jitter_ms=30)
     stack.overrides["kafka.session_timeout_seconds"] = 6  # the broker's minimum: shorter stalls
     # a group-wide rate keeps the run long enough for several kills on any machine; the
     # requests waiting for it are in flight, so every kill drops hundreds of them
@@ -57,8 +56,7 @@ async def test_scale_one_three_one_with_thousands_in_flight(
 ) -> None:
     n = pick(8000, 24_000)
     cycles = pick(1, 3)
-    for m in mocks:
-        await m.configure(latency_ms=6000, jitter_ms=1000)  # 2000 slots fill at 330/s
+    await configure(mocks, latency_ms=6000, jitter_ms=1000)  # 2000 slots fill at 330/s
     stack.overrides["limits.max_inflight"] = 2000
     stack.overrides["worker.shutdown_grace_seconds"] = 10
     async with Trial("4 scale 1-3-1", stack, mocks) as trial:

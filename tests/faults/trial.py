@@ -368,6 +368,11 @@ class Fleet:
             w.kill()
 
 
+async def configure(mocks: list[Mock], **changes: Any) -> None:
+    """The same behaviour change on every mock (``POST /config``)."""
+    await asyncio.gather(*(m.configure(**changes) for m in mocks))
+
+
 async def keep_polling(trial: Trial, seconds: float) -> None:
     """Read outputs for ``seconds`` (a fault's duration, or the pause between two)."""
     end = time.monotonic() + seconds
