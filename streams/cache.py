@@ -13,7 +13,10 @@ Reads are micro-batched: every lookup/recall/poll of one event-loop tick (or up 
 ``cache.batch_max_keys``) shares one ``MGET``; writes share one pipeline. Redis errors
 never reach the caller: reads miss, writes are skipped, coalescing stays in-process, and
 after an error Redis is left alone for ``cache.redis_retry_seconds`` so an outage adds no
-latency per request.
+latency per request. The idempotency store is the exception: its reads and writes are tried
+even then (still batched, each batch bounded by the socket timeout), since one slow command
+under load would otherwise skip the records of a whole second and let their redeliveries
+call the upstream again.
 
 Usage::
 
@@ -179,8 +182,9 @@ class _Guard:
     def available(self) -> bool:
         return self._clock() >= self._open_until
 
-    async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T | _Down:
-        if not self.available():
+    async def call(self, op: str, fn: Callable[[], Awaitable[T]], force: bool = False) -> T | _Down:
+        """``fn()``, or DOWN on a Redis error or while the circuit is open (unless ``force``)."""
+        if not force and not self.available():
             return DOWN
         try:
             async with asyncio.timeout(self._timeout):
@@ -381,8 +385,11 @@ class ResponseCache:
             log_interval=cfg.error_log_interval_seconds,
         )
         self._tasks: set[asyncio.Task[None]] = set()
-        self._reads: _Batcher[str, Read] = _Batcher(self._mget, cfg.batch_max_keys, self._tasks)
-        self._writes: _Batcher[tuple[str, bytes, int], bool] = _Batcher(
+        # items carry a "force" flag: a batch holding one is tried even while the circuit is open
+        self._reads: _Batcher[tuple[str, bool], Read] = _Batcher(
+            self._mget, cfg.batch_max_keys, self._tasks
+        )
+        self._writes: _Batcher[tuple[str, bytes, int, bool], bool] = _Batcher(
             self._pipeline_set, cfg.batch_max_keys, self._tasks
         )
         self._models: dict[str, tuple[Counter, Counter]] = {}
@@ -429,7 +436,7 @@ class ResponseCache:
         looked = [self._cfg.enabled and not r.cache.no_cache for r in reqs]
         wanted = [self._rkey(r.id) for r in reqs]
         wanted += [self._ckey(k) for k, on in zip(keys, looked, strict=True) if on]
-        raws = await self._read_many(wanted)
+        raws = await self._read_many(wanted, force=True)  # the idempotency store is never skipped
         cached = iter(raws[len(reqs):])
         out = []
         for req, key, raw, on in zip(reqs, keys, raws, looked, strict=False):
@@ -494,7 +501,7 @@ class ResponseCache:
 
     async def recall_outcome(self, request_id: str) -> Recalled | None:
         """The output record remembered for this id, with its kind, or None."""
-        (raw,) = await self._read_many([self._rkey(request_id)])
+        (raw,) = await self._read_many([self._rkey(request_id)], force=True)
         return _recalled(raw)
 
     async def recall_many(self, request_ids: list[str]) -> list[Recalled | None]:
@@ -510,7 +517,7 @@ class ResponseCache:
             self.metrics.skipped.labels("too_large").inc()
             return
         ttl = ttl or self._cfg.idempotency_ttl_seconds
-        await self._write(self._rkey(request_id), encoded, ttl, "idempotency")
+        await self._write(self._rkey(request_id), encoded, ttl, "idempotency", force=True)
 
     def note_replay(self, kind: Kind = "response") -> None:
         """Count a redelivered id answered from ``recall`` (the caller republishes)."""
@@ -570,35 +577,38 @@ class ResponseCache:
             return None
         return value
 
-    async def _read_many(self, keys: list[str]) -> list[Read]:
-        if not self._guard.available():  # circuit open: no future, no round trip
+    async def _read_many(self, keys: list[str], force: bool = False) -> list[Read]:
+        if not force and not self._guard.available():  # circuit open: no future, no round trip
             return [DOWN] * len(keys)
-        futs = [self._reads.submit(k) for k in keys]
+        futs = [self._reads.submit((k, force)) for k in keys]
         return [await f for f in futs]
 
-    async def _write(self, key: str, value: bytes, ttl: int, store: str) -> None:
-        ok = self._guard.available() and await self._writes.submit((key, value, ttl))
+    async def _write(self, key: str, value: bytes, ttl: int, store: str, force: bool = False
+                     ) -> None:
+        ok = (force or self._guard.available()) and await self._writes.submit((key, value, ttl, force))
         if ok:
             self.metrics.writes.labels(store).inc()
         else:
             self.metrics.skipped.labels("redis_unavailable").inc()
 
-    async def _mget(self, keys: list[str]) -> list[Read]:
+    async def _mget(self, items: list[tuple[str, bool]]) -> list[Read]:
+        keys = [k for k, _ in items]
         unique = list(dict.fromkeys(keys))  # identical requests of one tick: fetch once
         res = await self._guard.call(
-            "read", lambda: cast(Awaitable[list[bytes | None]], self._redis.mget(unique))
+            "read", lambda: cast(Awaitable[list[bytes | None]], self._redis.mget(unique)),
+            force=any(f for _, f in items),
         )
         if res is DOWN:
             return [DOWN] * len(keys)
         found = dict(zip(unique, res, strict=True))
         return [found[k] for k in keys]
 
-    async def _pipeline_set(self, items: list[tuple[str, bytes, int]]) -> list[bool]:
+    async def _pipeline_set(self, items: list[tuple[str, bytes, int, bool]]) -> list[bool]:
         async def go() -> list[Any]:
             pipe = self._redis.pipeline(transaction=False)
-            for key, value, ttl in items:
+            for key, value, ttl, _ in items:
                 pipe.set(key, value, ex=ttl)
             return await pipe.execute()
 
-        ok = await self._guard.call("write", go) is not DOWN
+        ok = await self._guard.call("write", go, force=any(i[3] for i in items)) is not DOWN
         return [ok] * len(items)

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
+from tests.integration.harness import Mock, start_mocks
+
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))
 REDIS_DB = int(os.environ.get("TEST_REDIS_DB", "15"))
@@ -28,3 +30,14 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     finally:
         await client.flushdb()
         await client.aclose()
+
+
+@pytest.fixture
+async def mocks() -> AsyncIterator[list[Mock]]:
+    """Two mock endpoints (``llm-streams mock-llm``), stopped after the test."""
+    ms = await start_mocks(2)
+    try:
+        yield ms
+    finally:
+        for m in ms:
+            m.stop()

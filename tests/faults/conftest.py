@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import pytest
 from tests.faults.report import render
 from tests.faults.stack import PrivateStack
 from tests.faults.trial import ROWS, Fleet
-from tests.integration.harness import Mock, Stack, start_mocks
+from tests.integration.harness import Mock, Stack
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -47,16 +47,6 @@ def private_stack() -> Iterator[PrivateStack]:
     finally:
         if started and not os.environ.get("KEEP_STACK"):
             stack.run("down")
-
-
-@pytest.fixture
-async def mocks() -> AsyncIterator[list[Mock]]:
-    ms = await start_mocks(2)
-    try:
-        yield ms
-    finally:
-        for m in ms:
-            m.stop()
 
 
 @pytest.fixture

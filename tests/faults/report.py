@@ -26,9 +26,9 @@ COLUMNS = ("scenario", "requests", "outputs", "lost", "duplicates", "upstream du
 
 def _cells(row: Any) -> list[str]:
     get = row.get if isinstance(row, dict) else lambda k: getattr(row, k)
-    return [str(get("scenario")), f"{get('requests'):,}", f"{get('outputs'):,}", str(get("lost")),
-            str(get("duplicates")), str(get("upstream_duplicates")), f"{get('seconds'):.0f} s",
-            str(get("notes"))]
+    counts = [f"{get(k):,}" for k in ("requests", "outputs", "lost", "duplicates",
+                                        "upstream_duplicates")]
+    return [str(get("scenario")), *counts, f"{get('seconds'):.0f} s", str(get("notes"))]
 
 
 def _order(row: Any) -> tuple[int, str]:

@@ -11,7 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from tests.faults.stack import PrivateStack
-from tests.faults.trial import APPEND_TIME, Fleet, Trial, keep_polling, metric, pick, stop_all
+from tests.faults.trial import APPEND_TIME, Fleet, Trial, configure, keep_polling, metric, pick, stop_all
 from tests.integration.harness import Mock, Stack
 
 
@@ -27,8 +27,7 @@ async def _outage(trial: Trial, private_stack: PrivateStack, server: str, second
 async def _server_restart(server: str, stack: Stack, mocks: list[Mock], fleet: Fleet,
                           private_stack: PrivateStack) -> None:
     n = pick(4000, 20_000)
-    for m in mocks:
-        await m.configure(latency_ms=50, jitter_ms=30)
+    await configure(mocks, latency_ms=50, jitter_ms=30)
     # a group-wide rate spreads the run over the outage (Redis down: each worker limits
     # itself to its share, limits.local_fallback_fraction)
     stack.overrides["limits.max_requests_per_second"] = pick(120, 250)
@@ -82,8 +81,7 @@ async def test_response_topic_refuses_writes_for_a_while(
 ) -> None:
     n = pick(4000, 20_000)
     refused_for = pick(10.0, 30.0)
-    for m in mocks:
-        await m.configure(latency_ms=50, jitter_ms=30)
+    await configure(mocks, latency_ms=50, jitter_ms=30)
     stack.overrides["limits.max_requests_per_second"] = pick(150, 300)
     async with Trial("8 output failure", stack, mocks) as trial:
         workers = [fleet.start(), fleet.start()]

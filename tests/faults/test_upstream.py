@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults.trial import Fleet, Trial, pick, stop_all
+from tests.faults.trial import Fleet, Trial, configure, pick, stop_all
 from tests.integration.harness import Mock, Stack
 
 CHAOS = {"500": 0.20, "429": 0.10, "hang": 0.05, "reset": 0.05}
@@ -37,9 +37,8 @@ def retry_after_checks(calls: list[dict[str, Any]]) -> tuple[int, list[str]]:
 @pytest.mark.timeout(pick(300, 900))
 async def test_chaotic_upstream(stack: Stack, mocks: list[Mock], fleet: Fleet) -> None:
     n = pick(1500, 8000)
-    for m in mocks:
-        await m.configure(latency_ms=20, jitter_ms=10, faults=CHAOS, retry_after=RETRY_AFTER,
-                          hang_seconds=600)
+    await configure(mocks, latency_ms=20, jitter_ms=10, faults=CHAOS, retry_after=RETRY_AFTER,
+                    hang_seconds=600)
     for ep in stack.endpoints:
         ep["timeout_seconds"] = 2  # a hanging call ends here
     stack.overrides.update({"retry.max_attempts": MAX_ATTEMPTS, "retry.cooldown_seconds": 1})

@@ -1,27 +1,16 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Mock, Stack, start_mocks
+from tests.integration.harness import Mock, Stack
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
-
-
-@pytest.fixture
-async def mocks() -> AsyncIterator[list[Mock]]:
-    ms = await start_mocks(2)
-    try:
-        yield ms
-    finally:
-        for m in ms:
-            m.stop()
 
 
 @pytest.fixture

@@ -208,6 +208,8 @@ async def test_unreachable_redis_is_fast_and_silent(prefix: str) -> None:
         assert len(out) == 50
         assert time.monotonic() - started < 0.5
         errors = cache.metrics.errors.labels("read")._value.get()
-        assert errors == 1  # the circuit kept every later call away from the dead server
+        # the circuit kept every later cache call away from the dead server; only the
+        # idempotency store's recall (and its write) were tried, and refused at once
+        assert errors == 2 and cache.metrics.errors.labels("write")._value.get() == 1
     finally:
         await dead.aclose()
