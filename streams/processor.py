@@ -1,13 +1,15 @@
-"""Turns one consumed record into exactly one published output record.
+"""Turns each consumed record into exactly one published output record.
 
-``Processor.process`` never raises (except on cancellation): every failure becomes a dead
-letter, so nothing a record contains can crash the agent or skip its offset
-(faust-streaming #315/#527). It returns only after the output is acknowledged by the broker;
-the caller acks the offset after that.
+The worker calls ``process_batch`` (one Redis round trip per batch, hits published
+together); ``process`` is the same for one record. Neither raises (except on cancellation):
+every failure becomes a dead letter, so nothing a record contains can crash the agent or
+skip its offset (faust-streaming #315/#527). A record is done only once its output is
+acknowledged by the broker; the caller acks the offset after that.
 
 Usage::
 
     processor = Processor(settings, publisher, dispatcher, cache, metrics)
+    await processor.process_batch(records, done=lambda rec, outcome: ack(rec))
     await processor.process(InRecord(source, key, value))
 """
 
