@@ -8,7 +8,9 @@ and CPU microseconds per record (the whole process, faust's consumer thread incl
 
 - ``stream``: ``async for event in stream.noack().events(): event.ack()`` (faust's idiom)
 - ``take``: ``stream.noack().take_events(1000, within=5 ms)``
-- ``queue``: drain the agent's channel queue directly (what ``streams/worker.py`` does)
+- ``queue``: drain the agent's channel queue directly
+- ``direct``: ``queue`` with ``streams.faust_io``'s transport (what ``streams/worker.py`` does:
+  no tasks per record between faust's fetcher and the conductor)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 from bench import kafka_load as kl
 from bench.procs import KAFKA, PY
 
-MODES = ("stream", "take", "queue")
+MODES = ("stream", "take", "queue", "direct")
 
 
 def _cpu() -> float:
@@ -38,7 +40,13 @@ def consume(topic: str, n: int, mode: str) -> None:  # noqa: C901 (three small r
     import faust
     import uvloop
 
-    app = faust.App(f"floor-{topic}-{mode}", broker=f"kafka://{KAFKA}", web_enabled=False,
+    from streams.faust_io import new_transport
+
+    class App(faust.App):
+        def _new_transport(self) -> Any:
+            return new_transport(self) if mode == "direct" else super()._new_transport()
+
+    app = App(f"floor-{topic}-{mode}", broker=f"kafka://{KAFKA}", web_enabled=False,
                     consumer_auto_offset_reset="earliest", stream_buffer_maxsize=4096,
                     datadir=f"/tmp/faust-floor-{os.getpid()}")
     chan = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw",

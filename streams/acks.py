@@ -121,6 +121,14 @@ class AckTracker(Generic[T]):
             return 0 if part is None else sum(not e.done for e in part.entries.values())
         return sum(self.in_flight(t) for t in self._parts)
 
+    def describe(self) -> dict[str, tuple[int, int | None, int]]:
+        """Per partition: tracked offsets, the lowest one, how many of them are finished."""
+        return {
+            str(tp): (len(p.offsets), p.offsets[0] if p.offsets else None,
+                      sum(e.done for e in p.entries.values()))
+            for tp, p in self._parts.items()
+        }
+
     def tracked(self, tp: TP) -> list[int]:
         part = self._parts.get(tp)
         return list(part.offsets) if part is not None else []

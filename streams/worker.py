@@ -21,10 +21,13 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import gc
 import logging
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -32,6 +35,7 @@ from typing import Any
 import aiohttp
 import faust
 import redis.asyncio as aioredis
+from faust.types import TransportT
 from prometheus_client import CollectorRegistry
 
 from streams.acks import AckTracker
@@ -39,6 +43,7 @@ from streams.cache import ResponseCache
 from streams.config import Settings
 from streams.contract import Source
 from streams.dispatcher import Dispatcher
+from streams.faust_io import new_transport
 from streams.kafka_io import (
     KafkaPublisher,
     check_kafka,
@@ -56,6 +61,9 @@ log = logging.getLogger("streams.worker")
 
 BATCH_MAX = 1024  # records taken from faust's queue at once
 BATCHES_AHEAD = 2
+# faust's own stop (consumer, group leave, services) gets this long after our grace period;
+# past it the worker logs what is still running and exits 1 (unacked work is redelivered).
+STOP_MARGIN_SECONDS = 30.0
 
 
 class Runtime:
@@ -102,6 +110,9 @@ class Runtime:
         if s.metrics.port:
             runner = await start_http(self.registry, s.metrics.host, s.metrics.port, self.ready)
             stack.push_async_callback(runner.cleanup)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, self._log_state, loop)
+        stack.callback(loop.remove_signal_handler, signal.SIGUSR1)
         stack.enter_context(_Every(self._probe_redis, 1.0, "redis probe"))
         stack.enter_context(_Every(self.update_lag, 5.0, "consumer lag update"))
         self._ready.set()
@@ -143,6 +154,39 @@ class Runtime:
         for labels, lag in lags.items():
             gauge.labels(*labels).set(lag)
         self._lag_labels = set(lags)
+
+    def _log_state(self, loop: asyncio.AbstractEventLoop) -> None:
+        log.warning("state: %s; tasks:\n%s", self.state(), "\n".join(_task_lines(loop)))
+
+    def state(self) -> dict[str, Any]:
+        """What the worker holds and why it may not be taking more (``kill -USR1 <pid>``)."""
+        out: dict[str, Any] = {
+            "in_flight_slots_free": self._slots._value,
+            "batches_ahead_free": self._gate._value,
+            "tasks": len(self._tasks),
+            "stopping": self._stopping,
+            "assigned": self.assigned,
+            "tracker": self._tracker.describe(),
+        }
+        app = self.app
+        if app is not None and app._consumer is not None:
+            consumer: Any = app.consumer
+            out.update(
+                generation=app.consumer_generation_id,
+                flow_control_active=app.flow_control.is_active(),
+                consumer_flow_active=consumer.flow_active,
+                suspend_flow=consumer.suspend_flow.is_set(),
+                active=sorted(str(tp.partition) for tp in consumer._active_partitions or ()),
+                paused=sorted(str(tp.partition) for tp in consumer._paused_partitions),
+                buffered=sorted(str(tp.partition) for tp in consumer._buffered_partitions),
+                read={tp.partition: off for tp, off in consumer._read_offset.items()},
+                committed={tp.partition: off for tp, off in consumer._committed_offset.items()},
+                queue=[
+                    (chan.queue.qsize(), len(chan.queue._pending_pressure_drop_callbacks))
+                    for chans in getattr(app.topics, "_tp_index", {}).values() for chan in chans
+                ][:1],
+            )
+        return out
 
     def ready(self) -> bool:
         # An assignment may be empty (more workers than partitions): the member is still ready.
@@ -279,16 +323,65 @@ class _Every:
             await asyncio.sleep(self._interval)
 
 
+def _task_lines(loop: asyncio.AbstractEventLoop) -> list[str]:
+    """One line per task of ``loop``: its name and where it waits (for diagnostics)."""
+    lines: list[str] = []
+    try:
+        for task in asyncio.all_tasks(loop):
+            frames = task.get_stack(limit=8)
+            where = " <- ".join(
+                f"{f.f_code.co_name} ({os.path.basename(f.f_code.co_filename)}:{f.f_lineno})"
+                for f in reversed(frames)
+            )
+            lines.append(f"  {task.get_name()}: {where or 'not started'}")
+    except Exception as exc:  # diagnostics only
+        lines.append(f"  (tasks unavailable: {type(exc).__name__})")
+    return sorted(lines)
+
+
+class _StopWatchdog:
+    """A thread that ends a stop that hangs: logs every stack and task, then ``os._exit(1)``.
+
+    A thread, not a loop timer: it must fire even if the event loop itself is stuck.
+    """
+
+    _armed = False
+
+    @classmethod
+    def arm(cls, seconds: float) -> None:
+        if cls._armed:
+            return
+        cls._armed = True
+        loop = asyncio.get_running_loop()
+        timer = threading.Timer(seconds, cls._fire, args=(loop, seconds))
+        timer.daemon = True
+        timer.start()
+
+    @staticmethod
+    def _fire(loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        lines = _task_lines(loop)
+        log.error("stop did not finish within %.0f s; exiting 1 (unacked records are "
+                  "redelivered). Still running:\n%s", seconds, "\n".join(lines))
+        faulthandler.dump_traceback(all_threads=True)
+        logging.shutdown()
+        os._exit(1)
+
+
 class StreamsApp(faust.App):
     """faust.App whose stop drains our in-flight work and commits before faust stops."""
 
     runtime: Runtime
+
+    def _new_transport(self) -> TransportT:
+        # faust's transport, minus four tasks per fetched record (streams/faust_io.py)
+        return new_transport(self)
 
     async def on_start(self) -> None:
         await super().on_start()
         await self.runtime.start()
 
     async def on_stop(self) -> None:
+        _StopWatchdog.arm(self.runtime.settings.worker.shutdown_grace_seconds + STOP_MARGIN_SECONDS)
         # Stop taking records first (faust's own first step): a rebalance during our drain
         # skips faust's assignment handling once it is stopping, and a fetcher still running
         # would then crash on a record of a newly assigned partition (KeyError in on_message).

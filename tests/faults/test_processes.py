@@ -62,19 +62,24 @@ async def test_scale_one_three_one_with_thousands_in_flight(
     async with Trial("4 scale 1-3-1", stack, mocks) as trial:
         first = fleet.start()
         await first.ready()
-        await trial.send([trial.request(i) for i in range(n)])
-        share = n // (2 * cycles + 1)
-        held = []
+        chunk = n // cycles
+        grew: list[int] = []
+        shrank: list[int] = []
         for c in range(cycles):
-            await trial.wait_answered(share * 2 * c + share // 2, timeout=300)
-            held.append(await _until_in_flight(first, trial, 1500))
+            # Each cycle brings its own records, so every rebalance finds thousands in flight
+            # however fast the previous cycle went (a record answered is not in flight).
+            await trial.send([trial.request(i) for i in range(c * chunk, (c + 1) * chunk)])
+            grew.append(await _until_in_flight(first, trial, 1500))
             joiners = [fleet.start(), fleet.start()]  # 1 -> 3: rebalance with ~2000 in flight
             await asyncio.gather(*(w.ready() for w in joiners))
-            await trial.wait_answered(share * (2 * c + 1) + share // 2, timeout=300)
-            await keep_polling(trial, 2.0)  # the joiners have their own thousands in flight now
+            # the joiners take partitions with records waiting: each fills its own slots
+            held = [await _until_in_flight(w, trial, 300) for w in joiners]
+            await keep_polling(trial, 2.0)
+            shrank.append(sum(held))
             await stop_all(joiners)  # 3 -> 1: both leave at once, draining what they hold
         await trial.wait_all(timeout=pick(300, 900))
         assert first.alive()
         await stop_all(fleet.running)
         await trial.verdict(f"{cycles}x 1 -> 3 -> 1 workers; in flight when the group grew: "
-                            f"{', '.join(map(str, held))}")
+                            f"{', '.join(map(str, grew))}; held by the two leaving: "
+                            f"{', '.join(map(str, shrank))}")
