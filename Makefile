@@ -24,11 +24,12 @@ stack-down:
 demo: setup
 	scripts/demo.sh
 
-# The whole suite against the real broker and Redis (started here, stopped after if we started them).
+# The whole suite against the real broker and Redis (started here, stopped after if we started them):
+# unit, integration, and the fault-injection suite at its small size (on its own private stack).
 test: setup lint
-	scripts/with-stack.sh $(BIN)/pytest -q -p no:cacheprovider -rf --ignore=tests/faults tests
+	scripts/with-stack.sh $(BIN)/pytest -q -p no:cacheprovider -rf tests
 
-# The fault suite at its small size (about 10 minutes, its own private stack).
+# The fault suite alone at its small size (about 5 minutes, its own private stack).
 faults-small: setup
 	$(BIN)/pytest -q -p no:cacheprovider -rf tests/faults
 

@@ -111,7 +111,9 @@ def main() -> int:
         for mode in MODES:
             out = subprocess.run([PY, "-m", "bench.faust_floor", "--n", str(args.n), "--child",
                                   topics.requests, mode], capture_output=True, text=True, timeout=300)
-            lines = [ln for ln in out.stdout.splitlines() if "records/s" in ln]
+            # faust's worker may route stdout through its logging (then the line is on stderr)
+            lines = [ln[ln.index(f"{mode}: "):] for ln in (out.stdout + out.stderr).splitlines()
+                     if f"{mode}: " in ln and "records/s" in ln]
             print(lines[-1] if lines else f"{mode}: failed ({out.stderr.strip()[-300:]})", flush=True)
     finally:
         asyncio.run(kl.delete_topics(topics))

@@ -37,18 +37,27 @@ TABLES: dict[str, tuple[str, str, list[tuple[str, str, str]]]] = {
         [("records/s", "rate", "{:,.0f}"), ("CPU us/record", "cpu_per_req_us", "{:,.0f}"),
          ("hit ratio", "hit_ratio", "{:.3f}")]),
     "slow_upstream": (
-        "3. Slow upstream (mock 1000 ms +- 500 ms, paced producer at the in-flight target per second)",
-        "Added latency = the response's latency_ms (record timestamp to publish) minus the mock's own "
-        "delay for that request (returned in the body under mock.latency_ms). Peak outstanding = most "
-        "requests produced but not yet answered at one time. The steady window runs from the first "
-        "request + the mock's maximum delay + 0.5 s to the last request produced.",
-        [("offered req/s", "offered_rate", "{:,.0f}"),
-         ("sustained req/s (steady window)", "rate", "{:,.0f}"),
-         ("throughput req/s (first request to last answer)", "throughput", "{:,.0f}"),
-         ("requests sent", "sent", "{:,.0f}"), ("answered ok", "ok", "{:,.0f}"),
-         ("peak outstanding", "peak_outstanding", "{:,.0f}"),
-         ("added p50 ms", "added_p50_ms", "{:,.0f}"), ("added p99 ms", "added_p99_ms", "{:,.0f}"),
-         ("worker peak RSS MB", "rss_peak_mb", "{:,.0f}")]),
+        "3. Slow upstream (mock 1000 ms +- 500 ms, paced producer; one worker)",
+        "Two paced runs per run: (a) at the target rate, for the added latency at that rate; (b) at "
+        "5,000 req/s offered (5,000 in flight), for the highest rate the worker sustains and its "
+        "memory. Added latency = the response's latency_ms (record timestamp to publish) minus the "
+        "mock's own delay for that request (returned in the body under mock.latency_ms). Peak "
+        "outstanding = most requests produced but not yet answered at one time. The steady window "
+        "runs from the first request + the mock's maximum delay + 0.5 s to the last request "
+        "produced. Past capacity (b) the excess queues in Kafka, so (b)'s added latency is the "
+        "backlog's age, not the worker's overhead.",
+        [("(a) offered req/s", "target_rate", "{:,.0f}"),
+         ("(a) sustained req/s (steady window)", "target_sustained", "{:,.0f}"),
+         ("(a) added p50 ms", "added_p50_ms", "{:,.0f}"),
+         ("(a) added p99 ms", "added_p99_ms", "{:,.0f}"),
+         ("(b) offered req/s", "offered_rate", "{:,.0f}"),
+         ("(b) highest sustained req/s (steady window)", "rate", "{:,.0f}"),
+         ("(b) throughput req/s (first request to last answer)", "throughput", "{:,.0f}"),
+         ("(b) peak outstanding", "peak_outstanding", "{:,.0f}"),
+         ("(b) added p50 ms (backlog)", "saturated_added_p50_ms", "{:,.0f}"),
+         ("(b) added p99 ms (backlog)", "saturated_added_p99_ms", "{:,.0f}"),
+         ("requests sent (a + b)", "sent", "{:,.0f}"), ("answered ok (a + b)", "ok", "{:,.0f}"),
+         ("worker peak RSS MB (a, b)", "rss_peak_mb", "{:,.0f}")]),
     "moderate_load": (
         "4. Added latency at moderate load (500 req/s paced, mock 100 ms fixed)",
         "",
@@ -80,7 +89,8 @@ TARGETS: list[tuple[str, str, str, float, str]] = [
     ("miss_path", "ratio_vs_bare_pipeline", ">=", 0.6, "miss path >= 0.6x bare pipeline"),
     ("miss_path", "ratio_vs_litellm", ">=", 10, "miss path >= 10x LiteLLM Router"),
     ("slow_upstream", "rate", ">=", 2_500, "slow upstream >= 2,500 req/s sustained"),
-    ("slow_upstream", "added_p99_ms", "<=", 250, "slow upstream p99 added <= 250 ms"),
+    ("slow_upstream", "target_sustained", ">=", 2_450, "slow upstream: 2,500 req/s offered, served"),
+    ("slow_upstream", "added_p99_ms", "<=", 250, "slow upstream p99 added at 2,500 req/s <= 250 ms"),
     ("slow_upstream", "rss_peak_mb", "<=", 400, "slow upstream worker RSS <= 400 MB"),
     ("slow_upstream", "peak_outstanding", ">=", 5_000, "slow upstream measured with 5,000 in flight"),
     ("moderate_load", "added_p50_ms", "<=", 10, "500 req/s: p50 added <= 10 ms"),
