@@ -1,0 +1,38 @@
+"""A stop that hangs ends anyway: the watchdog logs what still runs and exits 1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CHILD = """
+import asyncio, logging
+from streams.worker import _StopWatchdog
+
+logging.basicConfig(level=logging.INFO)
+
+async def main():
+    _StopWatchdog.arm(0.3)
+    await asyncio.sleep(30)  # a stop that never finishes
+
+asyncio.run(main())
+"""
+
+
+def test_a_hanging_stop_exits_1_with_the_tasks_logged() -> None:
+    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
+                         timeout=20)
+    assert out.returncode == 1
+    assert "stop did not finish within 0 s" in out.stderr
+    assert "main (<string>" in out.stderr  # the task still running, and where it waits
+
+
+def test_the_state_dump_names_what_the_worker_holds() -> None:
+    from streams.config import load_settings
+    from streams.worker import Runtime
+
+    settings = load_settings(environ={})
+    state = Runtime(settings).state()  # no app yet: our own side only
+    assert state["in_flight_slots_free"] == settings.limits.max_inflight
+    assert state["batches_ahead_free"] == 2
+    assert state["tracker"] == {} and state["tasks"] == 0
