@@ -181,10 +181,11 @@ class Runtime:
                 buffered=sorted(str(tp.partition) for tp in consumer._buffered_partitions),
                 read={tp.partition: off for tp, off in consumer._read_offset.items()},
                 committed={tp.partition: off for tp, off in consumer._committed_offset.items()},
-                queue=[
+                # (queued events, pending pressure-drop callbacks) of the agent's channel
+                queue=next((
                     (chan.queue.qsize(), len(chan.queue._pending_pressure_drop_callbacks))
                     for chans in getattr(app.topics, "_tp_index", {}).values() for chan in chans
-                ][:1],
+                ), None),
             )
         return out
 
