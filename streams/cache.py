@@ -4,26 +4,38 @@ Redis key layout (``prefix`` is ``redis.key_prefix``)::
 
     {prefix}:c:{tenant_tag}:{digest}   cached upstream body        (cache.ttl_seconds / req ttl)
     {prefix}:l:{tenant_tag}:{digest}   coalescing lock, PX         (cache.coalesce_lock_seconds)
-    {prefix}:r:{hash of request id}    output record of an id      (cache.idempotency_ttl_seconds)
+    {prefix}:r:{tenant_tag}:{digest}   output record of an id      (cache.idempotency_ttl_seconds;
+                                       in its tenant               no_store: at most
+                                                                   cache.no_store_idempotency_ttl_seconds)
 
 Values start with a format byte: ``\\x00`` raw orjson bytes, ``\\x01`` zlib of them.
-Idempotency values have a kind byte first (``r`` response, ``d`` dead letter).
+Idempotency values have a kind byte first (``r`` response, ``d`` dead letter), then the
+16-byte fingerprint of the request's content (``cachekey.fingerprint``): a record is
+republished only for a request of the same content. The same id with other content is a
+conflict: answered afresh (its record then replaces the old one), counted, never served
+the other request's record.
 
 Reads are micro-batched: every lookup/recall/poll of one event-loop tick (or up to
 ``cache.batch_max_keys``) shares one ``MGET``; writes share one pipeline. Redis errors
 never reach the caller: reads miss, writes are skipped, coalescing stays in-process, and
-after an error Redis is left alone for ``cache.redis_retry_seconds`` so an outage adds no
-latency per request. The idempotency store is the exception: its reads and writes are tried
-even then (still batched, each batch bounded by the socket timeout), since one slow command
-under load would otherwise skip the records of a whole second and let their redeliveries
-call the upstream again.
+after an outage error Redis is left alone for ``cache.redis_retry_seconds`` so an outage
+adds no latency per request. An error about one command's arguments (a TTL out of range)
+fails that command only (``redis_io.is_outage``). The idempotency store is the exception to
+the circuit: its reads and writes are tried even then (still batched, each batch bounded by
+the socket timeout), since one slow command under load would otherwise skip the records of
+a whole second and let their redeliveries call the upstream again.
+
+With ``cache.enabled: false`` the response cache and coalescing are off; the idempotency
+store still works.
 
 Usage::
 
     async with ResponseCache(settings, redis_client, registry) as cache:
-        if (record := await cache.recall(req.id)) is not None:
+        ref = cache.ref(req, source_topic)
+        if (record := await cache.recall(ref)) is not None:
             ...  # a redelivery: republish record, cache.note_replay()
         comp = await cache.answer(req, lambda: dispatcher.dispatch(req))
+        await cache.remember(ref, response_record_bytes)
 """
 
 from __future__ import annotations
@@ -40,12 +52,13 @@ from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
-from redis.exceptions import RedisError
 
-from streams.cachekey import cache_key, id_key
+from streams.cachekey import FINGERPRINT_SIZE, cache_key, fingerprint, idem_key
 from streams.coalesce import Body, Coalescer, LockState
 from streams.config import Settings
 from streams.contract import Completion, Request
+from streams.logs import request_extra
+from streams.redis_io import REDIS_ERRORS, command_error_text, is_outage
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +67,6 @@ ZLIB = b"\x01"
 Kind = Literal["response", "dead_letter"]
 _KIND_BYTE: dict[str, bytes] = {"response": b"r", "dead_letter": b"d"}
 _BYTE_KIND: dict[bytes, Kind] = {b"r": "response", b"d": "dead_letter"}
-_REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 # Model names come from requests: cap the label set so a flood of odd names cannot blow
 # up the metrics' memory; later models are counted under "other".
 MAX_MODEL_LABELS = 64
@@ -87,18 +99,37 @@ class Recalled(NamedTuple):
     value: bytes
 
 
-def _recalled(raw: Read) -> Recalled | None:
+class IdemRef(NamedTuple):
+    """Where one request's output is remembered, and what it must match (``ResponseCache.ref``)."""
+
+    key: str  # the Redis key: tenant and id
+    fingerprint: bytes  # of the request's whole content and source topic
+    ttl: int  # seconds to remember its output
+    request_id: str
+
+
+_HEAD = 1 + FINGERPRINT_SIZE  # kind byte, fingerprint
+
+
+def _recalled(raw: Read, ref: IdemRef) -> Recalled | Literal[False] | None:
+    """The record remembered for ``ref``; False if the id holds another content's record."""
     if not isinstance(raw, bytes):
         return None
     kind = _BYTE_KIND.get(raw[:1])
-    payload = decode_value(raw[1:]) if kind is not None else None
-    return None if kind is None or payload is None else Recalled(kind, bytes(payload))
+    if kind is None or len(raw) < _HEAD:
+        return None
+    if raw[1:_HEAD] != ref.fingerprint:
+        return False
+    payload = decode_value(raw[_HEAD:])
+    return None if payload is None else Recalled(kind, bytes(payload))
 
 
 class Prefetched(NamedTuple):
-    """What one round trip knows of a request: its cache key, its remembered output, a hit."""
+    """What one round trip knows of a request: its cache key, its idempotency ref, its
+    remembered output, a hit."""
 
     key: str
+    ref: IdemRef
     recalled: Recalled | None
     hit: Completion | None
 
@@ -155,6 +186,11 @@ class CacheMetrics:
             "coalesce_fallbacks", "Coalesced waiters that computed themselves", "reason"
         )
         self.replays = counter("idempotent_replays", "Redelivered ids republished", "kind")
+        self.conflicts = Counter(
+            "llm_streams_cache_idempotency_conflicts",
+            "Request ids reused with other content: answered afresh, not replayed",
+            registry=registry,
+        )
 
 
 class _Guard:
@@ -189,26 +225,49 @@ class _Guard:
         try:
             async with asyncio.timeout(self._timeout):
                 result = await fn()
-        except _REDIS_ERRORS as exc:
-            self._failed(op, exc)
+        except REDIS_ERRORS as exc:
+            self.failed(op, exc)
             return DOWN
         if self._down:
             self._down = False
             log.info("redis is reachable again; cache back in use")
         return result
 
-    def _failed(self, op: str, exc: BaseException) -> None:
+    def replies(self, op: str, results: list[Any]) -> list[bool]:
+        """Which replies of a pipeline (run with ``raise_on_error=False``) succeeded.
+
+        Each failed command is counted; one that speaks of an outage opens the circuit.
+        """
+        ok = []
+        for result in results:
+            failed = isinstance(result, BaseException)
+            if failed:
+                self.failed(op, result)
+            ok.append(not failed)
+        return ok
+
+    def failed(self, op: str, exc: BaseException) -> None:
+        """Count and log a Redis error; an outage (not a command's error) opens the circuit."""
         self._metrics.errors.labels(op).inc()
         now = self._clock()
-        self._open_until = now + self._retry
-        self._down = True
+        outage = is_outage(exc)
+        if outage:
+            self._open_until = now + self._retry
+            self._down = True
         self._unreported += 1
         if now - self._last_log >= self._log_interval:  # at most one line per interval
-            log.warning(
-                "redis error during %s (%s: %s); cache bypassed, retry every %.1fs "
-                "(%d errors since last report)",
-                op, type(exc).__name__, exc, self._retry, self._unreported,
-            )
+            if outage:
+                log.warning(
+                    "redis error during %s (%s: %s); cache bypassed, retry every %.1fs "
+                    "(%d errors since last report)",
+                    op, type(exc).__name__, exc, self._retry, self._unreported,
+                )
+            else:
+                log.warning(
+                    "redis refused a command during %s (%s); that command failed, the cache "
+                    "stays in use (%d errors since last report)",
+                    op, command_error_text(exc), self._unreported,
+                )
             self._last_log = now
             self._unreported = 0
 
@@ -301,16 +360,20 @@ class _RedisLocks:
             for key, token, ttl_ms in items:
                 pipe.set(c._lkey(key), token, nx=True, px=ttl_ms)
                 pipe.get(c._ckey(key))
-            return await pipe.execute()
+            return await pipe.execute(raise_on_error=False)
 
         res = await c._guard.call("lock", go)
         if res is DOWN:
             return [(LockState.UNAVAILABLE, None)] * len(items)
+        ok = c._guard.replies("lock", res)
         out: list[tuple[LockState, Body | None]] = []
         for i in range(len(items)):
             acquired, raw = res[2 * i], res[2 * i + 1]
             body = decode_body(raw) if isinstance(raw, bytes) else None
-            out.append(((LockState.ACQUIRED if acquired else LockState.HELD), body))
+            if not ok[2 * i]:  # that lock command failed: proceed as if alone
+                out.append((LockState.UNAVAILABLE, body))
+            else:
+                out.append(((LockState.ACQUIRED if acquired else LockState.HELD), body))
         return out
 
     async def peek(self, key: str) -> tuple[Body | None, bool] | None:
@@ -348,10 +411,16 @@ class _RedisLocks:
                 if value is not None:
                     pipe.set(c._ckey(key), value, ex=ttl)
                 pipe.eval(_RELEASE, 1, c._lkey(key), token)
-            return await pipe.execute()
+            return await pipe.execute(raise_on_error=False)
 
-        if await c._guard.call("lock", go) is not DOWN:
-            stored = sum(1 for _, _, value, _ in items if value is not None)
+        res = await c._guard.call("lock", go)
+        if res is not DOWN:
+            ok = iter(c._guard.replies("lock", res))
+            stored = 0
+            for _, _, value, _ in items:
+                if value is not None:
+                    stored += next(ok)
+                next(ok)  # the release
             if stored:
                 c.metrics.writes.labels("cache").inc(stored)
         return [None] * len(items)
@@ -393,6 +462,9 @@ class ResponseCache:
             self._pipeline_set, cfg.batch_max_keys, self._tasks
         )
         self._models: dict[str, tuple[Counter, Counter]] = {}
+        self._clock = clock
+        self._conflicts_logged = float("-inf")
+        self._conflicts_unreported = 0
         self._locks = _RedisLocks(self, cfg.batch_max_keys, self._tasks)
         self.coalescer = Coalescer(
             self._locks,
@@ -427,26 +499,29 @@ class ResponseCache:
         hits.inc()
         return Completion(model=model, body=body, endpoint=None, attempts=0, cached=True)
 
-    async def prefetch(self, reqs: list[Request]) -> list[Prefetched]:
+    async def prefetch(self, reqs: list[Request], topics: list[str]) -> list[Prefetched]:
         """``recall_outcome`` and ``lookup`` of many requests in one round trip.
 
-        The batch path of a worker: a miss goes on with ``coalesce(req, p.key, ...)``.
+        ``topics[i]`` is the topic ``reqs[i]`` was read from. The batch path of a worker: a
+        miss goes on with ``coalesce(req, p.key, ...)`` and ``remember(p.ref, ...)``.
         """
-        keys = [self.key(r) for r in reqs]
-        looked = [self._cfg.enabled and not r.cache.no_cache for r in reqs]
-        wanted = [self._rkey(r.id) for r in reqs]
+        refs = [self.ref(r, t) for r, t in zip(reqs, topics, strict=True)]
+        enabled = self._cfg.enabled
+        looked = [enabled and not r.cache.no_cache for r in reqs]
+        keys = [self.key(r) if enabled else "" for r in reqs]  # coalesce() needs none when off
+        wanted = [ref.key for ref in refs]
         wanted += [self._ckey(k) for k, on in zip(keys, looked, strict=True) if on]
         raws = await self._read_many(wanted, force=True)  # the idempotency store is never skipped
         cached = iter(raws[len(reqs):])
         out = []
-        for req, key, raw, on in zip(reqs, keys, raws, looked, strict=False):
-            rec = _recalled(raw)
+        for req, key, ref, raw, on in zip(reqs, keys, refs, raws, looked, strict=False):
+            rec = self._check(raw, ref)
             hit = None
             if on:
                 craw = next(cached)
                 if rec is None or rec.kind != "response":  # as recall() then lookup()
                     hit = self._hit(req, craw)
-            out.append(Prefetched(key, rec, hit))
+            out.append(Prefetched(key, ref, rec, hit))
         return out
 
     async def store(self, req: Request, comp: Completion, key: str | None = None) -> None:
@@ -490,38 +565,72 @@ class ResponseCache:
 
     # -- idempotency store ----------------------------------------------------------
 
-    async def recall(self, request_id: str) -> bytes | None:
-        """The response record remembered for this id, or None (also when Redis is down).
+    def ref(self, req: Request, topic: str) -> IdemRef:
+        """Where ``req`` (read from ``topic``) is remembered: its tenant and id, its content.
+
+        A ``no_store`` request is remembered only as long as a redelivery can come
+        (``cache.no_store_idempotency_ttl_seconds``), others ``cache.idempotency_ttl_seconds``.
+        """
+        cfg = self._cfg
+        ttl = cfg.idempotency_ttl_seconds
+        if req.cache.no_store:
+            ttl = min(ttl, cfg.no_store_idempotency_ttl_seconds)
+        key = f"{self._prefix}:r:{idem_key(req.tenant, req.id)}"
+        return IdemRef(key, fingerprint(req, topic), ttl, req.id)
+
+    async def recall(self, ref: IdemRef) -> bytes | None:
+        """The response record remembered for this request, or None (also when Redis is down,
+        and when the id was last used with other content: a conflict, counted).
 
         Only ``kind="response"`` records: a remembered dead letter belongs on another topic,
         see ``recall_outcome``.
         """
-        got = await self.recall_outcome(request_id)
+        got = await self.recall_outcome(ref)
         return got.value if got is not None and got.kind == "response" else None
 
-    async def recall_outcome(self, request_id: str) -> Recalled | None:
-        """The output record remembered for this id, with its kind, or None."""
-        (raw,) = await self._read_many([self._rkey(request_id)], force=True)
-        return _recalled(raw)
+    async def recall_outcome(self, ref: IdemRef) -> Recalled | None:
+        """The output record remembered for this request, with its kind, or None."""
+        (raw,) = await self._read_many([ref.key], force=True)
+        return self._check(raw, ref)
 
-    async def recall_many(self, request_ids: list[str]) -> list[Recalled | None]:
-        """``recall_outcome`` of each id; one round trip for all of them."""
-        return list(await asyncio.gather(*(self.recall_outcome(rid) for rid in request_ids)))
+    async def recall_many(self, refs: list[IdemRef]) -> list[Recalled | None]:
+        """``recall_outcome`` of each request; one round trip for all of them."""
+        return list(await asyncio.gather(*(self.recall_outcome(ref) for ref in refs)))
 
     async def remember(
-        self, request_id: str, value: bytes, kind: Kind = "response", ttl: int | None = None
+        self, ref: IdemRef, value: bytes, kind: Kind = "response", ttl: int | None = None
     ) -> None:
-        """Keep the exact output record so a redelivery republishes it without upstream."""
-        encoded = _KIND_BYTE[kind] + encode_value(value, self._cfg.compress_min_bytes)
+        """Keep the exact output record so a redelivery republishes it without upstream.
+
+        It replaces whatever the id held (the latest content of an id wins).
+        """
+        encoded = (_KIND_BYTE[kind] + ref.fingerprint
+                   + encode_value(value, self._cfg.compress_min_bytes))
         if len(encoded) > self._cfg.max_value_bytes:
             self.metrics.skipped.labels("too_large").inc()
             return
-        ttl = ttl or self._cfg.idempotency_ttl_seconds
-        await self._write(self._rkey(request_id), encoded, ttl, "idempotency", force=True)
+        await self._write(ref.key, encoded, ttl or ref.ttl, "idempotency", force=True)
 
     def note_replay(self, kind: Kind = "response") -> None:
         """Count a redelivered id answered from ``recall`` (the caller republishes)."""
         self.metrics.replays.labels(kind).inc()
+
+    def _check(self, raw: Read, ref: IdemRef) -> Recalled | None:
+        got = _recalled(raw, ref)
+        if got is not False:
+            return got
+        self.metrics.conflicts.inc()
+        self._conflicts_unreported += 1
+        now = self._clock()
+        if now - self._conflicts_logged >= self._cfg.error_log_interval_seconds:
+            log.warning(
+                "request id reused with other content: answered afresh, not replayed "
+                "(%d such since last report)", self._conflicts_unreported,
+                extra=request_extra(ref.request_id),
+            )
+            self._conflicts_logged = now
+            self._conflicts_unreported = 0
+        return None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -552,9 +661,6 @@ class ResponseCache:
 
     def _lkey(self, key: str) -> str:
         return f"{self._prefix}:l:{key}"
-
-    def _rkey(self, request_id: str) -> str:
-        return f"{self._prefix}:r:{id_key(request_id)}"
 
     def _model_counters(self, model: str) -> tuple[Counter, Counter]:
         pair = self._models.get(model)
@@ -608,7 +714,9 @@ class ResponseCache:
             pipe = self._redis.pipeline(transaction=False)
             for key, value, ttl, _ in items:
                 pipe.set(key, value, ex=ttl)
-            return await pipe.execute()
+            return await pipe.execute(raise_on_error=False)
 
-        ok = await self._guard.call("write", go, force=any(i[3] for i in items)) is not DOWN
-        return [ok] * len(items)
+        res = await self._guard.call("write", go, force=any(i[3] for i in items))
+        if res is DOWN:
+            return [False] * len(items)
+        return self._guard.replies("write", res)

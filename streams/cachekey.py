@@ -5,10 +5,15 @@ and a digest of the canonical request. Two requests get the same key exactly whe
 would get the same answer from the same model: same tenant, model, normalized messages and
 output-relevant parameters. Parameter order and JSON key order never matter.
 
+The idempotency store has keys of its own: ``idem_key`` scopes a request id by its tenant
+(tag and digest), and ``fingerprint`` digests a request's whole content, so an id reused
+with other content is told apart from a redelivery.
+
 Usage::
 
     key = cache_key(req, settings.cache.normalize)   # "3f2a...c1:9be0...42"
     redis_key = f"{prefix}:c:{key}"
+    f"{prefix}:r:{idem_key(req.tenant, req.id)}", fingerprint(req, source_topic)
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from streams.contract import Request
 
 # Bump when the canonical form changes, so old entries are never read with new meaning.
 KEY_VERSION = "v1"
+IDEM_VERSION = "i1"
+FINGERPRINT_SIZE = 16  # bytes
 
 # Parameters that do not change the answer. Everything else in params is part of the key:
 # an unknown parameter may change the output, and a spurious miss costs money once while a
@@ -128,6 +135,24 @@ def cache_key(req: Request, normalize: NormalizeConfig) -> str:
     return f"{tenant_tag(req.tenant)}:{_hex(_dumps(doc), 16)}"
 
 
-def id_key(request_id: str) -> str:
-    """Hash of a request id for the idempotency store (ids are unbounded user strings)."""
-    return _hex(request_id.encode("utf-8"), 16)
+def idem_key(tenant: str | None, request_id: str) -> str:
+    """``"{tenant_tag}:{digest}"`` of a request id in its tenant, for the idempotency store.
+
+    As in ``cache_key``, the tenant is in the digest too: no id of one tenant can name
+    another tenant's record. Ids are unbounded user strings, hence the hash.
+    """
+    digest = _hex(_dumps([IDEM_VERSION, tenant or None, request_id]), 16)
+    return f"{tenant_tag(tenant)}:{digest}"
+
+
+def fingerprint(req: Request, topic: str) -> bytes:
+    """16-byte digest of a request record's whole content and the topic it came from.
+
+    Every field of the parsed request counts (``metadata``, ``priority``, ``deadline``,
+    cache control...), unknown fields do not (they are dropped at parsing); JSON key order
+    and whitespace do not either. So a redelivery has the fingerprint of the original, and
+    an id reused with any other content does not. (Valid JSON has no NaN or Infinity, which
+    orjson would write as null; validation rejects them.)
+    """
+    doc = [IDEM_VERSION, topic, req.model_dump()]
+    return hashlib.blake2b(_dumps(doc), digest_size=FINGERPRINT_SIZE).digest()

@@ -131,6 +131,8 @@ class CacheConfig(_Section):
     max_value_bytes: int = Field(1_048_576, ge=1)
     compress_min_bytes: int = Field(2_048, ge=0)
     idempotency_ttl_seconds: int = Field(7 * 86_400, ge=1)
+    # A no_store answer is kept only while its record can still be redelivered (see README).
+    no_store_idempotency_ttl_seconds: int = Field(900, ge=1)
     coalesce_wait_seconds: float = Field(120.0, gt=0)
     coalesce_lock_seconds: float = Field(10.0, gt=0)
     coalesce_poll_seconds: float = Field(0.05, gt=0)

@@ -24,7 +24,7 @@ from typing import NamedTuple, Protocol
 
 import orjson
 
-from streams.cache import Prefetched
+from streams.cache import IdemRef, Prefetched
 from streams.config import Settings
 from streams.contract import (
     Completion,
@@ -86,14 +86,18 @@ class Answerer(Protocol):
 
 
 class Cache(Protocol):
-    async def recall(self, request_id: str) -> bytes | None: ...
+    """The response cache and idempotency store (``streams.cache.ResponseCache``)."""
+
+    def ref(self, req: Request, topic: str) -> IdemRef:
+        """Where the request's output is remembered (tenant and id) and its content's print."""
+    async def recall(self, ref: IdemRef) -> bytes | None: ...
     async def answer(
         self, req: Request, compute: Callable[[], Awaitable[Completion]]
     ) -> Completion:
         """A cached answer, or the one computed once for all identical requests in flight."""
-    async def remember(self, request_id: str, value: bytes) -> None: ...
+    async def remember(self, ref: IdemRef, value: bytes) -> None: ...
     def note_replay(self) -> None: ...
-    async def prefetch(self, reqs: list[Request]) -> list[Prefetched]:
+    async def prefetch(self, reqs: list[Request], topics: list[str]) -> list[Prefetched]:
         """recall and lookup of many requests in one round trip."""
     async def coalesce(
         self, req: Request, key: str, compute: Callable[[], Awaitable[Completion]]
@@ -179,7 +183,9 @@ class Processor:
         done: Callable[[InRecord, str], None],
     ) -> None:
         try:
-            found = await cache.prefetch([req for _, req in parsed])
+            found = await cache.prefetch(
+                [req for _, req in parsed], [rec.source.topic for rec, _ in parsed]
+            )
         except Exception:  # a bug in the batch path: each record takes the one-by-one path
             log.exception("batch prefetch failed; processing %d records one by one", len(parsed))
             for rec, req in parsed:
@@ -197,7 +203,7 @@ class Processor:
                 ready.append((rec, req, got.hit))
                 out.append(OutRecord(responses, rec.key, value))
             else:
-                later(rec, self._guarded(rec, req, self._miss(cache, rec, req, got.key)))
+                later(rec, self._guarded(rec, req, self._miss(cache, rec, req, got)))
         if not out:
             return
         refused = await self._publisher.publish_many(out)
@@ -211,14 +217,14 @@ class Processor:
             else:
                 done(rec, self._count(rec, comp))
 
-    async def _miss(self, cache: Cache, rec: InRecord, req: Request, key: str) -> str:
+    async def _miss(self, cache: Cache, rec: InRecord, req: Request, got: Prefetched) -> str:
         try:
-            comp = await cache.coalesce(req, key, lambda: self._dispatcher.dispatch(req))
+            comp = await cache.coalesce(req, got.key, lambda: self._dispatcher.dispatch(req))
         except DispatchFailed as failed:
             return await self._dead_letter(
                 rec, failed.error, req, req.id, failed.attempts, failed.endpoints
             )
-        return await self._respond(rec, req, comp)
+        return await self._respond(rec, req, comp, got.ref)
 
     @staticmethod
     async def _then(
@@ -249,8 +255,10 @@ class Processor:
 
     async def _answer(self, rec: InRecord, req: Request) -> str:
         cache = self._cache
+        ref = None
         if cache is not None:
-            stored = await cache.recall(req.id)
+            ref = cache.ref(req, rec.source.topic)
+            stored = await cache.recall(ref)
             if stored is not None:
                 cache.note_replay()
                 await self._publish(self._topics.responses, rec.key, stored)
@@ -265,16 +273,18 @@ class Processor:
             return await self._dead_letter(
                 rec, failed.error, req, req.id, failed.attempts, failed.endpoints
             )
-        return await self._respond(rec, req, comp)
+        return await self._respond(rec, req, comp, ref)
 
-    async def _respond(self, rec: InRecord, req: Request, comp: Completion) -> str:
+    async def _respond(
+        self, rec: InRecord, req: Request, comp: Completion, ref: IdemRef | None
+    ) -> str:
         value = response_record(req, comp, latency_ms=self._latency_ms(rec))
         cache = self._cache
         try:
-            if cache is not None and not comp.cached:
+            if cache is not None and ref is not None and not comp.cached:
                 # Remembered before it is published (and so before its offset is committed):
                 # whoever saw this answer, a redelivery of the id never pays for it again.
-                await cache.remember(req.id, value)
+                await cache.remember(ref, value)
             await self._publish(self._topics.responses, rec.key, value)
         except OutputTooLarge as exc:
             return await self._dead_letter(rec, exc, req, req.id, comp.attempts, comp.endpoints)

@@ -103,9 +103,9 @@ class Runtime:
         dispatcher = await stack.enter_async_context(
             Dispatcher(s, UpstreamClient(session), self._redis, self.registry)
         )
-        cache = None
-        if s.cache.enabled:
-            cache = await stack.enter_async_context(ResponseCache(s, self._redis, self.registry))
+        # Always: with cache.enabled false it is the idempotency store alone (no lookups,
+        # no coalescing), so a redelivery is still never sent upstream again.
+        cache = await stack.enter_async_context(ResponseCache(s, self._redis, self.registry))
         self._processor = Processor(s, publisher, dispatcher, cache, self.metrics)
         if s.metrics.port:
             runner = await start_http(self.registry, s.metrics.host, s.metrics.port, self.ready)

@@ -1,7 +1,9 @@
 """A tiny in-memory stand-in for redis.asyncio.Redis: just what streams.cache uses.
 
 It counts round trips per command and can be told to fail, so batching and outage
-handling are testable without a server.
+handling are testable without a server. Like Redis, a SET whose expiry is out of range fails
+that command alone (``ResponseError``); a pipeline raises the first such error unless run
+with ``raise_on_error=False``, which returns it in its place.
 """
 
 from __future__ import annotations
@@ -12,8 +14,13 @@ from collections import Counter
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from streams.cache import _EXTEND, _RELEASE
+
+
+# Redis refuses an EX whose milliseconds overflow a signed 64-bit integer.
+MAX_EX = (2**63 - 1) // 1000
 
 
 def _b(value: Any) -> bytes:
@@ -27,6 +34,7 @@ class FakeRedis:
         self.data: dict[bytes, tuple[bytes, float | None]] = {}
         self.round_trips: Counter[str] = Counter()
         self.fail = False
+        self.error: Exception | None = None  # raised instead of a connection error
         self.delay = 0.0
 
     def get_connection_kwargs(self) -> dict[str, Any]:
@@ -37,7 +45,9 @@ class FakeRedis:
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail:
-            raise RedisConnectionError("Error 111 connecting to fake. Connection refused.")
+            raise self.error or RedisConnectionError(
+                "Error 111 connecting to fake. Connection refused."
+            )
 
     def _get(self, key: Any) -> bytes | None:
         item = self.data.get(_b(key))
@@ -55,6 +65,8 @@ class FakeRedis:
 
     def _set(self, key: Any, value: Any, ex: int | None = None, px: int | None = None,
              nx: bool = False) -> bool | None:
+        if ex is not None and not 0 < ex <= MAX_EX or px is not None and not 0 < px < 2**63:
+            raise ResponseError("invalid expire time in 'set' command")
         if nx and self._get(key) is not None:
             return None
         ttl = ex if ex is not None else (px / 1000 if px is not None else None)
@@ -110,10 +122,16 @@ class FakePipeline:
         self._ops.append(("eval", a, {}))
         return self
 
-    async def execute(self) -> list[Any]:
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
         await self._r._trip("pipeline")
         out: list[Any] = []
         for name, a, kw in self._ops:
             fn: Any = {"set": self._r._set, "get": self._r._get, "eval": self._r._eval}[name]
-            out.append(fn(*a, **kw))
+            try:
+                out.append(fn(*a, **kw))
+            except ResponseError as exc:
+                out.append(exc)
+        errors = [r for r in out if isinstance(r, ResponseError)]
+        if errors and raise_on_error:
+            raise errors[0]
         return out

@@ -15,6 +15,7 @@ from streams.cache import (
     MAX_MODEL_LABELS,
     RAW,
     ZLIB,
+    IdemRef,
     Recalled,
     ResponseCache,
     decode_body,
@@ -56,6 +57,10 @@ def req(prompt: str = "hi", **kw: Any) -> Request:
 def comp(text: str = "answer", **kw: Any) -> Completion:
     body = {"id": "x", "choices": [{"message": {"role": "assistant", "content": text}}]}
     return Completion(model="m", body=body, endpoint="mock-a", attempts=1, **kw)
+
+
+def ref(c: ResponseCache, rid: str = "r1", topic: str = "llm.requests", **kw: Any) -> IdemRef:
+    return c.ref(req(id=rid, **kw), topic)
 
 
 def metric(reg: CollectorRegistry, name: str, **labels: str) -> float:
@@ -116,8 +121,10 @@ async def test_batches_are_capped_at_batch_max_keys() -> None:
 
 async def test_lookups_and_recalls_of_one_tick_share_a_round_trip() -> None:
     cache, fake, _ = make()
-    await cache.remember("id-1", b'{"id":"id-1"}')
-    got = await asyncio.gather(cache.lookup(req()), cache.recall("id-1"), cache.recall("nope"))
+    await cache.remember(ref(cache, "id-1"), b'{"id":"id-1"}')
+    got = await asyncio.gather(
+        cache.lookup(req()), cache.recall(ref(cache, "id-1")), cache.recall(ref(cache, "nope"))
+    )
     assert got[1] == b'{"id":"id-1"}' and got[2] is None
     assert fake.round_trips["mget"] == 1
 
@@ -164,18 +171,19 @@ async def test_large_values_compressed_and_too_large_skipped() -> None:
 async def test_remember_recall_kinds_and_replay_metric() -> None:
     cache, fake, reg = make(compress_min_bytes=10)
     record = b'{"id":"a","status":"ok","output":"' + b"y" * 200 + b'"}'
-    await cache.remember("a", record)
-    await cache.remember("secret-id-b", b'{"id":"b"}', kind="dead_letter", ttl=5)
-    assert await cache.recall_many(["a", "secret-id-b", "c"]) == [
+    a, b, c = ref(cache, "a"), ref(cache, "secret-id-b"), ref(cache, "c")
+    await cache.remember(a, record)
+    await cache.remember(b, b'{"id":"b"}', kind="dead_letter", ttl=5)
+    assert await cache.recall_many([a, b, c]) == [
         Recalled("response", record),
         Recalled("dead_letter", b'{"id":"b"}'),
         None,
     ]
-    assert all(k.startswith(b"llmstreams:r:") for k in fake.data)
+    assert all(k.startswith(b"llmstreams:r:_:") for k in fake.data)
     assert not any(b"secret" in k for k in fake.data)
-    assert await cache.recall("a") == record
-    assert await cache.recall("secret-id-b") is None  # a dead letter is not a response
-    ttl = fake.ttl(cache._rkey("secret-id-b"))
+    assert await cache.recall(a) == record
+    assert await cache.recall(b) is None  # a dead letter is not a response
+    ttl = fake.ttl(b.key)
     assert ttl is not None and 4 < ttl <= 5
     cache.note_replay("response")
     assert metric(reg, "idempotent_replays", kind="response") == 1
@@ -223,15 +231,16 @@ async def test_the_idempotency_store_is_tried_while_the_circuit_is_open() -> Non
     cache, fake, reg = make(clock=Clock(), redis_retry_seconds=60.0)
     fake.fail = True
     assert await cache.lookup(req()) is None  # the circuit opens for 60 s
-    await cache.remember("x", b'{"id":"x"}')  # tried, failed: counted as skipped
-    assert await cache.recall("x") is None
+    x = ref(cache, "x")
+    await cache.remember(x, b'{"id":"x"}')  # tried, failed: counted as skipped
+    assert await cache.recall(x) is None
     assert fake.round_trips["pipeline"] == 1 and fake.round_trips["mget"] == 2
     assert metric(reg, "skipped_writes", reason="redis_unavailable") == 1
     fake.fail = False  # Redis answers again; the circuit is still open
     await cache.store(req(), comp())
     assert await cache.lookup(req()) is None and fake.round_trips["mget"] == 2  # cache waits
-    await cache.remember("x", b'{"id":"x"}')
-    got = await asyncio.gather(cache.lookup(req()), cache.recall("x"))  # only the recall goes
+    await cache.remember(x, b'{"id":"x"}')
+    got = await asyncio.gather(cache.lookup(req()), cache.recall(x))  # only the recall goes
     assert got == [None, b'{"id":"x"}'] and fake.round_trips["mget"] == 3
     assert metric(reg, "writes", store="idempotency") == 1
 
@@ -363,12 +372,146 @@ async def test_prefetch_is_recall_and_lookup_in_one_round_trip() -> None:
     a, b, c = req("a", id="ra"), req("b", id="rb"), req("c", id="rc", cache={"no_cache": True})
     await cache.store(a, comp("A"))
     await cache.store(c, comp("C"))
-    await cache.remember("rb", b"stored record")
+    await cache.remember(cache.ref(b, "t"), b"stored record")
     fake.round_trips.clear()
-    got = await cache.prefetch([a, b, c])
+    got = await cache.prefetch([a, b, c], ["t"] * 3)
     assert [p.key for p in got] == [cache.key(a), cache.key(b), cache.key(c)]
     assert got[0].recalled is None and got[0].hit is not None
     assert got[0].hit.cached and got[0].hit.output == "A"
     assert got[1].recalled == Recalled("response", b"stored record") and got[1].hit is None
     assert got[2].recalled is None and got[2].hit is None  # no_cache: never served a stored answer
     assert fake.round_trips == {"mget": 1}  # three recalls and two lookups, one round trip
+
+
+# -- idempotency: tenant and content ---------------------------------------------------
+
+
+async def test_an_id_reused_with_other_content_is_answered_afresh_never_replayed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    cache, fake, reg = make(clock=clock, error_log_interval_seconds=10)
+    caplog.set_level(logging.WARNING, logger="streams.cache")
+    first = ref(cache, "job-1", input="first prompt", metadata={"row": 1})
+    await cache.remember(first, b'{"output":"first"}')
+    assert await cache.recall(first) == b'{"output":"first"}'  # a redelivery: replayed
+    assert metric(reg, "idempotency_conflicts") == 0
+    others = [
+        ref(cache, "job-1", input="second prompt", metadata={"row": 1}),
+        ref(cache, "job-1", input="first prompt", metadata={"row": 2}),  # metadata alone
+        ref(cache, "job-1", "other.topic", input="first prompt", metadata={"row": 1}),
+    ]
+    for other in others:
+        assert other.key == first.key and other.fingerprint != first.fingerprint
+        assert await cache.recall(other) is None
+    assert metric(reg, "idempotency_conflicts") == 3
+    logged = [r for r in caplog.records if "reused with other content" in r.getMessage()]
+    assert len(logged) == 1  # at most one line per interval
+    clock.now += 11
+    assert await cache.recall(others[0]) is None
+    logged = [r for r in caplog.records if "reused with other content" in r.getMessage()]
+    assert len(logged) == 2 and "(3 such since last report)" in logged[1].getMessage()
+    # the fresh answer replaces the record: the latest content of an id is the one replayed
+    await cache.remember(others[0], b'{"output":"second"}')
+    assert await cache.recall(others[0]) == b'{"output":"second"}'
+    assert await cache.recall(first) is None
+    assert len(fake.data) == 1
+
+
+async def test_no_tenant_can_read_another_tenants_record() -> None:
+    cache, fake, reg = make()
+    mine = ref(cache, "job-1", tenant="a", metadata={"secret": "a's"})
+    await cache.remember(mine, b'{"metadata":{"secret":"a\'s"}}')
+    for tenant in ("b", None, "", "A", "a "):
+        theirs = ref(cache, "job-1", tenant=tenant, metadata={"secret": "a's"})
+        assert theirs.key != mine.key  # scoped by the key itself, not a check after reading
+        assert await cache.recall(theirs) is None
+    assert metric(reg, "idempotency_conflicts") == 0  # nothing of a's was even read
+    assert list(fake.data) == [mine.key.encode()]
+    assert mine.key.startswith("llmstreams:r:") and "job-1" not in mine.key
+
+
+async def test_a_no_store_answer_is_kept_only_while_it_can_be_redelivered() -> None:
+    cache, fake, _ = make(no_store_idempotency_ttl_seconds=900, idempotency_ttl_seconds=86_400)
+    plain, private = ref(cache, "a"), ref(cache, "b", cache={"no_store": True})
+    assert (plain.ttl, private.ttl) == (86_400, 900)
+    await cache.remember(plain, b"{}")
+    await cache.remember(private, b"{}")
+    ttl = fake.ttl(private.key)
+    assert ttl is not None and 899 < ttl <= 900
+    short, _, _ = make(no_store_idempotency_ttl_seconds=900, idempotency_ttl_seconds=60)
+    assert ref(short, "b", cache={"no_store": True}).ttl == 60  # never longer than any record
+
+
+async def test_idempotency_store_works_with_the_response_cache_disabled() -> None:
+    cache, fake, reg = make(enabled=False)
+    r = req(id="x")
+    await cache.remember(cache.ref(r, "t"), b"stored")
+    fake.round_trips.clear()
+    (got,) = await cache.prefetch([r], ["t"])
+    assert got.recalled == Recalled("response", b"stored") and got.hit is None
+    assert fake.round_trips == {"mget": 1}
+    assert await cache.recall(cache.ref(r, "t")) == b"stored"
+    assert metric(reg, "misses", model="m") == 0  # no cache lookup at all
+
+
+async def test_prefetch_of_a_conflicting_id_looks_up_the_cache_in_the_same_round_trip() -> None:
+    cache, fake, reg = make()
+    old, new = req("old", id="j"), req("new", id="j")
+    await cache.remember(cache.ref(old, "t"), b"old record")
+    await cache.store(new, comp("cached answer for new"))
+    fake.round_trips.clear()
+    (got,) = await cache.prefetch([new], ["t"])
+    assert got.recalled is None and got.hit is not None
+    assert got.hit.output == "cached answer for new"
+    assert fake.round_trips == {"mget": 1} and metric(reg, "idempotency_conflicts") == 1
+
+
+# -- command errors are not outages ----------------------------------------------------
+
+
+async def test_a_set_argument_error_fails_that_write_only_and_keeps_the_circuit_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache, fake, reg = make(clock=Clock(), redis_retry_seconds=60.0)
+    caplog.set_level(logging.WARNING, logger="streams.cache")
+    huge = req("huge ttl", cache={"ttl": 10**16})  # beyond what Redis accepts for EX
+    await asyncio.gather(cache.store(huge, comp()), cache.store(req("fine"), comp()))
+    assert fake.round_trips["pipeline"] == 1
+    assert metric(reg, "errors", op="write") == 1
+    assert metric(reg, "writes", store="cache") == 1  # the other write of the pipeline counts
+    assert metric(reg, "skipped_writes", reason="redis_unavailable") == 1
+    hit = await cache.lookup(req("fine"))  # the circuit stayed closed: Redis still in use
+    assert hit is not None and fake.round_trips["mget"] == 1
+    compute, calls = counting(comp())
+    await cache.answer(req("locked"), compute)
+    assert fake.round_trips["pipeline"] >= 2  # coalescing locks still go to Redis
+    (line,) = [r.getMessage() for r in caplog.records if "redis" in r.getMessage()]
+    assert "refused a command" in line and "invalid expire time" in line
+    assert "huge ttl" not in line and "bypassed" not in line
+
+
+async def test_a_command_error_on_a_read_does_not_open_the_circuit() -> None:
+    from redis.exceptions import ResponseError
+
+    cache, fake, reg = make(clock=Clock(), redis_retry_seconds=60.0)
+    fake.fail, fake.error = True, ResponseError("WRONGTYPE Operation against a key holding "
+                                                "the wrong kind of value")
+    assert await cache.lookup(req()) is None
+    fake.fail = False
+    await cache.store(req(), comp())
+    assert await cache.lookup(req()) is not None
+    assert fake.round_trips["mget"] == 2 and metric(reg, "errors", op="read") == 1
+
+
+@pytest.mark.parametrize("error", ["OOM command not allowed when used memory > 'maxmemory'",
+                                   "READONLY You can't write against a read only replica.",
+                                   "MISCONF Redis is configured to save RDB snapshots"])
+async def test_server_state_errors_still_open_the_circuit(error: str) -> None:
+    from redis._parsers.base import BaseParser
+
+    cache, fake, _ = make(clock=Clock(), redis_retry_seconds=60.0)
+    fake.fail, fake.error = True, BaseParser.parse_error(error)
+    assert await cache.lookup(req()) is None
+    fake.fail = False
+    assert await cache.lookup(req()) is None and fake.round_trips["mget"] == 1  # bypassed

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given
+import json
+import random
+
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from streams.cachekey import IGNORED_PARAMS, cache_key, id_key, normalize_text, tenant_tag
+from streams.cachekey import (
+    IGNORED_PARAMS,
+    cache_key,
+    fingerprint,
+    idem_key,
+    normalize_text,
+    tenant_tag,
+)
+from streams.contract import parse_request
 from streams.config import NormalizeConfig
 from streams.contract import Request
 
@@ -111,8 +122,13 @@ def test_huge_integers_do_not_crash() -> None:
     assert key(req(params={"seed": 2**70})) != key(req(params={"seed": 2**71}))
 
 
-def test_id_key_is_a_fixed_size_hash() -> None:
-    assert len(id_key("x" * 256)) == 32 and id_key("a") != id_key("b")
+def test_idem_key_is_tenant_tag_and_a_fixed_size_hash_of_tenant_and_id() -> None:
+    k = idem_key("acme", "x" * 256)
+    tag, digest = k.split(":")
+    assert tag == tenant_tag("acme") and len(digest) == 32 and "x" not in k
+    assert idem_key(None, "a") != idem_key(None, "b")
+    assert idem_key(None, "a") == idem_key("", "a") and idem_key(None, "a").startswith("_:")
+    assert idem_key("acme", "a").split(":")[1] != idem_key("other", "a").split(":")[1]
 
 
 json_leaf = st.none() | st.booleans() | st.integers(-(2**60), 2**60) | st.text(max_size=8)
@@ -147,3 +163,106 @@ def test_property_whitespace_variants_share_a_key(words: list[str], seps: list[s
 def test_property_distinct_normalized_prompts_get_distinct_keys(a: str, b: str) -> None:
     same = normalize_text(a, DEFAULT) == normalize_text(b, DEFAULT)
     assert (key(req(input=a)) == key(req(input=b))) == same
+
+
+# -- idempotency fingerprint: stable for the same content, changed by any field ---------
+
+any_json = st.recursive(
+    st.none() | st.booleans() | st.integers()  # beyond 64 bits too
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                  max_size=3),
+    max_leaves=8,
+)
+message_st = st.fixed_dictionaries(
+    {"role": st.text(min_size=1, max_size=8), "content": st.text(max_size=12) | st.none()}
+)
+FIELDS: dict[str, Any] = {
+    "id": st.text(min_size=1, max_size=40),
+    "input": st.text(max_size=30),
+    "messages": st.lists(message_st, min_size=1, max_size=3),
+    "model": st.none() | st.text(min_size=1, max_size=10),
+    "params": st.dictionaries(
+        st.text(min_size=1, max_size=8).filter(lambda k: k not in ("model", "messages", "stream")),
+        any_json, max_size=4),
+    "priority": st.integers(0, 9),
+    "tenant": st.none() | st.text(max_size=10),
+    "cache": st.fixed_dictionaries({}, optional={
+        "ttl": st.none() | st.integers(1, 2**40), "no_cache": st.booleans(),
+        "no_store": st.booleans()}),
+    "deadline": st.none() | st.integers(0, 2**62),
+    "metadata": any_json,
+}
+
+
+@st.composite
+def request_docs(draw: st.DrawFn) -> dict[str, Any]:
+    prompt = draw(st.sampled_from(["input", "messages"]))
+    doc = {"id": draw(FIELDS["id"]), prompt: draw(FIELDS[prompt])}
+    for name in ("model", "params", "priority", "tenant", "cache", "deadline", "metadata"):
+        if draw(st.booleans()):
+            doc[name] = draw(FIELDS[name])
+    return doc
+
+
+def _reordered(value: Any, rnd: random.Random) -> Any:
+    if isinstance(value, dict):
+        items = list(value.items())
+        rnd.shuffle(items)
+        return {k: _reordered(v, rnd) for k, v in items}
+    if isinstance(value, list):
+        return [_reordered(v, rnd) for v in value]
+    return value
+
+
+def _fp(raw: bytes, topic: str = "llm.requests") -> bytes:
+    return fingerprint(parse_request(raw, max_bytes=1 << 20, default_model="gpt"), topic)
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+@given(doc=request_docs(), seed=st.integers(0, 2**32), indent=st.booleans())
+def test_property_the_same_content_has_the_same_fingerprint(
+    doc: dict[str, Any], seed: int, indent: bool
+) -> None:
+    again = _reordered(doc, random.Random(seed))
+    again["an unknown field"] = [1, 2]  # ignored by the contract, so not content
+    raw = json.dumps(doc).encode()
+    other = json.dumps(again, indent=2 if indent else None).encode()
+    assert _fp(raw) == _fp(other)
+    assert len(_fp(raw)) == 16
+
+
+@given(doc=request_docs(), data=st.data())
+def test_property_any_changed_field_changes_the_fingerprint(
+    doc: dict[str, Any], data: st.DataObject
+) -> None:
+    name = data.draw(st.sampled_from(
+        [n for n in FIELDS if n not in ("input", "messages")] + ["prompt"]))
+    changed = dict(doc)
+    if name == "prompt":
+        prompt = "input" if "input" in doc else "messages"
+        changed[prompt] = data.draw(FIELDS[prompt])
+        assume(_canon(changed[prompt]) != _canon(doc[prompt]))
+    else:
+        changed[name] = data.draw(FIELDS[name])
+        before = doc.get(name)
+        # a field left out and its default are the same request
+        defaults = {"priority": 5, "params": {}, "cache": {}}
+        if name in defaults and name not in doc:
+            before = defaults[name]
+        if name == "cache":
+            full = {"ttl": None, "no_cache": False, "no_store": False}
+            assume(_canon({**full, **changed[name]}) != _canon({**full, **(before or {})}))
+        if name == "model":  # no model is the default model
+            before, changed[name] = before or "gpt", changed[name] or "gpt"
+        assume(_canon(changed[name]) != _canon(before))
+    assert _fp(json.dumps(doc).encode()) != _fp(json.dumps(changed).encode())
+
+
+@given(doc=request_docs())
+def test_property_the_source_topic_is_part_of_the_fingerprint(doc: dict[str, Any]) -> None:
+    raw = json.dumps(doc).encode()
+    assert _fp(raw, "llm.requests") != _fp(raw, "llm.requests.replay")

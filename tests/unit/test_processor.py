@@ -92,7 +92,8 @@ async def test_one_batch_serves_hits_replays_misses_and_bad_records() -> None:
     assert cache is not None
     hot = Request.model_validate({"id": "h0", "input": "hot", "model": "gpt-4o-mini"})
     await cache.store(hot, Completion(model="gpt-4o-mini", body=BODY, endpoint="a", attempts=1))
-    await cache.remember("seen", b'{"id": "seen", "status": "ok", "replayed": true}')
+    seen = Request.model_validate({"id": "seen", "input": "whatever", "model": "gpt-4o-mini"})
+    await cache.remember(cache.ref(seen, "req"), b'{"id": "seen", "status": "ok", "replayed": true}')
     fake.round_trips.clear()
     recs = [
         rec(0, {"id": "hit", "input": "hot"}),
@@ -145,10 +146,49 @@ async def test_prefetch_failure_falls_back_to_one_by_one(monkeypatch: pytest.Mon
     proc, pub, disp, cache, _ = make()
     assert cache is not None
 
-    async def broken(reqs: list[Request]) -> list[Any]:
+    async def broken(reqs: list[Request], topics: list[str]) -> list[Any]:
         raise RuntimeError("bug")
 
     monkeypatch.setattr(cache, "prefetch", broken)
     done = await run(proc, [rec(i, {"id": f"r{i}", "input": f"p{i}"}) for i in range(3)])
     assert done == {0: "ok", 1: "ok", 2: "ok"}
     assert sorted(disp.calls) == ["r0", "r1", "r2"]
+
+
+def make_with(**cache: Any) -> tuple[Processor, FakePublisher, FakeDispatcher, ResponseCache]:
+    s = load_settings(environ={}, cache=cache)
+    c = ResponseCache(s, FakeRedis(), CollectorRegistry())  # type: ignore[arg-type]
+    pub, disp = FakePublisher(), FakeDispatcher()
+    return Processor(s, pub, disp, c, PipelineMetrics(CollectorRegistry())), pub, disp, c
+
+
+@pytest.mark.parametrize("batch", [True, False])
+async def test_an_id_reused_with_other_content_or_tenant_is_answered_afresh(batch: bool) -> None:
+    proc, pub, disp, cache = make_with(enabled=False)  # so every answer is a fresh call
+    docs = [
+        {"id": "job-1", "input": "first", "tenant": "a", "metadata": {"who": "a"}},
+        {"id": "job-1", "input": "first", "tenant": "a", "metadata": {"who": "a"}},  # again
+        {"id": "job-1", "input": "second", "tenant": "a", "metadata": {"who": "a2"}},
+        {"id": "job-1", "input": "first", "tenant": "b", "metadata": {"who": "b"}},
+        {"id": "job-1", "input": "first", "tenant": "b", "metadata": {"who": "b"}},  # again
+    ]
+    outcomes = []
+    for i, doc in enumerate(docs):
+        if batch:
+            outcomes += list((await run(proc, [rec(i, doc)])).values())
+        else:
+            outcomes.append(await proc.process(rec(i, doc)))
+    assert outcomes == ["ok", "replayed", "ok", "ok", "replayed"]
+    assert len(disp.calls) == 3
+    assert [d["metadata"]["who"] for _, _, d in pub.out] == ["a", "a", "a2", "b", "b"]
+    conflicts = cache.metrics.conflicts.collect()[0].samples[0].value
+    assert conflicts == 1  # tenant b never saw tenant a's record, so no conflict either
+
+
+async def test_with_the_cache_disabled_a_redelivered_record_is_not_sent_upstream_again() -> None:
+    proc, pub, disp, _ = make_with(enabled=False)
+    recs = [rec(i, {"id": f"r{i}", "input": "same prompt"}) for i in range(3)]
+    assert await run(proc, recs) == {0: "ok", 1: "ok", 2: "ok"}  # no cache: no sharing
+    assert await run(proc, recs) == {0: "replayed", 1: "replayed", 2: "replayed"}
+    assert len(disp.calls) == 3
+    assert pub.out[:3] == pub.out[3:]
