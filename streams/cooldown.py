@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from streams.config import EndpointConfig, RetryConfig
+from streams.redis_io import REDIS_ERRORS, CommandErrorLog, is_outage
 
 log = logging.getLogger(__name__)
 
-_REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+_REDIS_ERRORS = REDIS_ERRORS
 # A deadline key outlives its deadline so "needs a probe" survives until a probe decides.
 _STATE_TTL_MS = 24 * 3600 * 1000
 # The probe lock outlives the probe's own hard timeout by this much.
@@ -101,6 +100,7 @@ class Cooldowns:
         self._base = f"{{{key_prefix}}}:cd"
         self._owner = uuid.uuid4().hex
         self._degraded = False
+        self._command_errors = CommandErrorLog(log, "cooldowns", clock=clock)
         self._retry_at = 0.0
 
     # ---- reads (local, synchronous) ----------------------------------------------------------
@@ -149,7 +149,7 @@ class Cooldowns:
                     self._key(name, "probe"), self._owner, nx=True, px=round(ttl * 1000)
                 )
         except _REDIS_ERRORS as exc:
-            self._mark_down(exc)
+            self._failed(exc)
             return True  # nobody else can be told; this worker probes on its own
         if not won:
             st.probing_local = False
@@ -210,7 +210,7 @@ class Cooldowns:
                 await self._push()
                 changed = await self._pull()
         except _REDIS_ERRORS as exc:
-            self._mark_down(exc)
+            self._failed(exc)
             return False
         if self._degraded:
             log.warning("redis reachable again; endpoint cooldowns are shared again")
@@ -229,22 +229,31 @@ class Cooldowns:
         for name, st in self._states.items():
             if st.version == st.synced:
                 continue
-            version, drop = st.version, st.drop_probe
-            until_key, probe_key = self._key(name, "until"), self._key(name, "probe")
-            if st.until is None:
-                keys = [until_key, probe_key] if drop else [until_key]
-                await self._redis.delete(*keys)
-            else:
-                ms = round(st.until * 1000)
-                ttl = max(ms - round(self._clock() * 1000), 0) + _STATE_TTL_MS
-                stored = await self._redis.eval(
-                    _EXTEND_LUA, 2, until_key, probe_key, ms, ttl, "1" if drop else "0"
-                )
-                if st.until is not None:  # another worker's later deadline wins
-                    st.until = max(st.until, float(stored) / 1000.0)
-            if st.version == version:
-                st.synced = version
-                st.drop_probe = False
+            try:
+                await self._push_one(name, st)
+            except _REDIS_ERRORS as exc:
+                if is_outage(exc):
+                    raise
+                self._command_errors.note(exc)  # this endpoint's state only; push the others
+
+    async def _push_one(self, name: str, st: _State) -> None:
+        assert self._redis is not None
+        version, drop = st.version, st.drop_probe
+        until_key, probe_key = self._key(name, "until"), self._key(name, "probe")
+        if st.until is None:
+            keys = [until_key, probe_key] if drop else [until_key]
+            await self._redis.delete(*keys)
+        else:
+            ms = round(st.until * 1000)
+            ttl = max(ms - round(self._clock() * 1000), 0) + _STATE_TTL_MS
+            stored = await self._redis.eval(
+                _EXTEND_LUA, 2, until_key, probe_key, ms, ttl, "1" if drop else "0"
+            )
+            if st.until is not None:  # another worker's later deadline wins
+                st.until = max(st.until, float(stored) / 1000.0)
+        if st.version == version:
+            st.synced = version
+            st.drop_probe = False
 
     async def _pull(self) -> bool:
         assert self._redis is not None
@@ -269,6 +278,12 @@ class Cooldowns:
 
     def _use_redis(self) -> bool:
         return self._redis is not None and (not self._degraded or self._clock() >= self._retry_at)
+
+    def _failed(self, exc: BaseException) -> None:
+        if is_outage(exc):
+            self._mark_down(exc)
+        else:
+            self._command_errors.note(exc)
 
     def _mark_down(self, exc: BaseException) -> None:
         if not self._degraded:

@@ -18,7 +18,8 @@ Redis unreachable: each worker falls back to an in-process limiter with the same
 scaled by ``limits.local_fallback_fraction`` (set it to 1/number-of-workers to keep the
 group's total within the limit while Redis is down). Redis is retried with backoff (0.5 s
 doubling to 10 s) and shared limiting resumes as soon as it answers. Redis errors are
-translated here and never reach callers.
+translated here and never reach callers; an error about one command's arguments is not an
+outage: that request alone is limited locally (``redis_io.is_outage``).
 
 Usage::
 
@@ -44,9 +45,10 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from streams.config import EndpointConfig, Settings
+from streams.redis_io import REDIS_ERRORS, CommandErrorLog, is_outage
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ LEASE_MARGIN_SECONDS = 10.0
 RATE_HEADROOM = 0.98
 _REDIS_RETRY_MIN = 0.5
 _REDIS_RETRY_MAX = 10.0
-_REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+_REDIS_ERRORS = REDIS_ERRORS
 
 # KEYS: n GCRA keys, then the concurrency lease set when ARGV[2] > 0.
 # ARGV: n, concurrency max, lease id, lease us, poll us, then per GCRA key:
@@ -220,6 +222,7 @@ class RateLimiter:
         self._lease_ids = count()
         self._lease_prefix = uuid.uuid4().hex[:12]
         self._degraded = False
+        self._command_errors = CommandErrorLog(log, "rate limits", clock=clock)
         self._retry_at = 0.0
         self._retry_delay = _REDIS_RETRY_MIN
         self._tasks: set[asyncio.Task[None]] = set()
@@ -260,6 +263,9 @@ class RateLimiter:
             try:
                 return await self._acquire_shared(endpoint, tokens)
             except _REDIS_ERRORS as exc:
+                if not is_outage(exc):  # this request's command only: limited locally
+                    self._command_errors.note(exc)
+                    return self._acquire_local(endpoint, tokens)
                 self._mark_down(exc)
                 if not self.has_capacity(endpoint):  # the local cap is lower
                     return Decision(None, 0.0, "concurrency")

@@ -192,6 +192,17 @@ async def check_redis(client: aioredis.Redis, settings: Settings) -> bool:
     return True
 
 
+async def redis_answers(client: aioredis.Redis) -> bool:
+    """PING for readiness: True once Redis answers, even with an error about the command
+    itself (an ACL user without PING); an outage raises."""
+    try:
+        return bool(await client.ping())
+    except ResponseError as exc:
+        if is_outage(exc):
+            raise
+        return True
+
+
 def _unreachable(settings: Settings, exc: BaseException) -> None:
     log.warning("redis not reachable at %s (%s); starting without it, retrying every second",
                 redact_url(settings.redis.url.get_secret_value()), type(exc).__name__)

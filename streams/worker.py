@@ -54,7 +54,7 @@ from streams.kafka_io import (
 from streams.metrics import PipelineMetrics, start_http
 from streams.processor import InRecord, Processor
 from streams.redact import redact_url
-from streams.redis_io import check_redis, open_redis
+from streams.redis_io import check_redis, open_redis, redis_answers
 from streams.upstream import UpstreamClient
 
 log = logging.getLogger("streams.worker")
@@ -121,7 +121,7 @@ class Runtime:
         """Keeps ``redis_ok`` current for /readyz with a cheap PING."""
         self.redis_ok = False
         assert self._redis is not None
-        self.redis_ok = bool(await self._redis.ping())
+        self.redis_ok = await redis_answers(self._redis)
 
     async def update_lag(self) -> None:
         """Set llm_streams_consumer_lag per assigned partition: end offset minus committed.

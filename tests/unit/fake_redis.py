@@ -18,7 +18,6 @@ from redis.exceptions import ResponseError
 
 from streams.cache import _EXTEND, _RELEASE
 
-
 # Redis refuses an EX whose milliseconds overflow a signed 64-bit integer.
 MAX_EX = (2**63 - 1) // 1000
 

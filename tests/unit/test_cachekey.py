@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import json
 import random
+from typing import Any
 
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -18,9 +17,8 @@ from streams.cachekey import (
     normalize_text,
     tenant_tag,
 )
-from streams.contract import parse_request
 from streams.config import NormalizeConfig
-from streams.contract import Request
+from streams.contract import Request, parse_request
 
 DEFAULT = NormalizeConfig()
 RAW = NormalizeConfig(whitespace=False, case_fold=False)

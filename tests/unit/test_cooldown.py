@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from redis.exceptions import ResponseError
+
 from streams.config import EndpointConfig, RetryConfig
 from streams.cooldown import Cooldowns, EndpointState
 
@@ -77,3 +81,43 @@ async def test_exactly_one_probe_then_healthy_or_cooling_again() -> None:
     assert await cd.try_probe("a")
     cd.record_success("a", probe=True)
     assert cd.state("a") is EndpointState.HEALTHY and cd.usable("a")
+
+
+class _RefusingRedis:
+    """Refuses EVAL with a command error (as for an out-of-range argument); MGET works."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def eval(self, *args: Any) -> Any:
+        self.calls.append("eval")
+        raise ResponseError("value is not an integer or out of range")
+
+    async def delete(self, *keys: Any) -> int:
+        self.calls.append("delete")
+        return 1
+
+    async def mget(self, keys: list[str]) -> list[Any]:
+        self.calls.append("mget")
+        return [None] * len(keys)
+
+    async def set(self, *args: Any, **kw: Any) -> Any:
+        self.calls.append("set")
+        raise ResponseError("invalid expire time in 'set' command")
+
+
+async def test_a_command_error_fails_that_command_only_and_is_not_an_outage() -> None:
+    clock = Clock()
+    eps = [EndpointConfig(name=n, url=f"http://{n}.test/v1") for n in ("a", "b")]
+    redis = _RefusingRedis()
+    cd = Cooldowns(eps, RetryConfig(cooldown_after_failures=1), redis, clock=clock)
+    cd.record_failure("a")  # its push (EVAL) is refused
+    cd.record_failure("b")
+    cd.record_success("b", probe=True)  # its push (DEL) works
+    await cd.sync()
+    assert not cd.degraded
+    assert redis.calls == ["eval", "delete", "mget"]  # b pushed and the group state pulled
+    await cd.sync()
+    assert redis.calls[3:] == ["eval", "mget"]  # retried next time, not skipped as "down"
+    clock.now += 10
+    assert await cd.try_probe("a") and not cd.degraded  # probes on its own this time

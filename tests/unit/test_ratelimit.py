@@ -185,3 +185,32 @@ async def test_fallback_retry_backs_off() -> None:
     gaps = [round(b - a, 1) for a, b in zip(tries, tries[1:], strict=False)]
     assert gaps[:4] == pytest.approx([0.5, 1.0, 2.0, 4.0], abs=0.05)
     assert max(gaps) <= 10.05
+
+
+async def test_a_command_error_limits_that_request_locally_without_an_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from redis.exceptions import ResponseError
+
+    class RefusingRedis(FlakyRedis):
+        async def evalsha(self, *args: Any) -> Any:
+            self.calls += 1
+            if self.down:
+                raise ResponseError("value is not an integer or out of range")
+            return [1, b"0", 0]
+
+    clock = Clock()
+    ep = _ep(rpm=6000)
+    redis = RefusingRedis()
+    limiter = RateLimiter(_settings(endpoints=[ep]), redis, clock=clock)
+    caplog.set_level("WARNING", logger="streams.ratelimit")
+    for _ in range(3):
+        decision = await limiter.acquire(ep, 10**30)
+        assert decision.permit is not None and not decision.permit.shared
+        clock.now += 1
+    assert not limiter.degraded and redis.calls == 3  # Redis asked every time: not "down"
+    redis.down = False
+    shared = await limiter.acquire(ep, 1)
+    assert shared.permit is not None and shared.permit.shared and redis.calls == 4
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "refused a command for rate limits" in lines[0]
