@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
 from tests.integration.harness import (
     Collector,
     Mock,
     Stack,
+    Worker,
     encode,
     produce,
     start_worker,
@@ -172,3 +176,100 @@ async def test_redis_outage_loses_nothing_and_hits_resume(
     last = [o.value for o in outs if o.value["id"] == "req-5001"]
     assert last and last[0]["cached"] is True
     assert all(o.value["status"] == "ok" for o in outs)
+
+
+async def _outputs(col: Collector, n: int, timeout: float = 60.0) -> list[dict[str, object]]:
+    """The first ``n`` outputs (records, not distinct ids: ids repeat here)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(col.outputs) < n:
+        assert asyncio.get_running_loop().time() < deadline, f"{len(col.outputs)} of {n}"
+        await col.poll()
+    return [o.value for o in col.outputs]
+
+
+async def _metric(worker: Worker, name: str) -> float:
+    async with aiohttp.ClientSession() as s, s.get(
+        f"http://127.0.0.1:{worker.metrics_port}/metrics"
+    ) as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+async def test_reused_ids_get_their_own_answer_and_redeliveries_are_replayed(
+    stack: Stack, mocks: list[Mock]
+) -> None:
+    first = {"id": "job-1", "tenant": "a", "input": "first prompt", "metadata": {"owner": "a"}}
+    other_prompt = {**first, "input": "second prompt"}
+    other_tenant = {**first, "tenant": "b", "metadata": {"owner": "b"}}
+    other_metadata = {**other_prompt, "metadata": {"owner": "a", "row": 2}}
+    steps = [first, first, other_prompt, other_tenant, other_tenant, other_metadata]
+    worker = start_worker(stack)
+    try:
+        await worker.ready()
+        async with Collector(stack) as col:
+            for n, doc in enumerate(steps, 1):  # one at a time: each sees the store of the last
+                await produce(stack.requests, encode([doc]))
+                outs = await _outputs(col, n)
+            conflicts = await _metric(worker, "llm_streams_cache_idempotency_conflicts_total")
+            replays = await _metric(worker, "llm_streams_cache_idempotent_replays_total")
+    finally:
+        assert worker.stop() == 0
+    assert [o["id"] for o in outs] == ["job-1"] * 6
+    prompts = [doc["input"] for doc in steps]
+    for out, prompt, doc in zip(outs, prompts, steps, strict=True):
+        assert isinstance(out["output"], str) and out["output"].endswith(str(prompt))
+        assert out["metadata"] == doc["metadata"]  # never another request's metadata
+    assert outs[1] == outs[0] and outs[4] == outs[3]  # redeliveries: the stored record
+    assert outs[2]["cached"] is False and outs[3]["cached"] is False  # answered afresh
+    assert outs[5]["cached"] is True  # a's own cached answer to the second prompt
+    assert await _calls(mocks) == 3  # first prompt for a, second for a, first for b
+    assert (conflicts, replays) == (2, 2)
+
+
+async def test_with_the_cache_disabled_a_redelivered_record_is_not_called_again(
+    stack: Stack, mocks: list[Mock]
+) -> None:
+    stack.overrides["cache.enabled"] = False
+    n = 40
+    docs = [_prompt_req(i, i % 10) for i in range(n)]  # shared prompts: no cache, no sharing
+    await produce(stack.requests, encode(docs))
+    worker = start_worker(stack)
+    try:
+        await worker.ready()
+        async with Collector(stack) as col:
+            first = await col.wait_for(n)
+    finally:
+        assert worker.stop() == 0
+    assert await _calls(mocks) == n
+    await _rewind(stack)  # the group reads every record again: Kafka's redelivery
+    worker = start_worker(stack)
+    try:
+        await worker.ready()
+        async with Collector(stack) as col:
+            again = await _outputs(col, 2 * n)
+            replays = await _metric(worker, "llm_streams_cache_idempotent_replays_total")
+    finally:
+        assert worker.stop() == 0
+    assert await _calls(mocks) == n  # none called twice
+    assert replays == n
+    by_id = {o.value["id"]: o.value for o in first}
+    assert all(o == by_id[o["id"]] for o in again[n:])
+
+
+async def _rewind(stack: Stack) -> None:
+    """Commit offset 0 for the (idle) group on every partition of the requests topic."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=stack.kafka, group_id=stack.group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(stack.requests) or set()
+        if not parts:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(stack.requests) or set()
+        tps = [TopicPartition(stack.requests, p) for p in parts]
+        assert tps
+        consumer.assign(tps)
+        await consumer.commit({tp: 0 for tp in tps})
+    finally:
+        await consumer.stop()

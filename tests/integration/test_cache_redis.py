@@ -13,7 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from streams.cache import ZLIB, Recalled, ResponseCache
+from streams.cache import ZLIB, IdemRef, Recalled, ResponseCache
+from streams.cachekey import tenant_tag
 from streams.config import Settings, load_settings
 from streams.contract import Completion, Request
 
@@ -101,16 +102,55 @@ async def test_compression_round_trip(redis_client: aioredis.Redis, prefix: str)
     assert hit is not None and hit.output == text
 
 
+def ref(cache: ResponseCache, rid: str, **kw: Any) -> IdemRef:
+    return cache.ref(req(id=rid, **kw), "llm.requests")
+
+
 async def test_idempotency_round_trip(redis_client: aioredis.Redis, prefix: str) -> None:
     cache = make(redis_client, prefix)
     dlq = b'{"id":"req-42","error":{}}'
-    await cache.remember("req-42", dlq, kind="dead_letter", ttl=30)
-    await cache.remember("req-44", b'{"id":"req-44"}')
-    assert await cache.recall_outcome("req-42") == Recalled("dead_letter", dlq)
-    assert await cache.recall("req-44") == b'{"id":"req-44"}'
-    assert await cache.recall("req-43") is None
+    r42, r43, r44 = ref(cache, "req-42"), ref(cache, "req-43"), ref(cache, "req-44")
+    await cache.remember(r42, dlq, kind="dead_letter", ttl=30)
+    await cache.remember(r44, b'{"id":"req-44"}')
+    assert await cache.recall_outcome(r42) == Recalled("dead_letter", dlq)
+    assert await cache.recall(r44) == b'{"id":"req-44"}'
+    assert await cache.recall(r43) is None
     keys = [k async for k in redis_client.scan_iter(match=f"{prefix}:r:*")]
     assert len(keys) == 2 and not any(b"req-4" in k for k in keys)
+
+
+async def test_ids_are_scoped_by_tenant_and_checked_against_content(
+    redis_client: aioredis.Redis, prefix: str
+) -> None:
+    cache = make(redis_client, prefix)
+    a = ref(cache, "job-1", tenant="a", metadata={"owner": "a"})
+    await cache.remember(a, b'{"metadata":{"owner":"a"}}')
+    assert await cache.recall(a) == b'{"metadata":{"owner":"a"}}'
+    assert await cache.recall(ref(cache, "job-1", tenant="b", metadata={"owner": "a"})) is None
+    assert await cache.recall(ref(cache, "job-1", tenant="a", metadata={"owner": "x"})) is None
+    assert cache.metrics.conflicts._value.get() == 1  # only tenant a's own id reuse
+    keys = [k async for k in redis_client.scan_iter(match=f"{prefix}:r:{tenant_tag('a')}:*")]
+    assert keys == [a.key.encode()]
+
+
+async def test_a_set_out_of_redis_range_fails_alone_and_keeps_the_cache_in_use(
+    redis_client: aioredis.Redis, prefix: str
+) -> None:
+    cache = make(redis_client, prefix, redis_retry_seconds=60)
+    huge = req("huge", cache={"ttl": 10**16})  # Redis refuses this EX
+    await asyncio.gather(cache.store(huge, comp()), cache.store(req("fine"), comp()))
+    assert cache.metrics.errors.labels("write")._value.get() == 1
+    assert await cache.lookup(huge) is None
+    assert await cache.lookup(req("fine")) is not None  # the circuit did not open
+    hit = await cache.answer(req("next"), _answer("fresh"))
+    assert not hit.cached and await cache.lookup(req("next")) is not None
+
+
+def _answer(text: str) -> Any:
+    async def compute() -> Completion:
+        return comp(text)
+
+    return compute
 
 
 async def test_lookups_are_batched_into_few_mgets(
@@ -197,8 +237,8 @@ async def test_unreachable_redis_is_fast_and_silent(prefix: str) -> None:
         for _ in range(20):
             assert await cache.lookup(req()) is None
         await cache.store(req(), comp())
-        await cache.remember("id", b"{}")
-        assert await cache.recall("id") is None
+        await cache.remember(ref(cache, "id"), b"{}")
+        assert await cache.recall(ref(cache, "id")) is None
 
         async def compute() -> Completion:
             await asyncio.sleep(0.01)
