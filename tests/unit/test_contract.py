@@ -31,7 +31,7 @@ def test_minimal_input_request_gets_defaults() -> None:
 def test_messages_request_keeps_everything() -> None:
     req = parse({
         "id": "b", "messages": [{"role": "user", "content": "x"}], "model": "gpt",
-        "params": {"temperature": 0}, "priority": 0, "tenant": "t", "deadline": 5,
+        "params": {"temperature": 0}, "priority": 0, "tenant": "t", "deadline": 1_800_000_000_000,
         "cache": {"ttl": 9, "no_store": True}, "metadata": {"k": [1, 2]},
     })
     assert req.model == "gpt" and req.params == {"temperature": 0} and req.cache.ttl == 9
