@@ -328,11 +328,12 @@ def minimal_dead_letter(
     Built only from values that always encode (the id only if it is a plain short string).
     """
     rid = request_id if isinstance(request_id, str) and len(request_id) <= 256 else None
+    status = error.status if type(error.status) is int and _problem(error.status) is None else None
     raw = None if value is None else base64.b64encode(value[:max(0, raw_limit)]).decode("ascii")
     doc: dict[str, Any] = {
         "id": _text(rid) if rid is not None else None,
         "error": {"type": _text(str(error.dlq_type)), "message": _text(str(error))[:1000],
-                  "status": error.status if type(error.status) is int else None,
+                  "status": status,
                   "retryable": bool(error.retryable)},
         "attempts": 0,
         "endpoints": [],

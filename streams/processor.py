@@ -353,15 +353,34 @@ class Processor:
         attempts: int,
         endpoints: list[str],
     ) -> str:
-        """Publish the record's dead letter; never raises (except on cancellation)."""
+        """Publish the record's dead letter; never raises (except on cancellation).
+
+        The full record first; if the broker refuses its size, or publishing it fails
+        unexpectedly, the minimal one (``minimal_dead_letter``), with less of the raw value each
+        time. Only if even that cannot be published is the record given up (logged, counted as
+        ``unpublished``): finished rather than stalling its partition for good.
+        """
         kind = error.dlq_type
-        try:
-            await self._publish_dead_letter(rec, error, req, request_id, attempts, endpoints)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # nothing left to publish: finish the record rather than stall it
-            log.exception("dead letter of %s:%d@%d could not be published", rec.source.topic,
-                          rec.source.partition, rec.source.offset)
+        rid = req.id if req is not None else request_id
+        raw_limit = self._settings.worker.dlq_raw_limit_bytes
+        value, headers = dead_letter_record(
+            error=error, source=rec.source, value=rec.value, request=req, request_id=request_id,
+            attempts=attempts, endpoints=endpoints, raw_limit=raw_limit,
+        )
+        for limit in (None, min(raw_limit, 1024), 0):
+            if limit is not None:
+                value = minimal_dead_letter(error, rec.source, rec.value, rid, limit)
+            try:
+                await self._publish(self._topics.dead_letter, rec.key, value, headers)
+                break
+            except asyncio.CancelledError:
+                raise
+            except OutputTooLarge:  # even the dead letter is too big: keep what identifies it
+                continue
+            except Exception:
+                log.exception("dead letter of %s:%d@%d not published", rec.source.topic,
+                              rec.source.partition, rec.source.offset)
+        else:
             self._metrics.outputs.labels("unpublished").inc()
             return "unpublished"
         self._metrics.dead_letters.labels(kind).inc()
@@ -371,25 +390,3 @@ class Processor:
         else:
             log.warning("dead letter %s: %s", kind, error, extra=request_extra(request_id))
         return f"dead_letter_{kind}"
-
-    async def _publish_dead_letter(
-        self,
-        rec: InRecord,
-        error: StreamsError,
-        req: Request | None,
-        request_id: str | None,
-        attempts: int,
-        endpoints: list[str],
-    ) -> None:
-        raw_limit = self._settings.worker.dlq_raw_limit_bytes
-        value, headers = dead_letter_record(
-            error=error, source=rec.source, value=rec.value, request=req, request_id=request_id,
-            attempts=attempts, endpoints=endpoints, raw_limit=raw_limit,
-        )
-        try:
-            await self._publish(self._topics.dead_letter, rec.key, value, headers)
-        except OutputTooLarge:
-            # Even the dead letter is too big: keep what identifies the request and its error.
-            rid = req.id if req is not None else request_id
-            small = minimal_dead_letter(error, rec.source, rec.value, rid, min(raw_limit, 1024))
-            await self._publish(self._topics.dead_letter, rec.key, small, headers)
