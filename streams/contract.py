@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from streams.errors import StreamsError, ValidationFailed
@@ -187,12 +188,16 @@ def _short(key: Any, limit: int = 40) -> str:
 
 
 def peek_id(value: bytes | None) -> str | None:
-    """Best effort: the id of a record that failed validation, for its dead letter."""
+    """Best effort: the id of a record that failed validation, for its dead letter.
+
+    Read with pydantic's own parser, which takes what ``parse_request`` took (NaN, integers
+    of any size), so a record rejected for one of its values keeps its id.
+    """
     if not value:
         return None
     try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError:
+        doc = pydantic_core.from_json(value)
+    except ValueError:
         return None
     rid = doc.get("id") if isinstance(doc, dict) else None
     return rid if isinstance(rid, str) and 0 < len(rid) <= 256 else None

@@ -205,3 +205,9 @@ def test_minimal_dead_letter_of_a_broken_error_still_encodes() -> None:
     value = minimal_dead_letter(Odd("x"), Source("t", 0, 0, 0), b"\xff" * 10, "i" * 300, 4)
     doc = orjson.loads(value)
     assert doc["error"]["status"] is None and doc["id"] is None and doc["truncated"] is True
+
+
+def test_peek_id_reads_records_rejected_for_their_values() -> None:
+    assert peek_id(b'{"id": "n", "metadata": NaN}') == "n"
+    assert peek_id(b'{"id": "b", "deadline": %d}' % 2**70) == "b"
+    assert peek_id(b'{"id": "d", "x": ' + b"[" * 300 + b"]" * 300 + b"}") is None
