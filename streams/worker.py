@@ -168,6 +168,8 @@ class Runtime:
             "tasks": len(self._tasks),
             "stopping": self._stopping,
             "assigned": self.assigned,
+            "tracked": len(self._tracker),
+            "max_tracked": self._max_tracked,
             "tracker": self._tracker.describe(),
         }
         app = self.app
