@@ -224,16 +224,17 @@ class Runtime:
                 self._slots.release()
                 continue
             tp = msg.tp
-            key, value = msg.key, msg.value
+            ts = msg.timestamp
+            src = Source(msg.topic, msg.partition, msg.offset, int(ts * 1000) if ts else 0)
+            rec = InRecord(src, msg.key, msg.value)
             # The tracker keeps the message (what its ack needs), never the record's bytes.
             msg.key = msg.value = None
+            # Nothing between add() and the batch can fail: a tracked offset always gets a task.
             if not tracker.add(tp, msg.offset, msg):
                 self._slots.release()  # a redelivery of work still in flight: no second task
                 self._ack_all(tracker.pending(tp))
                 continue
-            ts = msg.timestamp
-            src = Source(msg.topic, msg.partition, msg.offset, int(ts * 1000) if ts else 0)
-            batch.append((tp, InRecord(src, key, value)))
+            batch.append((tp, rec))
         await self._start(batch)
         if self._stopping:
             await asyncio.Event().wait()  # take nothing more; the agent is cancelled at stop
