@@ -11,13 +11,18 @@ new token is bound to the existing entry instead of starting the work again. The
 redelivered after a revoke is faust's committed position, so anything tracked below it was
 committed already and is dropped.
 
+Memory: ``len(tracker)`` counts every tracked offset (in flight, and finished but behind an
+unfinished one); the worker stops taking records at ``limits.max_tracked``. An entry holds its
+token and a flag, so the token should be only what the ack needs (the worker passes faust's
+message with its key and value dropped).
+
 Usage::
 
     tracker = AckTracker()
-    if tracker.add(tp, offset, event):   # True: new work, start it
+    if tracker.add(tp, offset, message):   # True: new work, start it
         ...
-    for event in tracker.finish(tp, offset):
-        event.ack()                      # in offset order, contiguous
+    for message in tracker.finish(tp, offset):
+        message.ack(consumer)              # in offset order, contiguous
 """
 
 from __future__ import annotations
@@ -64,6 +69,11 @@ class AckTracker(Generic[T]):
 
     def __init__(self) -> None:
         self._parts: dict[TP, _Partition[T]] = {}
+        self._size = 0
+
+    def __len__(self) -> int:
+        """Tracked offsets over every partition (in flight and finished, not yet released)."""
+        return self._size
 
     def add(self, tp: TP, offset: int, token: T) -> bool:
         """Track an offset; return False when it is already tracked (a redelivery)."""
@@ -76,11 +86,13 @@ class AckTracker(Generic[T]):
             for off in part.offsets[:cut]:
                 del part.entries[off]
             del part.offsets[:cut]
+            self._size -= cut
         entry = part.entries.get(offset)
         if entry is not None:
             entry.token = token
             return False
         part.entries[offset] = _Entry(token)
+        self._size += 1
         if not part.offsets or offset > part.offsets[-1]:
             part.offsets.append(offset)
         else:
@@ -98,12 +110,18 @@ class AckTracker(Generic[T]):
         entry.done = True
         if part.offsets[0] != offset:
             return []
-        return part.release()
+        return self._release(part)
 
     def pending(self, tp: TP) -> list[T]:
         """Tokens whose offset is finished, now releasable (after a redelivery rebind)."""
         part = self._parts.get(tp)
-        return part.release() if part is not None else []
+        return self._release(part) if part is not None else []
+
+    def _release(self, part: _Partition[T]) -> list[T]:
+        before = len(part.offsets)
+        out = part.release()
+        self._size -= before - len(part.offsets)
+        return out
 
     def revoke(self, tps: set[TP] | list[TP]) -> None:
         """Partitions were revoked: drop every token, keep the work."""

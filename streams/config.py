@@ -127,6 +127,8 @@ class NormalizeConfig(_Section):
 class CacheConfig(_Section):
     enabled: bool = True
     ttl_seconds: int = Field(86_400, ge=1)
+    # The largest cache.ttl a request may ask for; a larger one is a validation dead letter.
+    max_ttl_seconds: int = Field(30 * 86_400, ge=1, le=10 * 365 * 86_400)
     normalize: NormalizeConfig = NormalizeConfig()
     max_value_bytes: int = Field(1_048_576, ge=1)
     compress_min_bytes: int = Field(2_048, ge=0)
@@ -143,6 +145,10 @@ class CacheConfig(_Section):
 
 class LimitsConfig(_Section):
     max_inflight: int = Field(2_000, ge=1)
+    # Records one worker tracks for its acks: in flight, queued, and finished but waiting for
+    # an earlier offset of their partition. At the cap the worker stops taking records and
+    # faust pauses the partitions. Room for read-ahead (priority, fair share) beyond max_inflight.
+    max_tracked: int = Field(20_000, ge=1)
     max_requests_per_second: float | None = Field(None, gt=0)
     max_value_bytes: int = Field(1_048_576, ge=1)
     priority_aging_ms: int = Field(10_000, ge=0)
@@ -151,6 +157,12 @@ class LimitsConfig(_Section):
     # Share of each limit one worker uses while Redis is unreachable (1 / number of workers
     # keeps the group within the limit; 1.0 lets every worker use the whole limit).
     local_fallback_fraction: float = Field(1.0, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _tracked_covers_inflight(self) -> LimitsConfig:
+        if self.max_tracked < self.max_inflight:
+            raise ValueError("max_tracked must be at least max_inflight")
+        return self
 
 
 class RetryConfig(_Section):

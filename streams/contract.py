@@ -1,5 +1,12 @@
 """The wire contract: request, response and dead-letter records (JSON, UTF-8).
 
+A request that parses is also one we can write back: every integer in it fits in int64,
+every number is finite, ``cache.ttl`` is at most ``cache.max_ttl_seconds`` and ``deadline``
+is an epoch-millisecond time (2000-01-01 to 2100-01-01). Anything else is a
+``ValidationFailed`` naming the field, so no value can break a response or a dead letter
+later. ``dead_letter_record`` never raises: if the full record cannot be encoded it falls
+back to a minimal one with the raw value in base64.
+
 Usage::
 
     req = parse_request(record_value, max_bytes=1 << 20, default_model="gpt-4o-mini")
@@ -9,18 +16,29 @@ Usage::
 from __future__ import annotations
 
 import base64
+import logging
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from streams.errors import StreamsError, ValidationFailed
 
+log = logging.getLogger("streams.contract")
+
 # Parameters that would change the shape of the exchange: we send them ourselves or
 # cannot honour them in a request/response stream.
 _RESERVED_PARAMS = frozenset({"model", "messages", "stream"})
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+DEFAULT_MAX_TTL = 30 * 86_400  # cache.max_ttl_seconds
+# A deadline is epoch ms: anything outside this window is a unit mistake (seconds, µs) or junk.
+DEADLINE_MIN_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+DEADLINE_MAX_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
 
 
 class Message(BaseModel):
@@ -78,7 +96,9 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts) + more
 
 
-def parse_request(value: bytes | None, *, max_bytes: int, default_model: str) -> Request:
+def parse_request(
+    value: bytes | None, *, max_bytes: int, default_model: str, max_ttl: int = DEFAULT_MAX_TTL
+) -> Request:
     """Validate a record value; raise ValidationFailed with a readable reason."""
     if value is None:
         raise ValidationFailed("record has no value (tombstone)")
@@ -90,18 +110,94 @@ def parse_request(value: bytes | None, *, max_bytes: int, default_model: str) ->
         raise ValidationFailed(_describe(exc)) from None
     except (ValueError, RecursionError) as exc:  # pydantic-core's own parser limits
         raise ValidationFailed(f"record value is not valid JSON: {exc}") from None
+    _check_ranges(req, max_ttl)
     if req.model is None:
         req = req.model_copy(update={"model": default_model})
     return req
 
 
+def _check_ranges(req: Request, max_ttl: int) -> None:
+    """What pydantic accepts but downstream cannot hold: raise ValidationFailed naming the field."""
+    ttl = req.cache.ttl
+    if ttl is not None and not 1 <= ttl <= max_ttl:
+        raise ValidationFailed(f"cache.ttl: must be between 1 and {max_ttl} seconds "
+                               "(cache.max_ttl_seconds)")
+    if req.deadline is not None and not DEADLINE_MIN_MS <= req.deadline < DEADLINE_MAX_MS:
+        raise ValidationFailed("deadline: must be an epoch time in milliseconds between "
+                               "2000-01-01 and 2100-01-01")
+    where = [("metadata", req.metadata), ("params", req.params)]
+    for i, msg in enumerate(req.messages or ()):
+        if isinstance(msg.content, list):
+            where.append((f"messages[{i}].content", msg.content))
+        for key, extra in (msg.model_extra or {}).items():
+            where.append((f"messages[{i}].{key}", extra))
+    for path, doc in where:
+        bad = unrepresentable(doc, path)
+        if bad is not None:
+            raise ValidationFailed(bad)
+
+
+def unrepresentable(doc: Any, path: str) -> str | None:
+    """Why a parsed JSON value cannot be written back (its path and reason), or None.
+
+    Integers must fit in int64, numbers must be finite, and only JSON's own types are allowed.
+    Iterative (no recursion limit); paths are built only once something is wrong.
+    """
+    todo: list[Any] = [doc]
+    while todo:
+        value = todo.pop()
+        kind = type(value)
+        if kind is dict:
+            todo.extend(value.values())
+        elif kind is list:
+            todo.extend(value)
+        elif _problem(value) is not None:
+            return _locate(doc, path)
+    return None
+
+
+def _problem(value: Any) -> str | None:
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return None
+    if kind is int:
+        return None if INT64_MIN <= value <= INT64_MAX else "integer outside the 64-bit signed range"
+    if kind is float:
+        return None if math.isfinite(value) else "number is not finite"
+    return f"a {kind.__name__} is not a JSON value"
+
+
+def _locate(doc: Any, path: str) -> str:
+    todo: list[tuple[Any, str]] = [(doc, path)]
+    while todo:
+        value, where = todo.pop()
+        if type(value) is dict:
+            todo.extend((v, f"{where}.{_short(k)}") for k, v in value.items())
+        elif type(value) is list:
+            todo.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+        else:
+            why = _problem(value)
+            if why is not None:
+                return f"{where}: {why}"
+    return f"{path}: cannot be encoded"
+
+
+def _short(key: Any, limit: int = 40) -> str:
+    text = str(key)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def peek_id(value: bytes | None) -> str | None:
-    """Best effort: the id of a record that failed validation, for its dead letter."""
+    """Best effort: the id of a record that failed validation, for its dead letter.
+
+    Read with pydantic's own parser, which takes what ``parse_request`` took (NaN, integers
+    of any size), so a record rejected for one of its values keeps its id.
+    """
     if not value:
         return None
     try:
-        doc = orjson.loads(value)
-    except orjson.JSONDecodeError:
+        doc = pydantic_core.from_json(value)
+    except ValueError:
         return None
     rid = doc.get("id") if isinstance(doc, dict) else None
     return rid if isinstance(rid, str) and 0 < len(rid) <= 256 else None
@@ -192,32 +288,84 @@ def dead_letter_record(
     endpoints: list[str],
     raw_limit: int,
 ) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """The dead-letter value and its Kafka Connect style headers."""
-    doc: dict[str, Any] = {
-        "id": request.id if request is not None else request_id,
-        "error": {
-            "type": error.dlq_type,
-            "message": str(error),
-            "status": error.status,
-            "retryable": bool(error.retryable),
-        },
-        "attempts": attempts,
-        "endpoints": endpoints,
-        "request": request.model_dump(mode="json") if request is not None else None,
-        "source": {
-            "topic": source.topic,
-            "partition": source.partition,
-            "offset": source.offset,
-            "timestamp": source.timestamp,
-        },
-        "failed_at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-    }
-    doc.update(_raw_field(value, raw_limit))
+    """The dead-letter value and its Kafka Connect style headers. Never raises.
+
+    When the full record cannot be built or encoded (a value the encoder refuses, a bug), the
+    minimal one from ``minimal_dead_letter`` is returned instead.
+    """
+    message = _text(str(error))
     headers = [
-        ("__connect.errors.topic", source.topic.encode()),
+        ("__connect.errors.topic", _text(source.topic).encode()),
         ("__connect.errors.partition", str(source.partition).encode()),
         ("__connect.errors.offset", str(source.offset).encode()),
         ("__connect.errors.exception.class.name", type(error).__name__.encode()),
-        ("__connect.errors.exception.message", str(error)[:1000].encode()),
+        ("__connect.errors.exception.message", message[:1000].encode()),
     ]
-    return orjson.dumps(doc), headers
+    try:
+        doc: dict[str, Any] = {
+            "id": request.id if request is not None else request_id,
+            "error": {
+                "type": error.dlq_type,
+                "message": message,
+                "status": error.status,
+                "retryable": bool(error.retryable),
+            },
+            "attempts": attempts,
+            "endpoints": endpoints,
+            "request": request.model_dump(mode="json") if request is not None else None,
+            "source": _source(source),
+            "failed_at": _now(),
+        }
+        doc.update(_raw_field(value, raw_limit))
+        return orjson.dumps(doc), headers
+    except Exception as exc:  # never let a dead letter fail: the minimal one always encodes
+        log.error("dead letter of %s:%d@%d fell back to the minimal record: %s: %s",
+                  source.topic, source.partition, source.offset, type(exc).__name__, exc)
+        return minimal_dead_letter(error, source, value, request_id, raw_limit), headers
+
+
+def minimal_dead_letter(
+    error: StreamsError, source: Source, value: bytes | None, request_id: str | None,
+    raw_limit: int,
+) -> bytes:
+    """The smallest dead letter: what identifies the record, the error, the raw value (base64).
+
+    Built only from values that always encode (the id only if it is a plain short string).
+    """
+    rid = request_id if isinstance(request_id, str) and len(request_id) <= 256 else None
+    status = error.status if type(error.status) is int and _problem(error.status) is None else None
+    raw = None if value is None else base64.b64encode(value[:max(0, raw_limit)]).decode("ascii")
+    doc: dict[str, Any] = {
+        "id": _text(rid) if rid is not None else None,
+        "error": {"type": _text(str(error.dlq_type)), "message": _text(str(error))[:1000],
+                  "status": status,
+                  "retryable": bool(error.retryable)},
+        "attempts": 0,
+        "endpoints": [],
+        "request": None,
+        "source": _source(source),
+        "failed_at": _now(),
+        "raw": raw,
+        "raw_encoding": "base64",
+        "truncated": value is not None and len(value) > raw_limit,
+        "fallback": True,
+    }
+    return orjson.dumps(doc)
+
+
+def _source(source: Source) -> dict[str, Any]:
+    return {"topic": _text(source.topic), "partition": source.partition,
+            "offset": source.offset, "timestamp": source.timestamp}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text(text: str) -> str:
+    """``text`` as valid UTF-8 (a lone surrogate, which orjson refuses, becomes an escape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

@@ -22,8 +22,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-import orjson
-
 from streams.cache import IdemRef, Prefetched
 from streams.config import Settings
 from streams.contract import (
@@ -31,6 +29,7 @@ from streams.contract import (
     Request,
     Source,
     dead_letter_record,
+    minimal_dead_letter,
     parse_request,
     peek_id,
     response_record,
@@ -144,28 +143,35 @@ class Processor:
         The hot path of a worker: one Redis round trip recalls and looks up every request of
         the batch, and the cache hits and replays are published together without a task each.
         Misses go on as one task each (``Processor.process`` semantics); ``fast_done()`` is
-        called once they are started and the rest is published. Never raises except on
+        called once they are started and the rest is published. ``done`` is called exactly
+        once per record: a record's failure (even inside its error handling) becomes its own
+        ``internal`` dead letter and never cancels the others. Never raises except on
         cancellation, which cancels the batch's unfinished records (redelivered later).
         """
         slow: list[asyncio.Task[None]] = []
+        handed: set[int] = set()  # records given a task or finished
+
+        def finish(rec: InRecord, outcome: str) -> None:
+            handed.add(id(rec))
+            try:
+                done(rec, outcome)
+            except Exception:  # the caller's bug must not take the other records down
+                log.exception("done callback failed for offset %d", rec.source.offset)
 
         def later(rec: InRecord, work: Coroutine[None, None, str]) -> None:
-            slow.append(asyncio.ensure_future(self._then(rec, work, done)))
+            handed.add(id(rec))
+            slow.append(asyncio.ensure_future(self._then(rec, work, finish)))
 
         try:
-            parsed: list[tuple[InRecord, Request]] = []
-            for rec in recs:
-                try:
-                    parsed.append((rec, self._parse(rec)))
-                except ValidationFailed as exc:
-                    later(rec, self._dead_letter(rec, exc, None, peek_id(rec.value), 0, []))
-            cache = self._cache
-            if cache is None or not parsed:
-                for rec, req in parsed:
-                    later(rec, self._guarded(rec, req, self._answer(rec, req)))
-            else:
-                await self._fast(cache, parsed, later, done)
+            try:
+                await self._fan_out(recs, later, finish)
+            except Exception as exc:  # a bug in the batch path: each record left gets its letter
+                log.exception("batch of %d records failed", len(recs))
+                for rec in recs:
+                    if id(rec) not in handed:
+                        later(rec, self.fail(rec, exc))
             fast_done()
+            del recs  # finished records' values are not kept while a slow one runs
             if slow:
                 await asyncio.gather(*slow)
         except BaseException:
@@ -174,6 +180,25 @@ class Processor:
             raise
         finally:
             fast_done()
+
+    async def _fan_out(
+        self,
+        recs: list[InRecord],
+        later: Callable[[InRecord, Coroutine[None, None, str]], None],
+        finish: Callable[[InRecord, str], None],
+    ) -> None:
+        parsed: list[tuple[InRecord, Request]] = []
+        for rec in recs:
+            try:
+                parsed.append((rec, self._parse(rec)))
+            except ValidationFailed as exc:
+                later(rec, self._dead_letter(rec, exc, None, peek_id(rec.value), 0, []))
+        cache = self._cache
+        if cache is None or not parsed:
+            for rec, req in parsed:
+                later(rec, self._guarded(rec, req, self._answer(rec, req)))
+        else:
+            await self._fast(cache, parsed, later, finish)
 
     async def _fast(
         self,
@@ -199,7 +224,11 @@ class Processor:
                 ready.append((rec, req, None))
                 out.append(OutRecord(responses, rec.key, got.recalled.value))
             elif got.hit is not None:
-                value = response_record(req, got.hit, latency_ms=self._latency_ms(rec))
+                try:
+                    value = response_record(req, got.hit, latency_ms=self._latency_ms(rec))
+                except Exception as exc:  # a cached body we cannot write back: this record only
+                    later(rec, self.fail(rec, exc, req))
+                    continue
                 ready.append((rec, req, got.hit))
                 out.append(OutRecord(responses, rec.key, value))
             else:
@@ -226,11 +255,33 @@ class Processor:
             )
         return await self._respond(rec, req, comp, got.ref)
 
-    @staticmethod
     async def _then(
-        rec: InRecord, work: Coroutine[None, None, str], done: Callable[[InRecord, str], None]
+        self, rec: InRecord, work: Coroutine[None, None, str], done: Callable[[InRecord, str], None]
     ) -> None:
-        done(rec, await work)
+        try:
+            outcome = await work
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # failed in its own error handling: still one output
+            outcome = await self.fail(rec, exc)
+        done(rec, outcome)
+
+    async def fail(self, rec: InRecord, exc: BaseException, req: Request | None = None) -> str:
+        """An ``internal`` dead letter for a record whose handling failed unexpectedly.
+
+        Never raises (except on cancellation); returns the outcome label.
+        """
+        rid = req.id if req is not None else peek_id(rec.value)
+        log.error("internal error", exc_info=exc, extra=request_extra(rid))
+        return await self._dead_letter(rec, self._internal(exc), req, rid, 0, [])
+
+    def _internal(self, exc: BaseException) -> InternalError:
+        try:
+            text = f"{type(exc).__name__}: {exc}"
+        except Exception:  # an exception whose str() fails
+            text = type(exc).__name__
+        # Text we do not control goes into the dead letter: mask any secret in it.
+        return InternalError(self._redact(text))
 
     async def _guarded(self, rec: InRecord, req: Request, work: Coroutine[None, None, str]) -> str:
         try:
@@ -238,16 +289,14 @@ class Processor:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the agent's edge: a bug must become a dead letter, not a skip
-            log.exception("internal error", extra=request_extra(req.id))
-            # Text we do not control goes into the dead letter: mask any secret in it.
-            err = InternalError(self._redact(f"{type(exc).__name__}: {exc}"))
-            return await self._dead_letter(rec, err, req, req.id, 0, [])
+            return await self.fail(rec, exc, req)
 
     def _parse(self, rec: InRecord) -> Request:
         return parse_request(
             rec.value,
             max_bytes=self._settings.limits.max_value_bytes,
             default_model=self._settings.worker.default_model,
+            max_ttl=self._settings.cache.max_ttl_seconds,
         )
 
     def _latency_ms(self, rec: InRecord) -> int:
@@ -314,21 +363,36 @@ class Processor:
         attempts: int,
         endpoints: list[str],
     ) -> str:
+        """Publish the record's dead letter; never raises (except on cancellation).
+
+        The full record first; if the broker refuses its size, or publishing it fails
+        unexpectedly, the minimal one (``minimal_dead_letter``), with less of the raw value each
+        time. Only if even that cannot be published is the record given up (logged, counted as
+        ``unpublished``): finished rather than stalling its partition for good.
+        """
+        kind = error.dlq_type
+        rid = req.id if req is not None else request_id
         raw_limit = self._settings.worker.dlq_raw_limit_bytes
         value, headers = dead_letter_record(
             error=error, source=rec.source, value=rec.value, request=req, request_id=request_id,
             attempts=attempts, endpoints=endpoints, raw_limit=raw_limit,
         )
-        try:
-            await self._publish(self._topics.dead_letter, rec.key, value, headers)
-        except OutputTooLarge:
-            # Even the dead letter is too big: keep what identifies the request and its error.
-            doc = orjson.loads(value)
-            doc["request"] = None
-            doc["raw"] = (doc.get("raw") or "")[:1024]
-            doc["truncated"] = True
-            await self._publish(self._topics.dead_letter, rec.key, orjson.dumps(doc), headers)
-        kind = error.dlq_type
+        for limit in (None, min(raw_limit, 1024), 0):
+            if limit is not None:
+                value = minimal_dead_letter(error, rec.source, rec.value, rid, limit)
+            try:
+                await self._publish(self._topics.dead_letter, rec.key, value, headers)
+                break
+            except asyncio.CancelledError:
+                raise
+            except OutputTooLarge:  # even the dead letter is too big: keep what identifies it
+                continue
+            except Exception:
+                log.exception("dead letter of %s:%d@%d not published", rec.source.topic,
+                              rec.source.partition, rec.source.offset)
+        else:
+            self._metrics.outputs.labels("unpublished").inc()
+            return "unpublished"
         self._metrics.dead_letters.labels(kind).inc()
         self._metrics.outputs.labels(f"dead_letter_{kind}").inc()
         if kind == "validation":  # the sender's fault, maybe thousands: not worth a warning

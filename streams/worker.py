@@ -76,6 +76,8 @@ class Runtime:
         self.app: faust.App | None = None
         self._tracker: AckTracker[Any] = AckTracker()
         self._slots = asyncio.Semaphore(settings.limits.max_inflight)
+        self._max_tracked = settings.limits.max_tracked
+        self._room = asyncio.Event()  # set when the tracker is under max_tracked
         self._tasks: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
         self._stopping = False
@@ -166,6 +168,8 @@ class Runtime:
             "tasks": len(self._tasks),
             "stopping": self._stopping,
             "assigned": self.assigned,
+            "tracked": len(self._tracker),
+            "max_tracked": self._max_tracked,
             "tracker": self._tracker.describe(),
         }
         app = self.app
@@ -195,16 +199,22 @@ class Runtime:
                 and self.assigned is not None)
 
     async def submit_batch(self, events: list[Any]) -> None:
-        """Accept faust events and start them, in batches (blocks while every slot is taken)."""
+        """Accept faust events and start them, in batches.
+
+        Blocks while every slot is taken or the tracker holds ``limits.max_tracked`` records:
+        the agent stops pulling, faust's buffer fills and faust pauses the partitions.
+        """
         if not self._ready.is_set():
             await self._ready.wait()
         assert self.app is not None
         app = self.app
+        tracker = self._tracker
         batch: list[tuple[Any, InRecord]] = []
         for event in events:
-            if self._slots.locked():  # start what we hold before we wait for a slot
-                await self._start(batch)
+            if self._slots.locked() or len(tracker) >= self._max_tracked:
+                await self._start(batch)  # start what we hold before we wait
                 batch = []
+                await self._wait_for_room()
             await self._slots.acquire()
             msg = event.message
             if self._stopping or _stale(app, msg):
@@ -214,16 +224,34 @@ class Runtime:
                 self._slots.release()
                 continue
             tp = msg.tp
-            if not self._tracker.add(tp, msg.offset, event):
-                self._slots.release()  # a redelivery of work still in flight: no second task
-                _ack_all(self._tracker.pending(tp))
-                continue
             ts = msg.timestamp
             src = Source(msg.topic, msg.partition, msg.offset, int(ts * 1000) if ts else 0)
-            batch.append((tp, InRecord(src, msg.key, msg.value)))
+            rec = InRecord(src, msg.key, msg.value)
+            # The tracker keeps the message (what its ack needs), never the record's bytes.
+            msg.key = msg.value = None
+            # Nothing between add() and the batch can fail: a tracked offset always gets a task.
+            if not tracker.add(tp, msg.offset, msg):
+                self._slots.release()  # a redelivery of work still in flight: no second task
+                self._ack_all(tracker.pending(tp))
+                continue
+            batch.append((tp, rec))
         await self._start(batch)
         if self._stopping:
             await asyncio.Event().wait()  # take nothing more; the agent is cancelled at stop
+
+    async def _wait_for_room(self) -> None:
+        """Until the tracker is under ``limits.max_tracked`` (its records finish by themselves)."""
+        while len(self._tracker) >= self._max_tracked:
+            self._room.clear()
+            await self._room.wait()
+
+    def _ack_all(self, messages: list[Any]) -> None:
+        assert self.app is not None
+        consumer = self.app.consumer
+        for msg in messages:
+            msg.ack(consumer)  # what faust's Event.ack() does
+        if len(self._tracker) < self._max_tracked:
+            self._room.set()
 
     async def _start(self, batch: list[tuple[Any, InRecord]]) -> None:
         if not batch:
@@ -239,8 +267,12 @@ class Runtime:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[tuple[Any, InRecord]]) -> None:
-        assert self._processor is not None
-        open_: dict[int, Any] = {id(rec): tp for tp, rec in batch}
+        """Process a batch; every record is finished in the tracker unless cancelled."""
+        processor = self._processor
+        assert processor is not None
+        # Unfinished records only: a finished one's value is not kept while a sibling runs.
+        open_: dict[int, tuple[Any, InRecord]] = {id(rec): (tp, rec) for tp, rec in batch}
+        del batch
         tracker = self._tracker
         gate_held = True
 
@@ -251,13 +283,20 @@ class Runtime:
                 self._gate.release()
 
         def done(rec: InRecord, outcome: str) -> None:
-            tp = open_.pop(id(rec))
+            entry = open_.pop(id(rec), None)
+            if entry is None:  # finished already
+                return
             self._slots.release()
             self.metrics.in_flight.dec()
-            _ack_all(tracker.finish(tp, rec.source.offset))
+            self._ack_all(tracker.finish(entry[0], rec.source.offset))
 
         try:
-            await self._processor.process_batch([rec for _, rec in batch], done, fast_done)
+            try:
+                await processor.process_batch([rec for _, rec in open_.values()], done, fast_done)
+            except Exception as exc:  # process_batch never raises: if it does, no record stalls
+                log.exception("batch failed; dead-lettering its %d unfinished records", len(open_))
+                for _, rec in list(open_.values()):
+                    done(rec, await processor.fail(rec, exc))
         finally:
             fast_done()
             for _ in open_:  # cancelled at shutdown: not acked, redelivered later
@@ -289,11 +328,6 @@ def _stale(app: faust.App, msg: Any) -> bool:
     """faust's own test for a record fetched before the current rebalance generation."""
     return bool(msg.generation_id != app.consumer_generation_id
                 or not app.flow_control.is_active())
-
-
-def _ack_all(events: list[Any]) -> None:
-    for event in events:
-        event.ack()
 
 
 class _Every:

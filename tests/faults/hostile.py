@@ -3,8 +3,10 @@ and valid requests with unusual but legal content.
 
 Every bad record is invalid whatever the parser's limits are (a deep nesting is in a place
 that must hold a string, or at the top level where an object is required), so the expected
-outcome of each is a ``validation`` dead letter. ``MAX_VALUE_BYTES`` must be the worker's
-``limits.max_value_bytes``.
+outcome of each is a ``validation`` dead letter. That includes JSON that parses but holds a
+value no output could carry (``poison_values``: an integer beyond int64 anywhere, NaN or
+Infinity, ``cache.ttl`` or ``deadline`` out of range). ``MAX_VALUE_BYTES`` must be the worker's
+``limits.max_value_bytes``; ``MAX_TTL`` its ``cache.max_ttl_seconds`` (the default).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 MAX_VALUE_BYTES = 64 * 1024
+MAX_TTL = 30 * 86_400
+DEADLINE_MS = (946_684_800_000, 4_102_444_800_000)  # 2000-01-01 to 2100-01-01, epoch ms
 
 _text = st.text(st.characters(codec="utf-8"), max_size=200)  # any code point UTF-8 can carry
 _int = st.integers(-(2**63), 2**63 - 1)  # what JSON encoders agree on
@@ -115,9 +119,40 @@ def control_chars(draw: st.DrawFn) -> bytes:
     return b'{"id":"ctl",' + bytes([ch]) + b'"input":"ab"}'
 
 
+_beyond_int64 = st.integers(2**63, 2**80) | st.integers(-(2**80), -(2**63) - 1)
+_non_finite = st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e400"])
+_poison_number = _beyond_int64.map(lambda i: str(i).encode()) | _non_finite
+
+
+@st.composite
+def poison_values(draw: st.DrawFn) -> bytes:
+    """Valid JSON, otherwise a valid request, with one value that cannot be written back."""
+    where = draw(st.sampled_from(["metadata", "nested", "params", "message", "content", "ttl",
+                                  "deadline"]))
+    head = b'{"id":"poison","input":' + orjson.dumps(draw(_text))
+    if where == "ttl":
+        ttl = draw(_beyond_int64 | st.integers(MAX_TTL + 1, 2**63 - 1))
+        return head + b',"cache":{"ttl":%d}}' % ttl
+    if where == "deadline":
+        out_of_range = st.integers(1, DEADLINE_MS[0] - 1) | st.integers(DEADLINE_MS[1], 2**63 - 1)
+        return head + b',"deadline":%d}' % draw(_beyond_int64 | out_of_range)
+    number = draw(_poison_number)
+    if where == "metadata":
+        return head + b',"metadata":' + number + b"}"
+    if where == "nested":
+        depth = draw(st.integers(1, 60))
+        return head + b',"metadata":' + b'[{"a":' * depth + number + b"}]" * depth + b"}"
+    if where == "params":
+        return head + b',"params":{"seed":' + number + b"}}"
+    msg = b'{"role":"user","content":"x","n":' + number + b"}"
+    if where == "content":
+        msg = b'{"role":"user","content":[{"type":"text","text":"x","n":' + number + b"}]}"
+    return b'{"id":"poison","messages":[' + msg + b"]}"
+
+
 def bad_records() -> st.SearchStrategy[bytes]:
     return st.one_of(bad_json(), deep_nesting(), huge(), wrong_type(), invalid_utf8(),
-                     control_chars())
+                     control_chars(), poison_values())
 
 
 @st.composite
@@ -134,10 +169,16 @@ def good_request(draw: st.DrawFn) -> dict[str, Any]:
         "tenant": st.text(max_size=50),
         "metadata": _json,
         "params": st.fixed_dictionaries({"temperature": st.floats(0, 2), "max_tokens": st.integers(1, 4096)}),
-        "cache": st.fixed_dictionaries({"no_store": st.booleans()}),
+        "cache": st.fixed_dictionaries({"no_store": st.booleans()},
+                                       optional={"ttl": st.integers(1, MAX_TTL)}),
+        "deadline": st.integers(4_000_000_000_000, DEADLINE_MS[1] - 1),  # 2096: never expires
+        "edges": st.just([2**63 - 1, -(2**63), 1.7976931348623157e308, -0.0, "", "\u0000"]),
     }
     for key in draw(st.lists(st.sampled_from(sorted(optional)), unique=True)):
-        doc[key] = draw(optional[key])
+        if key == "edges":  # legal extremes, carried back in the response's metadata
+            doc["metadata"] = draw(optional[key])
+        else:
+            doc[key] = draw(optional[key])
     return doc
 
 

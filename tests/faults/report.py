@@ -21,13 +21,17 @@ from typing import Any
 BEGIN = "<!-- faults:begin -->"
 END = "<!-- faults:end -->"
 COLUMNS = ("scenario", "requests", "outputs", "lost", "duplicates", "upstream duplicate calls",
-           "time", "notes")
+           "stalled partitions", "time", "notes")
 
 
 def _cells(row: Any) -> list[str]:
-    get = row.get if isinstance(row, dict) else lambda k: getattr(row, k)
+    def get(k: str) -> Any:
+        if isinstance(row, dict):
+            return row.get(k, 0)  # results written before a column existed
+        return getattr(row, k)
+
     counts = [f"{get(k):,}" for k in ("requests", "outputs", "lost", "duplicates",
-                                        "upstream_duplicates")]
+                                        "upstream_duplicates", "stalled")]
     return [str(get("scenario")), *counts, f"{get('seconds'):.0f} s", str(get("notes"))]
 
 

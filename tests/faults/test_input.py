@@ -48,7 +48,9 @@ async def test_hostile_records_mixed_with_valid_ones(stack: Stack, mocks: list[M
         assert "Traceback" not in worker.log.read_text(errors="replace")
         await stop_all([worker])
         await trial.verdict(f"{n:,} malformed (Hypothesis: bad JSON, deep nesting, huge, wrong types, "
-                            f"invalid UTF-8, control characters) + {n:,} valid; 1 worker, never restarted")
+                            f"invalid UTF-8, control characters, values no output can carry: "
+                            f"integers beyond int64, NaN/Infinity, cache.ttl and deadline out of "
+                            f"range) + {n:,} valid with legal extremes; 1 worker, never restarted")
 
 
 @pytest.fixture

@@ -9,7 +9,9 @@ Every scenario ends with the same check (``Trial.verdict``):
   call log against the response's LogAppendTime): upstream duplicate calls = 0;
 - no committed offset ever passed a record whose output was not yet published: the group's
   committed offsets are sampled twice a second; a record below an offset committed at time T
-  must have an output appended by the broker at or before T.
+  must have an output appended by the broker at or before T;
+- no partition is stalled: once every record has its output and the workers have stopped, the
+  group's committed offset of every partition reaches the partition's end.
 
 The output topics are created with ``message.timestamp.type=LogAppendTime``, so an output's
 timestamp is when the broker appended it, on the same clock as the mocks and the sampler.
@@ -73,6 +75,7 @@ class Row:
     seconds: float
     notes: str = ""
     size: str = SIZE
+    stalled: int = 0  # partitions whose committed offset never reached their end
 
 
 @dataclass(slots=True)
@@ -315,6 +318,26 @@ class Trial:
                                f"of offset(s) {late}")
         return bad
 
+    def ends(self) -> dict[int, int]:
+        """The end offset (last offset + 1) of every partition that received a record."""
+        ends: dict[int, int] = {}
+        for p, o in self.sent:
+            ends[p] = max(ends.get(p, 0), o + 1)
+        return ends
+
+    async def stalled(self, timeout: float = 20.0) -> dict[int, tuple[int, int]]:
+        """Partitions whose committed offset has not reached their end: {partition: (committed,
+        end)}; waits up to ``timeout`` for the sampler to see the last commits."""
+        ends = self.ends()
+        deadline = time.monotonic() + timeout
+        while True:
+            committed = self.samples[-1][1] if self.samples else {}
+            behind = {p: (committed.get(p, -1), e) for p, e in ends.items()
+                      if committed.get(p, -1) < e}
+            if not behind or time.monotonic() > deadline:
+                return behind
+            await asyncio.sleep(SAMPLE_SECONDS)
+
     async def drain(self) -> None:
         """Read until a second passes without a new output (late duplicates included)."""
         while True:
@@ -334,10 +357,12 @@ class Trial:
         duplicates = outputs - self.answered
         violations = self.commit_violations()
         committed = sum(1 for _, c in self.samples if any(c.values()))
+        stalled = await self.stalled()
         extra = [f"{redone:,} upstream calls redone for requests unanswered at a crash or "
                  "rebalance (at-least-once)"] if redone else []
         row = Row(self.scenario, len(self.sent), outputs, lost, duplicates, len(late),
-                  round(self.seconds, 1), "; ".join(filter(None, [notes, *extra])))
+                  round(self.seconds, 1), "; ".join(filter(None, [notes, *extra])),
+                  stalled=len(stalled))
         ROWS.append(row)
         assert lost == 0, f"{lost} records without output, e.g. {self.missing()[:5]}"
         assert not self._unplaced, f"outputs for records never produced: {self._unplaced[:3]}"
@@ -345,6 +370,7 @@ class Trial:
         assert foreign_calls == 0, f"{foreign_calls} upstream calls with unknown prompts"
         assert not violations, f"offsets committed past unpublished outputs: {violations[:5]}"
         assert committed > 0, "the commit sampler never saw a committed offset"
+        assert not stalled, f"stalled partitions {{partition: (committed, end)}}: {stalled}"
         return row
 
 

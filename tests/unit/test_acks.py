@@ -87,3 +87,20 @@ def test_out_of_order_add_is_sorted_in() -> None:
     assert tr.tracked(TP) == [8, 10]
     assert tr.finish(TP, 10) == []
     assert tr.finish(TP, 8) == ["8", "10"]
+
+
+def test_len_counts_every_tracked_offset_until_released() -> None:
+    tr: AckTracker[int] = AckTracker()
+    other = ("t", 1)
+    for off in range(5):
+        tr.add(TP, off, off)
+    tr.add(other, 10, 10)
+    assert len(tr) == 6
+    tr.finish(TP, 3)
+    assert len(tr) == 6  # finished behind offset 0: still tracked
+    assert tr.finish(TP, 0) == [0]
+    assert len(tr) == 5
+    tr.revoke([TP])
+    tr.add(TP, 3, 33)  # redelivered from faust's committed position: 1 and 2 are dropped
+    assert len(tr) == 3 and tr.tracked(TP) == [3, 4]
+    assert tr.pending(TP) == [33] and len(tr) == 2

@@ -7,8 +7,10 @@ import pytest
 
 from streams.contract import (
     Completion,
+    Request,
     Source,
     dead_letter_record,
+    minimal_dead_letter,
     parse_request,
     peek_id,
     response_record,
@@ -31,7 +33,7 @@ def test_minimal_input_request_gets_defaults() -> None:
 def test_messages_request_keeps_everything() -> None:
     req = parse({
         "id": "b", "messages": [{"role": "user", "content": "x"}], "model": "gpt",
-        "params": {"temperature": 0}, "priority": 0, "tenant": "t", "deadline": 5,
+        "params": {"temperature": 0}, "priority": 0, "tenant": "t", "deadline": 1_800_000_000_000,
         "cache": {"ttl": 9, "no_store": True}, "metadata": {"k": [1, 2]},
     })
     assert req.model == "gpt" and req.params == {"temperature": 0} and req.cache.ttl == 9
@@ -138,3 +140,74 @@ def test_dead_letter_raw_base64_and_truncation() -> None:
                                   request_id=None, attempts=0, endpoints=[], raw_limit=5)
     doc = orjson.loads(value)
     assert doc["raw"] == "éé" and "raw_encoding" not in doc  # a split character is dropped
+
+
+# -- values that parse but cannot be written back (issue 12) ---------------------------------
+
+BIG = 2**64 + 1  # beyond int64 and uint64: orjson refuses it
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"id":"a","input":"x","metadata":%d}' % BIG, "metadata"),
+        (b'{"id":"a","input":"x","metadata":{"n":[1,%d]}}' % 2**63, "metadata.n[1]"),
+        (b'{"id":"a","input":"x","metadata":{"n":%d}}' % -(2**63 + 1), "metadata.n"),
+        (b'{"id":"a","input":"x","metadata":NaN}', "metadata"),
+        (b'{"id":"a","input":"x","metadata":{"x":[Infinity]}}', "metadata.x[0]"),
+        (b'{"id":"a","input":"x","params":{"temperature":1e400}}', "params.temperature"),
+        (b'{"id":"a","input":"x","params":{"seed":%d}}' % BIG, "params.seed"),
+        (b'{"id":"a","messages":[{"role":"user","content":"x","n":%d}]}' % BIG, "messages[0].n"),
+        (b'{"id":"a","messages":[{"role":"user","content":[{"t":-Infinity}]}]}',
+         "messages[0].content[0].t"),
+        (b'{"id":"a","input":"x","cache":{"ttl":%d}}' % BIG, "cache.ttl"),
+        (b'{"id":"a","input":"x","cache":{"ttl":2592001}}', "cache.ttl"),
+        (b'{"id":"a","input":"x","deadline":%d}' % BIG, "deadline"),
+        (b'{"id":"a","input":"x","deadline":%d}' % 2**63, "deadline"),
+        (b'{"id":"a","input":"x","deadline":1700000000}', "deadline"),  # seconds, not ms
+        (b'{"id":"a","input":"x","deadline":4102444800000}', "deadline"),
+    ],
+)
+def test_unrepresentable_values_are_validation_errors_naming_the_field(raw: bytes, field: str) -> None:
+    with pytest.raises(ValidationFailed) as info:
+        parse_request(raw, max_bytes=LIMIT, default_model="m")
+    assert str(info.value).startswith(f"{field}: "), str(info.value)
+
+
+def test_edges_of_the_ranges_are_accepted() -> None:
+    req = parse({"id": "a", "input": "x", "metadata": [2**63 - 1, -(2**63), 1e308, -0.0],
+                 "cache": {"ttl": 2_592_000}, "deadline": 946_684_800_000})
+    assert req.cache.ttl == 2_592_000
+    orjson.dumps(req.model_dump(mode="json"))  # everything accepted can be written back
+    with pytest.raises(ValidationFailed, match="cache.ttl"):
+        parse_request(b'{"id":"a","input":"x","cache":{"ttl":61}}', max_bytes=LIMIT,
+                      default_model="m", max_ttl=60)
+
+
+def test_dead_letter_falls_back_to_a_minimal_record_when_the_request_cannot_be_encoded() -> None:
+    src = Source("llm.requests", 1, 7, 5)
+    raw = b'{"id":"p","input":"x","metadata":%d}' % BIG
+    req = Request.model_construct(id="p", input="x", metadata=BIG)  # skips our validation
+    err = ValidationFailed("bad \ud800 text")  # a lone surrogate orjson refuses as well
+    value, headers = dead_letter_record(error=err, source=src, value=raw, request=req,
+                                        request_id="p", attempts=0, endpoints=[], raw_limit=1000)
+    doc = orjson.loads(value)
+    assert doc["fallback"] is True and doc["id"] == "p" and doc["request"] is None
+    assert doc["raw_encoding"] == "base64" and base64.b64decode(doc["raw"]) == raw
+    assert doc["error"]["type"] == "validation" and doc["source"]["offset"] == 7
+    assert dict(headers)["__connect.errors.exception.message"].startswith(b"bad ")
+
+
+def test_minimal_dead_letter_of_a_broken_error_still_encodes() -> None:
+    class Odd(ValidationFailed):
+        status = 2**70
+
+    value = minimal_dead_letter(Odd("x"), Source("t", 0, 0, 0), b"\xff" * 10, "i" * 300, 4)
+    doc = orjson.loads(value)
+    assert doc["error"]["status"] is None and doc["id"] is None and doc["truncated"] is True
+
+
+def test_peek_id_reads_records_rejected_for_their_values() -> None:
+    assert peek_id(b'{"id": "n", "metadata": NaN}') == "n"
+    assert peek_id(b'{"id": "b", "deadline": %d}' % 2**70) == "b"
+    assert peek_id(b'{"id": "d", "x": ' + b"[" * 300 + b"]" * 300 + b"}") is None
