@@ -49,7 +49,7 @@ _SHOWN_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 _SECRET_KEY = re.compile(r"pass|secret|token|key", re.IGNORECASE)
 # A quoted token in a PyYAML problem ('found undefined alias %r'): a value starting with
 # '*', '&' or '!' would be printed whole; one or two characters say enough.
-_QUOTED = re.compile(r"'[^']{3,}'|\"[^\"]{3,}\"")
+_QUOTED = re.compile(r"'[^'\s]{3,}'|\"[^\"\s]{3,}\"")
 
 
 def env_name(value: str | None) -> str | None:
@@ -344,7 +344,7 @@ def _resolve_secrets(settings: Settings, environ: Mapping[str, str]) -> Settings
             return None
         value = environ.get(env_name)
         if value is None:
-            shown = env_name if _SHOWN_ENV_NAME.fullmatch(env_name) else "it names"
+            shown = env_name if _SHOWN_ENV_NAME.fullmatch(env_name) else "named there"
             raise ConfigError(f"invalid config key {what}: environment variable {shown} is not set")
         return SecretStr(value)
 

@@ -4,18 +4,28 @@ import base64
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streams.contract import (
+    MAX_TOKEN_COUNT,
+    USAGE_KEYS,
     Completion,
+    Request,
     Source,
     dead_letter_record,
     parse_request,
     peek_id,
     response_record,
+    upstream_usage,
 )
 from streams.errors import UpstreamStatusError, ValidationFailed
 
 LIMIT = 1 << 20
+
+
+def _req() -> Request:
+    return Request(id="r1", input="hi", model="m")
 
 
 def parse(doc: object) -> object:
@@ -138,3 +148,33 @@ def test_dead_letter_raw_base64_and_truncation() -> None:
                                   request_id=None, attempts=0, endpoints=[], raw_limit=5)
     doc = orjson.loads(value)
     assert doc["raw"] == "éé" and "raw_encoding" not in doc  # a split character is dropped
+
+
+# What orjson.loads can give for a count (integers beyond 64 bits come back as floats).
+_INT = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+_COUNT = st.one_of(_INT, st.booleans(), st.floats(allow_nan=False, allow_infinity=False),
+                   st.text(max_size=5), st.none(), st.lists(_INT, max_size=2))
+
+
+@given(st.one_of(st.none(), st.dictionaries(st.sampled_from(USAGE_KEYS), _COUNT),
+                 _COUNT))
+def test_usage_from_upstream_is_counts_or_unknown(usage: object) -> None:
+    comp = Completion(model="m", body={"choices": [], "usage": usage}, endpoint="a", attempts=1)
+    counts = comp.usage
+    assert set(counts) == set(USAGE_KEYS)
+    assert all(type(v) is int and 0 <= v <= MAX_TOKEN_COUNT for v in counts.values())
+    valid = upstream_usage(comp.body)
+    if valid is None:
+        assert counts == dict.fromkeys(USAGE_KEYS, 0)
+    else:
+        assert valid == counts
+    orjson.loads(response_record(_req(), comp, latency_ms=1))  # always encodable
+
+
+def test_bools_negatives_and_fractions_are_not_counts() -> None:
+    for usage in ({"prompt_tokens": True}, {"total_tokens": -1}, {"completion_tokens": 1.0},
+                  {"total_tokens": 2**53}, {"prompt_tokens": "3"}, [1]):
+        assert upstream_usage({"usage": usage}) is None, usage
+    assert upstream_usage({"usage": {"total_tokens": 7}}) == {
+        "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 7}
+    assert upstream_usage({}) is None
