@@ -288,17 +288,23 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
-def _suspects(data: Any, key: str = "") -> list[str]:
+def _suspects(data: Any, budget: int = 100_000) -> list[str]:
     """Strings in raw config data that may be secrets: values of secret-looking keys and
-    passwords in URLs (and their query parameters). Only used to mask error text."""
-    if isinstance(data, Mapping):
-        return [s for k, v in data.items() for s in _suspects(v, str(k))]
-    if isinstance(data, list | tuple):
-        return [s for v in data for s in _suspects(v, key)]
-    if not isinstance(data, str):
-        return []
-    found = [data] if _SECRET_KEY.search(key) else []
-    found += url_secrets(data)
+    passwords in URLs (and their query parameters). Only used to mask error text; the walk
+    is bounded (YAML aliases can make a small file a huge tree)."""
+    found: list[str] = []
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack and budget > 0:
+        budget -= 1
+        key, node = stack.pop()
+        if isinstance(node, Mapping):
+            stack += [(str(k), v) for k, v in node.items()]
+        elif isinstance(node, list | tuple):
+            stack += [(key, v) for v in node]
+        elif isinstance(node, str):
+            if _SECRET_KEY.search(key):
+                found.append(node)
+            found += url_secrets(node)
     return found
 
 
@@ -330,8 +336,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML{_yaml_problem(exc)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ConfigError(f"config file {path} must hold a mapping of sections by name")
     return data
 
 
