@@ -61,16 +61,21 @@ CASES: dict[str, tuple[str, dict[str, str], str]] = {
 }
 
 
+def _worker(cfg: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``llm-streams worker --config cfg`` with only ``env`` as LLM_STREAMS__ overrides."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LLM_STREAMS__")}
+    return subprocess.run(
+        [sys.executable, "-m", "streams.cli", "worker", "--config", str(cfg)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env={**clean, **(env or {})},
+    )
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_config_errors_print_one_line_without_the_secret(tmp_path: Path, case: str) -> None:
     text, env, secret = CASES[case]
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("LLM_STREAMS__")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker", "--config", str(cfg)],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, env={**clean, **env},
-    )
+    proc = _worker(cfg, env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert secret not in out, out
@@ -81,18 +86,12 @@ def test_config_errors_print_one_line_without_the_secret(tmp_path: Path, case: s
 def test_a_yaml_error_still_says_where(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(CASES["yaml: unclosed quote after a redis url"][0])
-    proc = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker", "--config", str(cfg)],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
-    )
+    proc = _worker(cfg)
     assert "not valid YAML at line 3, column 1: found unexpected end of stream" in proc.stderr
 
 
 def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_bytes(b"redis:\n  url: redis://:\xff\xfe@h/0\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker", "--config", str(cfg)],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
-    )
+    proc = _worker(cfg)
     assert proc.returncode == 2 and proc.stderr == f"llm-streams: config file {cfg} is not UTF-8 text\n"
