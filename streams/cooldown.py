@@ -276,7 +276,7 @@ class Cooldowns:
                 continue  # a local change is newer than what we read
             raw_until, raw_probe = values[i], values[len(names) + i]
             until = self._deadline(name, raw_until)
-            owner = raw_probe.decode() if isinstance(raw_probe, bytes) else raw_probe
+            owner = raw_probe.decode(errors="replace") if isinstance(raw_probe, bytes) else raw_probe
             remote = owner is not None and owner != self._owner
             if until != st.until or remote != st.probing_remote:
                 changed = True

@@ -147,8 +147,10 @@ def _error_message(raw: bytes, status: int) -> str:
 async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
     """The whole body, or None once it passes ``limit`` bytes (the rest is never read)."""
     length = resp.content_length
-    if length is not None:
-        return await resp.read() if length <= limit else None
+    if length is not None and length > limit:
+        return None
+    if length is not None and not resp.headers.get("Content-Encoding"):
+        return await resp.read()  # the fast path; a compressed length says nothing of the size
     chunks, size = [], 0
     async for chunk in resp.content.iter_chunked(65_536):
         size += len(chunk)

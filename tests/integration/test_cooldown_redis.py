@@ -109,6 +109,17 @@ async def test_an_implausible_stored_deadline_is_ignored_and_overwritten(
     assert sum("implausible" in r.getMessage() for r in caplog.records) <= 2  # once per worker
 
 
+async def test_a_probe_lock_holding_binary_is_someone_else_s(pair: list[Any]) -> None:
+    clock = Clock()
+    w1, _ = _workers(pair, clock)
+    w1.record_failure("a", rate_limited=True, retry_after=1)
+    await w1.sync()
+    await pair[0].set("{test-cd}:cd:a:probe", b"\xff\xfe\x00")
+    await w1.sync()  # raised UnicodeDecodeError before
+    clock.now += 1
+    assert w1.state("a") is EndpointState.PROBING and not w1.usable("a")  # another's probe
+
+
 async def test_nan_retry_after_is_never_pushed_and_sync_keeps_working(
     pair: list[Any], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gzip
 import math
 from collections.abc import AsyncIterator
 from email.utils import format_datetime, formatdate
@@ -267,6 +268,25 @@ async def test_a_chunked_body_over_the_cap_is_not_read_whole() -> None:
             await _call(f"http://127.0.0.1:{server.port}/v1", max_response_bytes=16 * 1024)
         body = await _call(f"http://127.0.0.1:{server.port}/v1")  # default cap: fine
         assert body == {"choices": []}
+    finally:
+        await server.close()
+
+
+async def test_a_compressed_body_is_capped_by_its_decompressed_size() -> None:
+    bomb = gzip.compress(b'{"choices": [], "pad": "' + b" " * 2_000_000 + b'"}')
+
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(body=bomb, headers={"Content-Encoding": "gzip",
+                                                "Content-Type": "application/json"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        assert len(bomb) < 16 * 1024
+        with pytest.raises(UpstreamBadResponse, match="max_response_bytes"):
+            await _call(f"http://127.0.0.1:{server.port}/v1", max_response_bytes=64 * 1024)
     finally:
         await server.close()
 
