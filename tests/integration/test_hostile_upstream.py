@@ -12,7 +12,21 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import aiohttp
+
 from tests.integration.harness import Collector, Mock, Stack, encode, produce, request, start_worker
+
+
+async def _state(port: int, endpoint: str) -> str:
+    """The endpoint's state as the worker's /metrics reports it."""
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
+        text = await r.text()
+    for line in text.splitlines():
+        if line.startswith("llm_streams_endpoint_state{") and f'endpoint="{endpoint}"' in line \
+                and line.endswith(" 1.0"):
+            return line.split('state="')[1].split('"')[0]
+    return "unknown"
+
 
 HOSTILE_HEADERS = [
     {"Retry-After": "NaN"}, {"Retry-After": "inf"}, {"Retry-After": "-5"},
@@ -62,12 +76,16 @@ async def test_hostile_upstream_one_output_each_and_recovery(
             await hostile.configure(faults={}, error_headers=[])
             await asyncio.sleep(2.5)
             before = (await hostile.stats())["ok"]
-            await produce(stack.requests, encode(request(i) for i in range(n, n + 100)))
-            outs = await col.wait_for(n + 100, timeout=60)
-        later = [o.value for o in outs if o.value["id"] in {f"req-{i}" for i in range(n, n + 100)}]
-        assert all(o["status"] == "ok" for o in later)
-        # one probe first, then its share: a stuck cooldown (NaN) would give it none
+            for wave in range(5):  # in waves: one probe first, then its share
+                first = n + 20 * wave
+                await produce(stack.requests, encode(request(i) for i in range(first, first + 20)))
+                await col.wait_for(first + 20, timeout=60)
+                await asyncio.sleep(0.3)
+        later = [o.value for o in col.outputs if int(o.value["id"][4:]) >= n]
+        assert len(later) == 100 and all(o["status"] == "ok" for o in later)
+        # a cooldown stuck at NaN would give it nothing at all
         assert (await hostile.stats())["ok"] - before >= 10, "the hostile endpoint recovered"
+        assert await _state(worker.metrics_port, "hostile") == "healthy"
     finally:
         assert worker.stop() == 0
     log = worker.log.read_text()
