@@ -6,8 +6,10 @@ proportion to the weights (3:1 gives a a b a a a b a ..., never aaab bursts). An
 that is not usable for this pick (cooling down, saturated, excluded for a retry) is skipped
 without being credited, so its share flows to the others. Weight 0 means never.
 
-State is kept per model so requests for one model do not skew the shares of another when
-the sets of endpoints serving them differ.
+State is kept per set of serving endpoints, so requests for one model do not skew the
+shares of another when the sets of endpoints serving them differ. The sets are fixed by the
+config: a model named in some endpoint's ``models`` has its own, every other model shares
+the set of endpoints without ``models``. Model names invented by requests add no state.
 
 Usage::
 
@@ -22,7 +24,7 @@ from collections.abc import Callable, Sequence
 from streams.config import EndpointConfig
 
 
-class _ModelState:
+class _Rotation:
     __slots__ = ("endpoints", "current")
 
     def __init__(self, endpoints: list[EndpointConfig]) -> None:
@@ -34,26 +36,30 @@ class Balancer:
     """Picks endpoints for a model by weight; not thread-safe (one event loop)."""
 
     def __init__(self, endpoints: Sequence[EndpointConfig]) -> None:
-        self._endpoints = list(endpoints)
-        self._models: dict[str, _ModelState] = {}
+        # Weight-0 endpoints are left out entirely: they are never picked.
+        live = [e for e in endpoints if e.weight > 0]
+        by_set: dict[tuple[str, ...], _Rotation] = {}
 
-    def _state(self, model: str) -> _ModelState:
-        state = self._models.get(model)
-        if state is None:
-            # Weight-0 endpoints are left out entirely: they are never picked.
-            state = _ModelState([e for e in self._endpoints if e.weight > 0 and e.serves(model)])
-            self._models[model] = state
-        return state
+        def rotation(members: list[EndpointConfig]) -> _Rotation:
+            key = tuple(e.name for e in members)
+            return by_set.setdefault(key, _Rotation(members))
+
+        self._any = rotation([e for e in live if e.models is None])
+        named = {m for e in endpoints for m in e.models or ()}
+        self._models = {m: rotation([e for e in live if e.serves(m)]) for m in named}
+
+    def _rotation(self, model: str) -> _Rotation:
+        return self._models.get(model, self._any)
 
     def candidates(self, model: str) -> list[EndpointConfig]:
         """Every endpoint that could ever serve ``model`` (serves it, weight > 0)."""
-        return self._state(model).endpoints
+        return self._rotation(model).endpoints
 
     def pick(
         self, model: str, usable: Callable[[EndpointConfig], bool] | None = None
     ) -> EndpointConfig | None:
         """The next endpoint for ``model`` among those ``usable`` says yes to, or None."""
-        state = self._state(model)
+        state = self._rotation(model)
         current = state.current
         total = 0.0
         best = -1

@@ -13,6 +13,7 @@ Usage::
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -28,11 +29,34 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from streams.errors import ConfigError
+from streams.redact import Redactor, url_secrets
 
 ENV_PREFIX = "LLM_STREAMS__"
+
+# An env var name as shells write them; a name is echoed in errors only when it has this
+# conventional upper-case form (a password pasted into ``*_env`` by mistake stays unprinted).
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+_SHOWN_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+# Keys whose values may be secrets: masked in any error text, just in case.
+_SECRET_KEY = re.compile(r"pass|secret|token|key", re.IGNORECASE)
+# A quoted token in a PyYAML problem ('found undefined alias %r'): a value starting with
+# '*', '&' or '!' would be printed whole; one or two characters say enough.
+_QUOTED = re.compile(r"'[^'\s]{3,}'|\"[^\"\s]{3,}\"")
+
+
+def env_name(value: str | None) -> str | None:
+    """A validator for ``*_env`` keys: a shell variable name; the value is never echoed."""
+    if value is not None and not _ENV_NAME.fullmatch(value):
+        raise ValueError("is not an environment variable name (letters, digits and _)")
+    return value
 
 
 class _Section(BaseModel):
@@ -55,6 +79,8 @@ class KafkaConfig(_Section):
     ssl_keyfile: str | None = None
     session_timeout_seconds: float = Field(30.0, gt=0)
     commit_interval_seconds: float = Field(1.0, gt=0)
+
+    _env_name = field_validator("sasl_password_env")(env_name)
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaConfig:
@@ -87,6 +113,8 @@ class RedisConfig(_Section):
     key_prefix: str = "llmstreams"
     socket_timeout_seconds: float = Field(1.0, gt=0)
     max_connections: int = Field(128, ge=1)
+
+    _env_name = field_validator("password_env")(env_name)
 
     @field_validator("url")
     @classmethod
@@ -190,6 +218,11 @@ class EndpointConfig(_Section):
     tpm: int | None = Field(None, ge=1)
     max_concurrency: int | None = Field(None, ge=1)
     timeout_seconds: float = Field(60.0, gt=0)
+    # A longer answer is not read (dead letter "upstream"): bounds the memory of one call,
+    # far above any chat completion (a response record over Kafka's 1 MiB fails anyway).
+    max_response_bytes: int = Field(8 * 1_048_576, ge=1_024)
+
+    _env_name = field_validator("api_key_env")(env_name)
 
     @field_validator("url")
     @classmethod
@@ -252,9 +285,8 @@ class Settings(BaseSettings):
         found = [e.api_key for e in self.endpoints]
         found += [self.kafka.sasl_password, self.redis.password]
         values = [s.get_secret_value() for s in found if s is not None]
-        url_password = urlsplit(self.redis.url.get_secret_value()).password
-        if url_password:
-            values += [url_password, unquote(url_password)]
+        values += url_secrets(self.redis.url.get_secret_value())
+        values += [v for e in self.endpoints for v in url_secrets(e.url)]
         return [v for v in values if v]
 
     @classmethod
@@ -270,11 +302,43 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
-def _format_error(exc: ValidationError) -> str:
+def _suspects(data: Any, budget: int = 100_000) -> list[str]:
+    """Strings in raw config data that may be secrets: values of secret-looking keys and
+    passwords in URLs (and their query parameters). Only used to mask error text; the walk
+    is bounded (YAML aliases can make a small file a huge tree)."""
+    found: list[str] = []
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack and budget > 0:
+        budget -= 1
+        key, node = stack.pop()
+        if isinstance(node, Mapping):
+            stack += [(str(k), v) for k, v in node.items()]
+        elif isinstance(node, list | tuple):
+            stack += [(key, v) for v in node]
+        elif isinstance(node, str):
+            if _SECRET_KEY.search(key):
+                found.append(node)
+            found += url_secrets(node)
+    return found
+
+
+def _format_error(exc: ValidationError, data: Any) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+    loc = ".".join(str(p)[:64] for p in err["loc"]) or "(root)"
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"invalid config key {loc}: {err['msg']}{more}"
+    # pydantic's messages do not quote the input (its str() does: never used), but a
+    # validator's own message might: mask whatever in the input could be a secret.
+    return Redactor(_suspects(data))(f"invalid config key {loc}: {err['msg']}{more}")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what is wrong, never the text there: PyYAML's str() quotes the lines
+    around the error, and a password may sit on them."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or getattr(exc, "reason", None)
+    what = _QUOTED.sub("'...'", str(problem)) if problem else type(exc).__name__
+    return f"{where}: {what}"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -282,10 +346,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections")
+        raise ConfigError(f"config file {path} is not valid YAML{_yaml_problem(exc)}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ConfigError(f"config file {path} must hold a mapping of sections by name")
     return data
 
 
@@ -298,7 +364,8 @@ def _resolve_secrets(settings: Settings, environ: Mapping[str, str]) -> Settings
             return None
         value = environ.get(env_name)
         if value is None:
-            raise ConfigError(f"invalid config key {what}: environment variable {env_name} is not set")
+            shown = env_name if _SHOWN_ENV_NAME.fullmatch(env_name) else "named there"
+            raise ConfigError(f"invalid config key {what}: environment variable {shown} is not set")
         return SecretStr(value)
 
     k, r = settings.kafka, settings.redis
@@ -328,5 +395,9 @@ def load_settings(
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc)) from None
+        raise ConfigError(_format_error(exc, [data, dict(os.environ), dict(environ or {})])
+                          ) from None
+    except SettingsError as exc:  # names the field and the source, never the value
+        raise ConfigError(f"invalid config from the environment: {exc} (sections and "
+                          "lists are given as JSON)") from None
     return _resolve_secrets(settings, os.environ if environ is None else environ)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -203,6 +204,35 @@ def peek_id(value: bytes | None) -> str | None:
     return rid if isinstance(rid, str) and 0 < len(rid) <= 256 else None
 
 
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+# No real answer counts more tokens; above this a count is not exact as a float (Prometheus).
+MAX_TOKEN_COUNT = 2**53 - 1
+
+
+def upstream_usage(body: Mapping[str, Any]) -> dict[str, int] | None:
+    """The body's ``usage`` counts (a missing count is 0), or None when unknown.
+
+    Unknown: no ``usage`` object, or one whose counts are not all integers in
+    ``[0, MAX_TOKEN_COUNT]`` (a bool is not a count). Upstreams are not trusted: an invalid
+    usage is never counted or charged, and never fails the answer it came with.
+    """
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    out = {}
+    for key in USAGE_KEYS:
+        v = usage.get(key, 0)
+        if type(v) is not int or not 0 <= v <= MAX_TOKEN_COUNT:
+            return None
+        out[key] = v
+    return out
+
+
+def usage_is_invalid(body: Mapping[str, Any]) -> bool:
+    """True when the body carries a ``usage`` that ``upstream_usage`` refuses."""
+    return body.get("usage") is not None and upstream_usage(body) is None
+
+
 @dataclass(slots=True)
 class Completion:
     """What a successful dispatch (or a cache hit) yields."""
@@ -224,13 +254,8 @@ class Completion:
 
     @property
     def usage(self) -> dict[str, int]:
-        usage = self.body.get("usage")
-        usage = usage if isinstance(usage, dict) else {}
-        out = {}
-        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
-            v = usage.get(key)
-            out[key] = v if isinstance(v, int) else 0
-        return out
+        """The upstream's token counts; all 0 when it sent none or an invalid one."""
+        return upstream_usage(self.body) or dict.fromkeys(USAGE_KEYS, 0)
 
 
 def response_record(req: Request, comp: Completion, *, latency_ms: int) -> bytes:

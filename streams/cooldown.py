@@ -9,6 +9,10 @@ one, never shortened. Once the deadline passes, exactly one probe request is let
 success makes the endpoint healthy, failure cools it down again. A cooled-down endpoint
 gets no traffic, so its share flows to the others (see ``balancer.py``).
 
+Every value from outside is bounded: a Retry-After that is not a number is ignored, any
+other is clamped to ``[0, retry.max_retry_after_ms]``; a deadline read back from Redis that
+is not a finite epoch within the longest possible cooldown is ignored and overwritten.
+
 Reads are local and synchronous (the dispatcher checks every pick); ``sync()`` pushes this
 worker's changes and pulls the group's state, and runs in the dispatcher's background loop.
 Deadlines are epoch seconds from the injected clock (wall time, common to all hosts).
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -35,6 +40,7 @@ from typing import Any
 
 from streams.config import EndpointConfig, RetryConfig
 from streams.redis_io import REDIS_ERRORS, CommandErrorLog, is_outage
+from streams.retry import bounded_wait
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +51,17 @@ _STATE_TTL_MS = 24 * 3600 * 1000
 _PROBE_MARGIN_SECONDS = 5.0
 _REDIS_RETRY_SECONDS = 1.0
 
+# A deadline read back from Redis further ahead than the longest cooldown by more than this
+# (clock skew between hosts) was not written by a sane worker: it is ignored and overwritten.
+_SKEW_SECONDS = 60.0
+
 # KEYS[1] deadline key, KEYS[2] probe key; ARGV[1] deadline ms, ARGV[2] ttl ms,
-# ARGV[3] '1' to drop the probe lock. Keeps the later deadline; returns the stored one.
+# ARGV[3] '1' to drop the probe lock, ARGV[4] the latest plausible deadline ms.
+# Keeps the later deadline; returns the stored one. A stored value that is not a plausible
+# deadline (garbage, NaN, inf, too far ahead: another version's or a stranger's) counts as 0.
 _EXTEND_LUA = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cur == nil or cur ~= cur or cur > tonumber(ARGV[4]) then cur = 0 end
 local new = tonumber(ARGV[1])
 if new > cur then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -97,6 +110,9 @@ class Cooldowns:
         self._threshold = config.cooldown_after_failures
         self._period = config.cooldown_seconds
         self._max_retry_after = config.max_retry_after_ms / 1000.0
+        # The furthest ahead a deadline read from Redis may lie (see _SKEW_SECONDS).
+        self._horizon = max(self._period, self._max_retry_after) + _SKEW_SECONDS
+        self._unreadable: set[str] = set()  # endpoints whose bad stored deadline was logged
         self._base = f"{{{key_prefix}}}:cd"
         self._owner = uuid.uuid4().hex
         self._degraded = False
@@ -187,9 +203,8 @@ class Cooldowns:
         st.fails += 1
         if not (probe or rate_limited or st.fails >= self._threshold or st.until is not None):
             return False
-        period = self._period
-        if retry_after is not None:
-            period = min(max(retry_after, 0.0), self._max_retry_after)
+        asked = bounded_wait(retry_after, self._max_retry_after)
+        period = self._period if asked is None else asked
         until = self._clock() + period
         if st.until is None or until > st.until:  # extend, never shorten
             st.until = until
@@ -244,13 +259,16 @@ class Cooldowns:
             keys = [until_key, probe_key] if drop else [until_key]
             await self._redis.delete(*keys)
         else:
+            now_ms = round(self._clock() * 1000)
             ms = round(st.until * 1000)
-            ttl = max(ms - round(self._clock() * 1000), 0) + _STATE_TTL_MS
+            ttl = max(ms - now_ms, 0) + _STATE_TTL_MS
+            latest = now_ms + round(self._horizon * 1000)
             stored = await self._redis.eval(
-                _EXTEND_LUA, 2, until_key, probe_key, ms, ttl, "1" if drop else "0"
+                _EXTEND_LUA, 2, until_key, probe_key, ms, ttl, "1" if drop else "0", latest
             )
-            if st.until is not None:  # another worker's later deadline wins
-                st.until = max(st.until, float(stored) / 1000.0)
+            theirs = self._deadline(name, stored)
+            if st.until is not None and theirs is not None:  # a later deadline wins
+                st.until = max(st.until, theirs)
         if st.version == version:
             st.synced = version
             st.drop_probe = False
@@ -266,8 +284,8 @@ class Cooldowns:
             if st.version != st.synced:
                 continue  # a local change is newer than what we read
             raw_until, raw_probe = values[i], values[len(names) + i]
-            until = float(raw_until) / 1000.0 if raw_until is not None else None
-            owner = raw_probe.decode() if isinstance(raw_probe, bytes) else raw_probe
+            until = self._deadline(name, raw_until)
+            owner = raw_probe.decode(errors="replace") if isinstance(raw_probe, bytes) else raw_probe
             remote = owner is not None and owner != self._owner
             if until != st.until or remote != st.probing_remote:
                 changed = True
@@ -275,6 +293,27 @@ class Cooldowns:
             if until is None:
                 st.probing_local = False
         return changed
+
+    def _deadline(self, name: str, raw: Any) -> float | None:
+        """A deadline (epoch s) read from Redis, or None when absent or not plausible.
+
+        Anything may sit in Redis (an older version's value, a stranger's write): a value
+        that is not a number, not finite, or further ahead than any cooldown can last is
+        ignored (logged once per endpoint), never trusted.
+        """
+        if raw is None:
+            return None
+        try:
+            until = float(raw) / 1000.0
+        except (TypeError, ValueError):
+            until = math.nan
+        if math.isfinite(until) and until <= self._clock() + self._horizon:
+            return until
+        if name not in self._unreadable:
+            self._unreadable.add(name)
+            log.warning("ignoring an implausible cooldown deadline stored in redis for "
+                        "endpoint %s; the next cooldown overwrites it", name)
+        return None
 
     def _use_redis(self) -> bool:
         return self._redis is not None and (not self._degraded or self._clock() >= self._retry_at)

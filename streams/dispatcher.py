@@ -38,7 +38,7 @@ from prometheus_client.registry import Collector
 
 from streams.balancer import Balancer
 from streams.config import EndpointConfig, Settings
-from streams.contract import Completion, Request
+from streams.contract import Completion, Request, upstream_usage
 from streams.cooldown import Cooldowns, EndpointState
 from streams.errors import (
     AttemptsExhausted,
@@ -205,15 +205,11 @@ class _StateCollector(Collector):
 
 
 def _used_tokens(body: Mapping[str, Any]) -> int | None:
-    usage = body.get("usage")
-    if not isinstance(usage, dict):
+    """Tokens the answer used, for the tpm charge; None when unknown (the estimate stands)."""
+    usage = upstream_usage(body)
+    if usage is None:
         return None
-    total = usage.get("total_tokens")
-    if isinstance(total, int) and total > 0:
-        return total
-    parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
-    summed = sum(p for p in parts if isinstance(p, int))
-    return summed or None
+    return usage["total_tokens"] or (usage["prompt_tokens"] + usage["completion_tokens"]) or None
 
 
 def _not_processed(exc: StreamsError) -> bool:

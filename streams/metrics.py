@@ -1,7 +1,9 @@
 """Prometheus metrics of the pipeline, and the worker's small HTTP server.
 
 The registry is passed in, never the global one, so two workers in one process (tests) do not
-interfere. Labels are bounded: topic, outcome, error type, model (from config and requests).
+interfere. Labels are bounded: topic, outcome, error type come from code and config; a
+``model`` label (request-supplied) takes the configured models and at most
+``MAX_MODEL_LABELS`` others, then ``other`` (``ModelLabels``).
 
 Usage::
 
@@ -12,21 +14,56 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from streams.config import Settings
 
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 )
 
 
-class PipelineMetrics:
-    """Counters and gauges of the consume -> answer -> publish pipeline."""
+# Prometheus keeps every series for the life of the process, and a request may name any
+# model: beyond the configured ones, this many distinct names get a label of their own
+# (enough for a wildcard endpoint's real models), the rest share ``other``.
+MAX_MODEL_LABELS = 64
+OTHER = "other"
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+
+def configured_models(settings: Settings) -> set[str]:
+    """The model names the config itself mentions (always labelled by name)."""
+    return {settings.worker.default_model, *(m for e in settings.endpoints for m in e.models or ())}
+
+
+class ModelLabels:
+    """Maps a model name to a bounded label value: itself, or ``other`` beyond the cap."""
+
+    def __init__(self, known: Iterable[str] = (), cap: int = MAX_MODEL_LABELS) -> None:
+        self._named = set(known)
+        self._room = cap
+
+    def __call__(self, model: str) -> str:
+        if model in self._named:
+            return model
+        if self._room > 0:
+            self._room -= 1
+            self._named.add(model)
+            return model
+        return OTHER
+
+
+class PipelineMetrics:
+    """Counters and gauges of the consume -> answer -> publish pipeline.
+
+    ``models``: names that always get their own ``model`` label (``configured_models``).
+    """
+
+    def __init__(self, registry: CollectorRegistry, models: Iterable[str] = ()) -> None:
+        self.model_label = ModelLabels(models)
         self.consumed = Counter(
             "llm_streams_records_consumed", "Request records consumed", ["topic"],
             registry=registry,
@@ -69,6 +106,12 @@ class PipelineMetrics:
             "llm_streams_assigned_partitions", "Partitions of the requests topic assigned to this worker",
             registry=registry,
         )
+
+    def count_tokens(self, model: str, usage: Mapping[str, int]) -> None:
+        """Add an answer's validated usage (``Completion.usage``) under a bounded label."""
+        label = self.model_label(model)
+        self.tokens.labels(label, "prompt").inc(usage["prompt_tokens"])
+        self.tokens.labels(label, "completion").inc(usage["completion_tokens"])
 
 
 async def start_http(

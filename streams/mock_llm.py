@@ -10,7 +10,12 @@ jitter_ms, error_rate, status_on_error, retry_after, down, faults, hang_seconds)
 ``{"500": 0.2, "429": 0.1, "hang": 0.05, "reset": 0.05}``. A status fault answers with that
 status (a 429 or 503 carries ``Retry-After: retry_after``, default 1 s); ``hang`` holds the
 call for ``hang_seconds`` (past any client timeout); ``reset`` aborts the connection with a
-TCP reset.
+TCP reset. Hostile answers, each a 200: ``bad_usage`` (a completion whose ``usage`` is
+negative, fractional, a bool, a string, huge...), ``no_choices`` (JSON without ``choices``),
+``not_json`` (an HTML page), ``wrong_type`` (a valid completion sent as ``text/html``),
+``oversized`` (a valid completion of ``oversize_bytes``). ``error_headers``: a list of header
+sets; each error answer sends one of them, drawn per call, instead of ``Retry-After`` (e.g.
+``[{"Retry-After": "NaN"}, {"x-ratelimit-reset-tokens": "inf"}]``).
 
 Usage::
 
@@ -45,9 +50,24 @@ class MockBehaviour:
     down: bool = False  # answer every call with status_on_error
     faults: dict[str, float] = field(default_factory=dict)  # chaos mix, see the module doc
     hang_seconds: float = 300.0
+    error_headers: list[dict[str, str]] = field(default_factory=list)  # one drawn per error
+    oversize_bytes: int = 9 * 1_048_576
 
 
 FAULT_KINDS = ("hang", "reset")  # besides HTTP statuses "400".."599"
+BODY_FAULTS = ("bad_usage", "no_choices", "not_json", "wrong_type", "oversized")
+# Usage blocks no upstream should send: each must count as unknown, never fail an answer.
+BAD_USAGES: tuple[object, ...] = (
+    {"prompt_tokens": -5, "completion_tokens": 3, "total_tokens": -2},
+    {"prompt_tokens": 1.5, "completion_tokens": 2, "total_tokens": 3.5},
+    {"prompt_tokens": True, "completion_tokens": False, "total_tokens": True},
+    {"prompt_tokens": "12", "completion_tokens": "3", "total_tokens": "15"},
+    {"prompt_tokens": 2**63 - 1, "completion_tokens": 2**63 - 1, "total_tokens": 2**63 - 1},
+    {"prompt_tokens": None, "completion_tokens": [1], "total_tokens": {"n": 1}},
+    "lots",
+    [1, 2, 3],
+)
+
 _LOG_MAX = 1_000_000
 
 
@@ -57,13 +77,23 @@ def check_faults(faults: object) -> dict[str, float]:
         raise ValueError("faults must be an object of kind: share")
     for kind, share in faults.items():
         status_ok = kind.isdigit() and 400 <= int(kind) <= 599
-        if not (status_ok or kind in FAULT_KINDS):
-            raise ValueError(f"unknown fault {kind!r}: an HTTP status 400-599, hang or reset")
+        if not (status_ok or kind in FAULT_KINDS or kind in BODY_FAULTS):
+            kinds = ", ".join((*FAULT_KINDS, *BODY_FAULTS))
+            raise ValueError(f"unknown fault {kind!r}: an HTTP status 400-599 or one of {kinds}")
         if not isinstance(share, int | float) or share < 0:
             raise ValueError(f"fault {kind}: share must be a number >= 0")
     if sum(faults.values()) > 1:
         raise ValueError("fault shares add up to more than 1")
     return {k: float(v) for k, v in faults.items()}
+
+
+def check_headers(sets: object) -> list[dict[str, str]]:
+    """A valid ``error_headers``: a list of objects of string header values."""
+    if not isinstance(sets, list) or not all(
+        isinstance(h, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                    for k, v in h.items()) for h in sets):
+        raise ValueError("error_headers must be a list of objects of header: string value")
+    return sets
 
 
 @dataclass
@@ -183,6 +213,9 @@ class MockLLM:
         delay = b.latency_ms + (self._rng.uniform(-b.jitter_ms, b.jitter_ms) if b.jitter_ms else 0)
         if delay > 0:
             await asyncio.sleep(delay / 1000.0)
+        if fault in BODY_FAULTS:
+            self.stats.record(now, 200, prompt, fault)
+            return self._hostile(fault, str(body.get("model", "mock")), prompt)
         if fault:
             status = int(fault)
             retry_after = (b.retry_after or 1.0) if status in (429, 503) else None
@@ -207,11 +240,28 @@ class MockLLM:
             r -= share
         return ""
 
+    def _hostile(self, fault: str, model: str, prompt: str) -> web.Response:
+        """A 200 that is not a well-formed chat completion (see ``BODY_FAULTS``)."""
+        payload = completion_body(model, prompt)
+        if fault == "not_json":
+            return web.Response(text="<html><body>502 Bad Gateway</body></html>",
+                                content_type="text/html")
+        if fault == "no_choices":
+            del payload["choices"]
+        elif fault == "bad_usage":
+            payload["usage"] = self._rng.choice(BAD_USAGES)
+        elif fault == "oversized":
+            payload["choices"][0]["message"]["content"] = "x" * self.behaviour.oversize_bytes
+        content_type = "text/html" if fault == "wrong_type" else "application/json"
+        return web.Response(body=orjson.dumps(payload), content_type=content_type)
+
     def _error(self, status: int, message: str, now: float, prompt: str | None = None,
                fault: str = "", retry_after: float | None = None) -> web.Response:
         self.stats.record(now, status, prompt, fault, retry_after)
         headers = {}
-        if retry_after is not None:
+        if self.behaviour.error_headers:
+            headers = dict(self._rng.choice(self.behaviour.error_headers))
+        elif retry_after is not None:
             headers["Retry-After"] = f"{retry_after:g}"
         doc = {"error": {"message": message, "type": "mock_error", "code": status}}
         return web.Response(
@@ -234,6 +284,8 @@ class MockLLM:
         try:
             if "faults" in changes:
                 changes["faults"] = check_faults(changes["faults"])
+            if "error_headers" in changes:
+                changes["error_headers"] = check_headers(changes["error_headers"])
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         for key, value in changes.items():

@@ -345,9 +345,7 @@ class Processor:
         self._metrics.outputs.labels(outcome).inc()
         self._metrics.latency.labels(outcome).observe(self._latency_ms(rec) / 1000.0)
         if not comp.cached:
-            usage = comp.usage
-            self._metrics.tokens.labels(comp.model, "prompt").inc(usage["prompt_tokens"])
-            self._metrics.tokens.labels(comp.model, "completion").inc(usage["completion_tokens"])
+            self._metrics.count_tokens(comp.model, comp.usage)
         return outcome
 
     async def _publish(self, topic: str, key: bytes | None, value: bytes,

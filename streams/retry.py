@@ -8,7 +8,8 @@ after the n-th failed attempt, so it stays between ``retry.base_delay_ms`` and
 ``retry.max_delay_ms``. When the endpoint said how long to wait (Retry-After,
 retry-after-ms, x-ratelimit-reset-*, parsed by ``upstream.parse_retry_after`` into
 ``UpstreamError.retry_after``), that replaces the backoff, capped at
-``retry.max_retry_after_ms``.
+``retry.max_retry_after_ms``. Every wait an endpoint asks for passes ``bounded_wait``: a
+value that is not a number (NaN) counts as not asked, anything else lands in ``[0, cap]``.
 
 Usage::
 
@@ -19,6 +20,7 @@ Usage::
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 
@@ -31,6 +33,16 @@ from streams.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+
+
+def bounded_wait(seconds: float | None, cap: float) -> float | None:
+    """``seconds`` clamped to ``[0, cap]``; None when absent or NaN (no wait was asked).
+
+    Waits come from outside (headers, Redis): ``inf`` becomes ``cap``, a negative one 0.
+    """
+    if seconds is None or math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), cap)
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -81,8 +93,8 @@ class Backoff:
 
     def retry_after(self, exc: BaseException | None) -> float | None:
         """The wait the endpoint asked for, capped by config; None if it asked nothing."""
-        if isinstance(exc, UpstreamError) and exc.retry_after is not None:
-            return min(max(exc.retry_after, 0.0), self._max_retry_after)
+        if isinstance(exc, UpstreamError):
+            return bounded_wait(exc.retry_after, self._max_retry_after)
         return None
 
     def delay(self, failures: int, exc: BaseException | None = None) -> float:

@@ -6,6 +6,11 @@ aiohttp errors are translated here into the ``UpstreamError`` family.
 ``POST {url}/chat/completions[?api-version=...]`` with the key as ``Authorization: Bearer``
 (OpenAI, vLLM, Ollama) or in the header ``api_key_header`` names (Azure OpenAI: ``api-key``).
 
+Nothing the endpoint sends is trusted: a body over ``max_response_bytes`` is not read, one
+that is not a JSON object with ``choices`` (whatever its content type) is a bad response,
+wait headers are parsed to bounded finite seconds (``parse_retry_after``), and an invalid
+``usage`` is logged (at most once a minute per endpoint) and treated as unknown.
+
 Usage::
 
     async with aiohttp.ClientSession() as session:
@@ -16,8 +21,10 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -25,6 +32,7 @@ import aiohttp
 import orjson
 
 from streams.config import EndpointConfig
+from streams.contract import usage_is_invalid
 from streams.errors import (
     UpstreamBadResponse,
     UpstreamConnectionError,
@@ -32,57 +40,75 @@ from streams.errors import (
     UpstreamTimeout,
 )
 from streams.redact import Redactor
+from streams.retry import bounded_wait
+
+log = logging.getLogger(__name__)
 
 _JSON = {"Content-Type": "application/json"}
 
 
+# A wait longer than this is a broken header, not a rate limit (callers cap it further, by
+# ``retry.max_retry_after_ms``); header values longer than this many characters are garbage.
+MAX_WAIT_SECONDS = 86_400.0
+_MAX_HEADER_CHARS = 64
+_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+_DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|h|m|s))+")
+_UNIT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)")
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _wait(seconds: float) -> float | None:
+    return bounded_wait(seconds, MAX_WAIT_SECONDS)
+
+
+def _seconds(text: str, scale: float = 1.0) -> float | None:
+    """A plain non-negative decimal ('2', '1.5') times ``scale``: no sign, exponent, NaN or
+    infinity (float() would take 'nan', 'inf', '1e999' and '1_0')."""
+    text = text.strip()
+    if len(text) > _MAX_HEADER_CHARS or not _NUMBER.fullmatch(text):
+        return None
+    return _wait(float(text) * scale)
+
+
 def _duration(text: str) -> float | None:
     """Parse '1.5', '250ms', '2s', '1m30s' (OpenAI's x-ratelimit-reset-* style) to seconds."""
+    plain = _seconds(text)
+    if plain is not None:
+        return plain
     text = text.strip()
+    if len(text) > _MAX_HEADER_CHARS or not _DURATION.fullmatch(text):
+        return None
+    return _wait(sum(float(n) * _SECONDS[u] for n, u in _UNIT.findall(text)))
+
+
+def _http_date(text: str, now: float | None) -> float | None:
+    if len(text) > _MAX_HEADER_CHARS:
+        return None
     try:
-        return max(float(text), 0.0)
-    except ValueError:
-        pass
-    total, num = 0.0, ""
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch.isdigit() or ch == ".":
-            num += ch
-            i += 1
-            continue
-        unit = "ms" if text.startswith("ms", i) else ch
-        if not num or unit not in ("ms", "s", "m", "h"):
-            return None
-        total += float(num) * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
-        num = ""
-        i += len(unit)
-    return None if num else total
+        when = parsedate_to_datetime(text.strip()).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return _wait(when - (time.time() if now is None else now))
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds the endpoint asked us to wait, from the headers it sent, or None.
 
     Honours ``retry-after-ms``, ``Retry-After`` (seconds or HTTP date) and
-    ``x-ratelimit-reset-requests`` / ``-tokens`` (the longer of the two).
+    ``x-ratelimit-reset-requests`` / ``-tokens`` (the longer of the two), the first of
+    these that parses. A value is a finite number of seconds in ``[0, MAX_WAIT_SECONDS]``;
+    NaN, infinity, signs, exponents and garbage are ignored as if the header were absent.
     """
     lower = {k.lower(): v for k, v in headers.items()}
-    if "retry-after-ms" in lower:
-        try:
-            return max(float(lower["retry-after-ms"]) / 1000.0, 0.0)
-        except ValueError:
-            pass
+    if "retry-after-ms" in lower and (ms := _seconds(lower["retry-after-ms"], 0.001)) is not None:
+        return ms
     if "retry-after" in lower:
-        value = lower["retry-after"].strip()
-        try:
-            return max(float(value), 0.0)
-        except ValueError:
-            try:
-                when = parsedate_to_datetime(value).timestamp()
-            except (TypeError, ValueError, IndexError):
-                when = None
-            if when is not None:
-                return max(when - (time.time() if now is None else now), 0.0)
+        value = lower["retry-after"]
+        seconds = _seconds(value)
+        if seconds is None:
+            seconds = _http_date(value, now)
+        if seconds is not None:
+            return seconds
     resets = [
         d
         for k in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
@@ -118,11 +144,34 @@ def _error_message(raw: bytes, status: int) -> str:
     return f"HTTP {status}: {text}" if text else f"HTTP {status}"
 
 
-class UpstreamClient:
-    """Calls ``{endpoint.url}/chat/completions``; one attempt per call."""
+async def _read_body(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None once it passes ``limit`` bytes (the rest is never read)."""
+    length = resp.content_length
+    if length is not None and length > limit:
+        return None
+    if length is not None and not resp.headers.get("Content-Encoding"):
+        return await resp.read()  # the fast path; a compressed length says nothing of the size
+    chunks, size = [], 0
+    async for chunk in resp.content.iter_chunked(65_536):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+
+class UpstreamClient:
+    """Calls ``{endpoint.url}/chat/completions``; one attempt per call.
+
+    ``log_interval``: an endpoint's invalid ``usage`` is logged at most this often.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, *, log_interval: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._session = session
+        self._log_interval = log_interval
+        self._clock = clock
+        self._usage_logged: dict[str, float] = {}  # endpoint -> when last logged
 
     async def complete(
         self,
@@ -134,19 +183,20 @@ class UpstreamClient:
         payload = orjson.dumps({**params, "model": model, "messages": messages})
         url, query, headers = request_target(endpoint)
         name = endpoint.name
+        limit = endpoint.max_response_bytes
         try:
             async with asyncio.timeout(endpoint.timeout_seconds):
                 async with self._session.post(
                     url, params=query, data=payload, headers=headers
                 ) as resp:
-                    raw = await resp.read()
+                    raw = await _read_body(resp, limit)
                     status = resp.status
                     if status >= 400:
                         # Some servers quote the key they refused: it must not reach a record.
                         redact = Redactor([endpoint.api_key.get_secret_value()]
                                           if endpoint.api_key else ())
                         raise UpstreamStatusError(
-                            redact(_error_message(raw, status)),
+                            redact(_error_message(raw or b"", status)),
                             endpoint=name,
                             status=status,
                             retry_after=parse_retry_after(resp.headers),
@@ -160,6 +210,15 @@ class UpstreamClient:
             raise UpstreamConnectionError(
                 f"connection failed: {type(exc).__name__}", endpoint=name
             ) from None
+        return self._completion(raw, status, endpoint)
+
+    def _completion(self, raw: bytes | None, status: int, endpoint: EndpointConfig) -> dict[str, Any]:
+        name = endpoint.name
+        if raw is None:
+            raise UpstreamBadResponse(
+                f"HTTP {status} with a body over max_response_bytes "
+                f"({endpoint.max_response_bytes})", endpoint=name, status=status,
+            )
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -170,4 +229,16 @@ class UpstreamClient:
             raise UpstreamBadResponse(
                 f"HTTP {status} without 'choices'", endpoint=name, status=status
             )
+        if usage_is_invalid(body):
+            self._log_invalid_usage(name, body["usage"])
         return body
+
+    def _log_invalid_usage(self, name: str, usage: Any) -> None:
+        now = self._clock()
+        last = self._usage_logged.get(name)
+        if last is not None and now - last < self._log_interval:
+            return
+        self._usage_logged[name] = now
+        shown = orjson.dumps(usage)[:200].decode(errors="replace")
+        log.warning("endpoint %s sent an invalid usage (not counted, not charged; logged at "
+                    "most every %g s): %s", name, self._log_interval, shown)

@@ -51,7 +51,7 @@ from streams.kafka_io import (
     ensure_topics,
     start_producer,
 )
-from streams.metrics import PipelineMetrics, start_http
+from streams.metrics import PipelineMetrics, configured_models, start_http
 from streams.processor import InRecord, Processor
 from streams.redact import redact_url
 from streams.redis_io import check_redis, open_redis, redis_answers
@@ -72,7 +72,7 @@ class Runtime:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
-        self.metrics = PipelineMetrics(self.registry)
+        self.metrics = PipelineMetrics(self.registry, configured_models(settings))
         self.app: faust.App | None = None
         self._tracker: AckTracker[Any] = AckTracker()
         self._slots = asyncio.Semaphore(settings.limits.max_inflight)

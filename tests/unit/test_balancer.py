@@ -49,3 +49,14 @@ def test_models_and_weight_zero() -> None:
     assert picks == {"any", "only-x"}
     assert balancer.pick("x", lambda e: False) is None
     assert Balancer([_ep("zero", 0)]).candidates("x") == []
+
+
+def test_invented_model_names_add_no_state_and_share_the_wildcard_rotation() -> None:
+    balancer = Balancer([_ep("a", 3), _ep("b", 1), _ep("x-only", 1, ["x"])])
+    rotations = len({id(r) for r in balancer._models.values()}) + 1
+    picks = Counter(balancer.pick(f"made-up-{i}").name  # type: ignore[union-attr]
+                    for i in range(4_000))
+    assert picks == {"a": 3_000, "b": 1_000}  # the shares hold across names
+    assert len(balancer._models) == 1 and rotations == 2
+    assert [e.name for e in balancer.candidates("x")] == ["a", "b", "x-only"]
+    assert [e.name for e in balancer.candidates("made-up-99")] == ["a", "b"]

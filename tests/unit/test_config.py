@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from streams.config import EndpointConfig, Settings, load_settings
@@ -221,3 +224,30 @@ def test_a_secret_written_in_the_config_is_refused_not_dropped(tmp_path: Path) -
         load_settings(environ={}, kafka={"sasl_password": "pw-in-file"})
     with pytest.raises(ConfigError, match="name the variable in redis.password_env"):
         load_settings(environ={}, redis={"password": "pw-in-file"})
+
+
+_SECRET = "Zq7-secret-Wx9"
+_TEMPLATE = (
+    "kafka:\n  security_protocol: SASL_SSL\n  sasl_username: u\n  sasl_password_env: KP\n"
+    f"redis:\n  url: 'redis://app:{_SECRET}@cache:6379/0'\n  key_prefix: p\n"
+    "endpoints:\n  - name: a\n    url: http://x/v1\n    weight: 2\n"
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(min_value=0, max_value=len(_TEMPLATE)),
+                          st.sampled_from(["", ":", "'", '"', "{", "[", "\t", " ", "\n", "*",
+                                           "&", "!", "-", "#", "%", "@", "`", "|", ">", "?",
+                                           "api_key: ", "sasl_password: ", "x"])),
+                min_size=1, max_size=3))
+def test_a_corrupted_config_never_echoes_the_secret_in_it(edits: list[tuple[int, str]]) -> None:
+    text = _TEMPLATE
+    for pos, insert in edits:
+        text = text[:pos] + insert + text[pos + (1 if not insert else 0):]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "c.yaml"
+        cfg.write_text(text)
+        try:
+            load_settings(cfg, environ={"KP": "kp"})
+        except ConfigError as exc:
+            assert _SECRET not in str(exc) and "\n" not in str(exc)

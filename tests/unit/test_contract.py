@@ -4,8 +4,12 @@ import base64
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streams.contract import (
+    MAX_TOKEN_COUNT,
+    USAGE_KEYS,
     Completion,
     Request,
     Source,
@@ -14,10 +18,15 @@ from streams.contract import (
     parse_request,
     peek_id,
     response_record,
+    upstream_usage,
 )
 from streams.errors import UpstreamStatusError, ValidationFailed
 
 LIMIT = 1 << 20
+
+
+def _req() -> Request:
+    return Request(id="r1", input="hi", model="m")
 
 
 def parse(doc: object) -> object:
@@ -211,3 +220,33 @@ def test_peek_id_reads_records_rejected_for_their_values() -> None:
     assert peek_id(b'{"id": "n", "metadata": NaN}') == "n"
     assert peek_id(b'{"id": "b", "deadline": %d}' % 2**70) == "b"
     assert peek_id(b'{"id": "d", "x": ' + b"[" * 300 + b"]" * 300 + b"}") is None
+
+
+# What orjson.loads can give for a count (integers beyond 64 bits come back as floats).
+_INT = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+_COUNT = st.one_of(_INT, st.booleans(), st.floats(allow_nan=False, allow_infinity=False),
+                   st.text(max_size=5), st.none(), st.lists(_INT, max_size=2))
+
+
+@given(st.one_of(st.none(), st.dictionaries(st.sampled_from(USAGE_KEYS), _COUNT),
+                 _COUNT))
+def test_usage_from_upstream_is_counts_or_unknown(usage: object) -> None:
+    comp = Completion(model="m", body={"choices": [], "usage": usage}, endpoint="a", attempts=1)
+    counts = comp.usage
+    assert set(counts) == set(USAGE_KEYS)
+    assert all(type(v) is int and 0 <= v <= MAX_TOKEN_COUNT for v in counts.values())
+    valid = upstream_usage(comp.body)
+    if valid is None:
+        assert counts == dict.fromkeys(USAGE_KEYS, 0)
+    else:
+        assert valid == counts
+    orjson.loads(response_record(_req(), comp, latency_ms=1))  # always encodable
+
+
+def test_bools_negatives_and_fractions_are_not_counts() -> None:
+    for usage in ({"prompt_tokens": True}, {"total_tokens": -1}, {"completion_tokens": 1.0},
+                  {"total_tokens": 2**53}, {"prompt_tokens": "3"}, [1]):
+        assert upstream_usage({"usage": usage}) is None, usage
+    assert upstream_usage({"usage": {"total_tokens": 7}}) == {
+        "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 7}
+    assert upstream_usage({}) is None

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from redis.exceptions import ResponseError
 
 from streams.config import EndpointConfig, RetryConfig
@@ -121,3 +125,29 @@ async def test_a_command_error_fails_that_command_only_and_is_not_an_outage() ->
     assert redis.calls[3:] == ["eval", "mget"]  # retried next time, not skipped as "down"
     clock.now += 10
     assert await cd.try_probe("a") and not cd.degraded  # probes on its own this time
+
+
+@pytest.mark.parametrize("asked", [math.nan, math.inf, -math.inf, -1.0, 1e308])
+def test_a_hostile_retry_after_cools_for_a_finite_bounded_time(asked: float) -> None:
+    clock = Clock()
+    cd = _cooldowns(clock, cooldown_seconds=5, max_retry_after_ms=30_000)
+    assert cd.record_failure("a", rate_limited=True, retry_after=asked)
+    until = cd.next_change(clock.now - 1)
+    assert until is not None and math.isfinite(until)
+    expected = 5.0 if math.isnan(asked) else min(max(asked, 0.0), 30.0)
+    assert until == clock.now + expected
+    clock.now += 30
+    assert cd.usable("a") and cd.needs_probe("a")  # recovers within its cooldown
+
+
+@given(st.lists(st.one_of(st.none(), st.floats()), min_size=1, max_size=8))
+def test_any_retry_afters_leave_the_endpoint_usable_after_the_longest_cooldown(
+    asked: list[float | None],
+) -> None:
+    clock = Clock()
+    cd = _cooldowns(clock, cooldown_seconds=5, max_retry_after_ms=30_000)
+    for value in asked:
+        cd.record_failure("a", rate_limited=True, retry_after=value)
+        clock.now += 0.5
+    clock.now += 30
+    assert cd.state("a") is EndpointState.PROBING and cd.usable("a")

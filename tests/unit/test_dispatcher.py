@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from streams.config import EndpointConfig, Settings
 from streams.contract import Completion, Request
-from streams.dispatcher import Dispatcher
+from streams.dispatcher import Dispatcher, _used_tokens
 from streams.errors import (
     AttemptsExhausted,
     DeadlineExpired,
@@ -419,5 +419,58 @@ def test_fast_path_does_not_touch_redis_without_rate_limits() -> None:
             await asyncio.gather(*(d.dispatch(_req(i)) for i in range(200)))
         assert Counter(n for _, n, _ in up.calls) == {"a": 100, "b": 100}
         assert redis.scripts == 100  # only for "b", the endpoint with an rpm limit
+
+    run(main)
+
+
+@pytest.mark.parametrize("asked", [float("nan"), float("inf"), -1.0])
+def test_a_hostile_retry_after_cools_within_bounds_and_the_endpoint_recovers(
+    asked: float,
+) -> None:
+    async def main(clock: VirtualClock) -> None:
+        d, up, _ = _make(clock, [_ep("a")], retry={"cooldown_seconds": 5,
+                                                    "max_retry_after_ms": 10_000})
+        up.fail = {"a": lambda t: UpstreamStatusError(
+            "HTTP 429", endpoint="a", status=429, retry_after=asked) if t < 0.01 else None}
+        async with d:
+            comp = await asyncio.wait_for(d.dispatch(_req(1)), 60)
+            assert d.endpoint_state("a") == "healthy"
+        assert comp.attempts == 2
+        ends = clock.elapsed()
+        assert ends <= 10.5  # at most max_retry_after (inf), else cooldown_seconds (NaN) or 0
+
+    run(main)
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": -10, "completion_tokens": 3},
+    {"total_tokens": -4},
+    {"total_tokens": True},
+    {"total_tokens": 2.5, "prompt_tokens": 1},
+    {"total_tokens": "9"},
+    {"total_tokens": 2**70},
+    "many",
+])
+def test_invalid_usage_is_unknown_to_the_limiter(usage: object) -> None:
+    assert _used_tokens({"choices": [], "usage": usage}) is None
+
+
+def test_valid_usage_is_charged() -> None:
+    assert _used_tokens({"usage": {"total_tokens": 12}}) == 12
+    assert _used_tokens({"usage": {"prompt_tokens": 3, "completion_tokens": 4}}) == 7
+    assert _used_tokens({"usage": {"total_tokens": 0}}) is None
+    assert _used_tokens({}) is None
+
+
+def test_model_names_invented_by_requests_add_no_per_model_state() -> None:
+    async def main(clock: VirtualClock) -> None:
+        d, up, _ = _make(clock, [_ep("a"), _ep("b", models=["x"])])
+        async with d:
+            before = len(d._balancer._models)
+            for i in range(2_000):
+                await d.dispatch(Request(id=f"r{i}", input="hi", model=f"invented-{i}"))
+            assert len(d._balancer._models) == before == 1
+            assert d._waiting_models == {}
+        assert {n for _, n, _ in up.calls} == {"a"}
 
     run(main)

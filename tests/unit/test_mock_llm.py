@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from streams.mock_llm import MockBehaviour, MockLLM, check_faults, parse_faults
+from streams.mock_llm import BAD_USAGES, MockBehaviour, MockLLM, check_faults, parse_faults
 
 
 @pytest.fixture
@@ -89,3 +90,48 @@ def test_parse_faults() -> None:
         with pytest.raises(ValueError):
             parse_faults(bad)
     assert check_faults({"502": 1}) == {"502": 1.0}
+
+
+async def test_hostile_answers_and_error_headers(serve: Any) -> None:
+    mix = {"bad_usage": 0.2, "no_choices": 0.2, "not_json": 0.2, "wrong_type": 0.2, "429": 0.2}
+    hostile = [{"Retry-After": "NaN"}, {"x-ratelimit-reset-tokens": "inf"}]
+    mock, url = await serve(MockBehaviour(faults=mix, error_headers=hostile))
+    seen: dict[str, set[str]] = {}
+    async with aiohttp.ClientSession() as s:
+        for i in range(200):
+            body = {"model": "m", "messages": [{"role": "user", "content": f"p{i}"}]}
+            async with s.post(f"{url}/v1/chat/completions", json=body) as resp:
+                raw = await resp.read()
+                kind = resp.content_type
+                if resp.status == 429:
+                    seen.setdefault("429", set()).update(
+                        f"{k}: {v}" for k, v in resp.headers.items()
+                        if k.lower().startswith(("retry", "x-ratelimit")))
+                    continue
+                assert resp.status == 200
+                try:
+                    doc = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    seen.setdefault("not_json", set()).add(kind)
+                    continue
+                if "choices" not in doc:
+                    seen.setdefault("no_choices", set()).add(kind)
+                elif kind == "text/html":
+                    seen.setdefault("wrong_type", set()).add(kind)
+                elif doc["usage"] in BAD_USAGES:
+                    seen.setdefault("bad_usage", set()).add(kind)
+    assert seen["429"] == {"Retry-After: NaN", "x-ratelimit-reset-tokens: inf"}
+    assert seen["not_json"] == {"text/html"} and seen["wrong_type"] == {"text/html"}
+    assert seen["no_choices"] == {"application/json"} and "bad_usage" in seen
+    assert sum(mock.stats.by_fault.values()) == 200
+
+
+async def test_oversized_answer_and_bad_error_headers_config(serve: Any) -> None:
+    mock, url = await serve(MockBehaviour(faults={"oversized": 1.0}, oversize_bytes=300_000))
+    async with aiohttp.ClientSession() as s:
+        status, _ = await _chat(s, url, "big")
+        assert status == 200
+        for bad in ({"Retry-After": "1"}, [{"Retry-After": 1}], ["x"]):
+            async with s.post(f"{url}/config", json={"error_headers": bad}) as resp:
+                assert resp.status == 400, bad
+    assert check_faults({"not_json": 0.5, "oversized": 0.5}) == {"not_json": 0.5, "oversized": 0.5}

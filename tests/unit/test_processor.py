@@ -12,7 +12,7 @@ from streams.cache import ResponseCache
 from streams.config import load_settings
 from streams.contract import Completion, Request, Source
 from streams.errors import DispatchFailed, UpstreamStatusError
-from streams.metrics import PipelineMetrics
+from streams.metrics import MAX_MODEL_LABELS, PipelineMetrics, configured_models
 from streams.processor import Headers, InRecord, OutputTooLarge, OutRecord, Processor
 from tests.unit.fake_redis import FakeRedis
 
@@ -192,3 +192,53 @@ async def test_with_the_cache_disabled_a_redelivered_record_is_not_sent_upstream
     assert await run(proc, recs) == {0: "replayed", 1: "replayed", 2: "replayed"}
     assert len(disp.calls) == 3
     assert pub.out[:3] == pub.out[3:]
+
+
+class UsageDispatcher(FakeDispatcher):
+    """Answers with the given usage, under the request's own model name."""
+
+    def __init__(self, usage: object) -> None:
+        super().__init__()
+        self.usage = usage
+
+    async def dispatch(self, req: Request) -> Completion:
+        body = {**BODY, "usage": self.usage}
+        return Completion(model=req.model or "m", body=body, endpoint="a", attempts=1)
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": -5, "completion_tokens": 3, "total_tokens": -2},
+    {"prompt_tokens": 1.5, "completion_tokens": 2, "total_tokens": 3.5},
+    {"prompt_tokens": True, "completion_tokens": 1, "total_tokens": 2},
+    {"prompt_tokens": "12"},
+    "lots",
+])
+async def test_invalid_upstream_usage_gives_one_response_and_counts_nothing(usage: object) -> None:
+    proc, pub, _, _, _ = make(dispatcher=UsageDispatcher(usage))
+    done = await run(proc, [rec(0, {"id": "u", "input": "x"})])
+    assert done == {0: "ok"}
+    assert [t for t, _, _ in pub.out] == ["llm.responses"]  # no internal dead letter after it
+    assert pub.out[0][2]["usage"] == {"prompt_tokens": 0, "completion_tokens": 0,
+                                      "total_tokens": 0}
+    counted = [s.value for m in proc._metrics.tokens.collect() for s in m.samples
+               if s.name.endswith("_total")]
+    assert all(v == 0 for v in counted)
+
+
+async def test_model_label_is_bounded_whatever_models_requests_invent() -> None:
+    registry = CollectorRegistry()
+    s = load_settings(environ={})
+    metrics = PipelineMetrics(registry, configured_models(s))
+    pub = FakePublisher()
+    proc = Processor(s, pub, UsageDispatcher(BODY["usage"]), None, metrics)
+    n = MAX_MODEL_LABELS + 500
+    await run(proc, [rec(i, {"id": f"r{i}", "input": "x", "model": f"made-up-{i}"})
+                     for i in range(n)])
+    await run(proc, [rec(n, {"id": "d", "input": "x"})])  # the default model: always by name
+    models = {labels["model"] for m in registry.collect() if m.name == "llm_streams_tokens"
+              for sample in m.samples for labels in [sample.labels]}
+    assert len(models) == MAX_MODEL_LABELS + 2  # the first 64, "other", the default model
+    assert "other" in models and s.worker.default_model in models
+    total = registry.get_sample_value("llm_streams_tokens_total",
+                                      {"model": "other", "kind": "prompt"})
+    assert total == 500 * 3

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streams.config import RetryConfig
 from streams.errors import (
@@ -13,7 +17,7 @@ from streams.errors import (
     UpstreamTimeout,
     ValidationFailed,
 )
-from streams.retry import Backoff, error_class, hurts_health, is_retryable
+from streams.retry import Backoff, bounded_wait, error_class, hurts_health, is_retryable
 from streams.upstream import parse_retry_after
 
 CFG = RetryConfig(base_delay_ms=200, max_delay_ms=5_000, max_retry_after_ms=60_000)
@@ -83,3 +87,20 @@ def test_retry_after_overrides_and_is_capped() -> None:
 def test_header_forms_drive_the_delay(headers: dict[str, str], expected: float) -> None:
     exc = UpstreamStatusError("x", status=429, retry_after=parse_retry_after(headers))
     assert Backoff(CFG).delay(1, exc) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("asked", [math.nan, math.inf, -math.inf, -5.0, 1e308])
+def test_a_hostile_retry_after_never_gives_a_non_finite_or_uncapped_delay(asked: float) -> None:
+    backoff = Backoff(CFG, rand=lambda: 0.5)
+    exc = UpstreamStatusError("x", status=429, retry_after=asked)
+    delay = backoff.delay(1, exc)
+    assert math.isfinite(delay) and 0.0 <= delay <= 60.0
+    if math.isnan(asked):  # not a number: as if no Retry-After came; the backoff applies
+        assert delay == Backoff(CFG, rand=lambda: 0.5).delay(1)
+
+
+@given(st.one_of(st.none(), st.floats()), st.floats(min_value=0, max_value=1e6))
+def test_bounded_wait_is_none_or_within_the_cap(seconds: float | None, cap: float) -> None:
+    got = bounded_wait(seconds, cap)
+    assert got is None or 0.0 <= got <= cap
+    assert (got is None) == (seconds is None or math.isnan(seconds))

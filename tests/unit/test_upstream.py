@@ -1,15 +1,21 @@
 from __future__ import annotations
 
+import gzip
+import math
 from collections.abc import AsyncIterator
-from email.utils import formatdate
+from email.utils import format_datetime, formatdate
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from streams.config import EndpointConfig
+from streams.contract import upstream_usage
 from streams.errors import (
     UpstreamBadResponse,
     UpstreamConnectionError,
@@ -17,7 +23,7 @@ from streams.errors import (
     UpstreamTimeout,
 )
 from streams.mock_llm import MockBehaviour, MockLLM
-from streams.upstream import UpstreamClient, parse_retry_after
+from streams.upstream import MAX_WAIT_SECONDS, UpstreamClient, parse_retry_after
 
 
 def test_retry_after_forms() -> None:
@@ -166,3 +172,158 @@ async def test_a_key_quoted_back_by_the_server_is_masked(
     assert info.value.status == 401 and not info.value.retryable
     assert key not in str(info.value) and "Incorrect API key" in str(info.value)
     assert "***" in str(info.value)
+
+
+# ---- hostile wait headers ------------------------------------------------------------------
+
+WAIT_HEADERS = ("Retry-After", "retry-after-ms", "x-ratelimit-reset-requests",
+                "x-ratelimit-reset-tokens")
+NASTY = ("NaN", "nan", "-nan", "inf", "-inf", "Infinity", "1e999", "1e308", "-5", "-0.5",
+         "9" * 400, "1_000", "0x10", "", " ", "5s5", "ms", "1m-30s", "1e3s", "\u0661",
+         "Fri, 31 Dec 9999 23:59:59 GMT", "Mon, 01 Jan 0001 00:00:00 GMT", "Sun, 99 Foo 2024",
+         "Wed, 21 Oct 2015 07:28:00 +9999")
+
+
+def _bounded(value: float | None) -> bool:
+    return value is None or (math.isfinite(value) and 0.0 <= value <= MAX_WAIT_SECONDS)
+
+
+@pytest.mark.parametrize("value", NASTY)
+@pytest.mark.parametrize("header", WAIT_HEADERS)
+def test_a_hostile_wait_header_is_ignored_or_bounded(header: str, value: str) -> None:
+    assert _bounded(parse_retry_after({header: value}, now=1_700_000_000.0))
+
+
+def test_non_finite_waits_are_ignored_as_if_absent() -> None:
+    for value in ("NaN", "inf", "-inf", "1e999", "-3"):
+        assert parse_retry_after({"Retry-After": value}) is None
+        assert parse_retry_after({"x-ratelimit-reset-tokens": value}) is None
+    # a broken header does not hide a good one
+    assert parse_retry_after({"retry-after-ms": "nan", "Retry-After": "3"}) == 3.0
+    assert parse_retry_after({"Retry-After": "NaN", "x-ratelimit-reset-requests": "2s"}) == 2.0
+    assert parse_retry_after({"x-ratelimit-reset-requests": "inf",
+                              "x-ratelimit-reset-tokens": "1s"}) == 1.0
+    # huge but well-formed: clamped (and capped again by retry.max_retry_after_ms later)
+    assert parse_retry_after({"Retry-After": "9" * 60}) == MAX_WAIT_SECONDS
+    assert parse_retry_after({"retry-after-ms": "5000000000"}) == MAX_WAIT_SECONDS
+    assert parse_retry_after({"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"}) == MAX_WAIT_SECONDS
+
+
+@settings(max_examples=400)
+@given(st.dictionaries(st.sampled_from(WAIT_HEADERS),
+                       st.one_of(st.text(max_size=80), st.sampled_from(NASTY),
+                                 st.floats().map(repr), st.integers().map(str),
+                                 st.datetimes().map(lambda d: format_datetime(d)))),
+       st.floats(min_value=0, max_value=4e9))
+def test_any_wait_header_parses_to_none_or_finite_bounded_seconds(
+    headers: dict[str, str], now: float
+) -> None:
+    assert _bounded(parse_retry_after(headers, now=now))
+
+
+@given(st.integers(min_value=0, max_value=10**6), st.integers(min_value=0, max_value=999))
+def test_well_formed_durations_parse_exactly(seconds: int, ms: int) -> None:
+    assert parse_retry_after({"Retry-After": str(seconds)}) == min(seconds, MAX_WAIT_SECONDS)
+    expected = min(seconds + ms / 1000, MAX_WAIT_SECONDS)
+    got = parse_retry_after({"x-ratelimit-reset-tokens": f"{seconds}s{ms}ms"})
+    assert got == pytest.approx(expected)
+
+
+# ---- hostile bodies --------------------------------------------------------------------------
+
+async def _call(url: str, **kw: object) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s:
+        return await UpstreamClient(s).complete(ep(url, **kw), "m",
+                                                [{"role": "user", "content": "x"}], {})
+
+
+@pytest.mark.parametrize("fault", ["no_choices", "not_json", "oversized"])
+async def test_hostile_bodies_are_bad_responses(mock: tuple[MockLLM, str], fault: str) -> None:
+    llm, url = mock
+    llm.behaviour.faults = {fault: 1.0}
+    llm.behaviour.oversize_bytes = 64 * 1024
+    with pytest.raises(UpstreamBadResponse) as info:
+        await _call(url, max_response_bytes=16 * 1024)
+    assert not info.value.retryable and info.value.status == 200
+
+
+async def test_a_chunked_body_over_the_cap_is_not_read_whole() -> None:
+    sent = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()  # no Content-Length: chunked
+        await resp.prepare(request)
+        for _ in range(64):
+            await resp.write(b" " * 4096)
+            sent.append(1)
+        await resp.write(b'{"choices": []}')
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        with pytest.raises(UpstreamBadResponse, match="max_response_bytes"):
+            await _call(f"http://127.0.0.1:{server.port}/v1", max_response_bytes=16 * 1024)
+        body = await _call(f"http://127.0.0.1:{server.port}/v1")  # default cap: fine
+        assert body == {"choices": []}
+    finally:
+        await server.close()
+
+
+async def test_a_compressed_body_is_capped_by_its_decompressed_size() -> None:
+    bomb = gzip.compress(b'{"choices": [], "pad": "' + b" " * 2_000_000 + b'"}')
+
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(body=bomb, headers={"Content-Encoding": "gzip",
+                                                "Content-Type": "application/json"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        assert len(bomb) < 16 * 1024
+        with pytest.raises(UpstreamBadResponse, match="max_response_bytes"):
+            await _call(f"http://127.0.0.1:{server.port}/v1", max_response_bytes=64 * 1024)
+    finally:
+        await server.close()
+
+
+async def test_a_completion_with_the_wrong_content_type_is_still_read(
+    mock: tuple[MockLLM, str],
+) -> None:
+    llm, url = mock
+    llm.behaviour.faults = {"wrong_type": 1.0}
+    body = await _call(url)
+    assert body["choices"][0]["message"]["content"].startswith("mock answer")
+
+
+async def test_invalid_usage_is_returned_and_logged_at_most_once_per_interval(
+    mock: tuple[MockLLM, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    llm, url = mock
+    llm.behaviour.faults = {"bad_usage": 1.0}
+    now = [0.0]
+    async with aiohttp.ClientSession() as s:
+        client = UpstreamClient(s, log_interval=60.0, clock=lambda: now[0])
+        for t in (0.0, 1.0, 59.0, 61.0):
+            now[0] = t
+            body = await client.complete(ep(url), "m", [{"role": "user", "content": "x"}], {})
+            assert upstream_usage(body) is None and "choices" in body
+    warned = [r for r in caplog.records if "invalid usage" in r.getMessage()]
+    assert len(warned) == 2  # at 0 and at 61
+
+
+async def test_hostile_headers_on_a_429_give_a_bounded_retry_after(
+    mock: tuple[MockLLM, str],
+) -> None:
+    llm, url = mock
+    llm.behaviour.down = True
+    llm.behaviour.status_on_error = 429
+    for value in ("NaN", "inf", "-1", "1e999", "garbage"):
+        llm.behaviour.error_headers = [{"Retry-After": value, "x-ratelimit-reset-tokens": value}]
+        with pytest.raises(UpstreamStatusError) as info:
+            await _call(url)
+        assert info.value.retry_after is None
