@@ -166,7 +166,7 @@ def test_property_distinct_normalized_prompts_get_distinct_keys(a: str, b: str) 
 # -- idempotency fingerprint: stable for the same content, changed by any field ---------
 
 any_json = st.recursive(
-    st.none() | st.booleans() | st.integers()  # beyond 64 bits too
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)  # what validation accepts
     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
                                                                   max_size=3),
@@ -186,9 +186,9 @@ FIELDS: dict[str, Any] = {
     "priority": st.integers(0, 9),
     "tenant": st.none() | st.text(max_size=10),
     "cache": st.fixed_dictionaries({}, optional={
-        "ttl": st.none() | st.integers(1, 2**40), "no_cache": st.booleans(),
+        "ttl": st.none() | st.integers(1, 2_592_000), "no_cache": st.booleans(),
         "no_store": st.booleans()}),
-    "deadline": st.none() | st.integers(0, 2**62),
+    "deadline": st.none() | st.integers(946_684_800_000, 4_102_444_799_999),
     "metadata": any_json,
 }
 

@@ -100,7 +100,8 @@ async def test_a_failing_batch_path_gives_each_record_an_internal_dead_letter() 
     proc, pub, _, cache, _ = make(publisher=Broken())
     assert cache is not None
     for i in range(3):
-        await cache.remember(f"seen{i}", b'{"id": "x", "status": "ok"}')
+        seen = Request.model_validate({"id": f"seen{i}", "input": "q", "model": "gpt-4o-mini"})
+        await cache.remember(cache.ref(seen, "req"), b'{"id": "x", "status": "ok"}')
     recs = [rec(i, {"id": f"seen{i}", "input": "q"}) for i in range(3)]
     done = await run(proc, [*recs, rec(3, {"id": "fresh", "input": "z"})])
     assert done == {0: "dead_letter_internal", 1: "dead_letter_internal",
@@ -112,7 +113,8 @@ async def test_a_done_callback_that_raises_stops_no_other_record() -> None:
     proc, _, _, cache, _ = make()
     assert cache is not None
     for i in range(3):
-        await cache.remember(f"seen{i}", b'{"id": "x", "status": "ok"}')
+        seen = Request.model_validate({"id": f"seen{i}", "input": "q", "model": "gpt-4o-mini"})
+        await cache.remember(cache.ref(seen, "req"), b'{"id": "x", "status": "ok"}')
     seen: list[int] = []
 
     def done(r: InRecord, outcome: str) -> None:
