@@ -405,12 +405,13 @@ class Dispatcher:
         raise DispatchFailed(error, 0, [])
 
     async def _until_slot(self, grant: _Grant) -> None:
-        """Sleep until the grant's reserved slot (the limiter granted it ahead of time)."""
-        delay = grant.at - self._clock()
-        if delay <= 0:
-            return
+        """Sleep until the grant's reserved slot (the limiter granted it ahead of time), and
+        after a late wake-up until the pacer lets it go (``RateLimiter.pace``)."""
         try:
-            await self._sleep(delay)
+            if (delay := grant.at - self._clock()) > 0:
+                await self._sleep(delay)
+            if (delay := self._limiter.pace(grant.permit) - self._clock()) > 0:
+                await self._sleep(delay)
         except BaseException:
             self._release(grant, None)
             raise

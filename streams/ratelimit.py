@@ -234,6 +234,7 @@ class RateLimiter:
                 rates.append(_Rate("tpm", f"{self._base}:{ep.name}:tpm", interval, 0.0, True))
             self._rates[ep.name] = rates
         self._local_tat: dict[str, float] = {}
+        self._paced: dict[str, float] = {}  # per key: this worker's next send at 100 % of it
         self._inflight: dict[str, int] = {ep.name: 0 for ep in settings.endpoints}
         self._lease_ids = count()
         self._lease_prefix = uuid.uuid4().hex[:12]
@@ -296,6 +297,8 @@ class RateLimiter:
         if used_tokens is not None and permit.endpoint.tpm is not None:
             delta = used_tokens - permit.tokens
         tpm = next((r for r in self._rates[name] if r.per_token), None)
+        if delta and tpm is not None and tpm.key in self._paced:
+            self._paced[tpm.key] += delta * tpm.interval * RATE_HEADROOM
         if permit.shared:
             if permit.lease is not None or (delta and tpm is not None):
                 self._spawn(self._release_shared(permit, tpm, delta))
@@ -307,6 +310,21 @@ class RateLimiter:
                     tat + delta * tpm.interval / self._fraction, self._clock()
                 )
         self._released(name, delta < 0)
+
+    def pace(self, permit: Permit) -> float:
+        """When to send a granted request, called once at (or after) its slot: now, or later
+        if this worker's recent sends leave no room at 100 % of the limits (the shared
+        schedule runs at ``RATE_HEADROOM``). A worker that woke late so catches up within the
+        headroom instead of sending what fell due at once, a burst the endpoint would count
+        above the limit. Clock seconds."""
+        rates = self._rates[permit.endpoint.name]
+        send = self._clock()
+        for r in rates:
+            send = max(send, self._paced.get(r.key, send) - r.tolerance)
+        for r in rates:
+            step = r.interval * RATE_HEADROOM * (permit.tokens if r.per_token else 1)
+            self._paced[r.key] = max(self._paced.get(r.key, send), send) + step
+        return send
 
     async def aclose(self) -> None:
         """Wait (briefly) for background Redis releases."""
