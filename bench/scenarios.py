@@ -349,7 +349,9 @@ async def priority(env: Env) -> dict[str, Any]:
     waits: dict[int, list[float]] = {0: [], 9: []}
     for v in ok:
         waits[int((v.get("metadata") or {}).get("priority", 5))].append(float(v["latency_ms"]))
-    return {"limit_rps": limit, "offered_rate": 2 * limit, "rate": _steady_rate(m, m["records"], 1.0),
+    rate = _steady_rate(m, m["records"], 1.0)
+    return {"limit_rps": limit, "offered_rate": 2 * limit, "rate": rate,
+            "share_of_limit": None if rate is None else rate / limit,
             "completed": len(m["records"]),
             "p0_wait_p50_ms": percentile(waits[0], 50), "p9_wait_p50_ms": percentile(waits[9], 50),
             "p0_wait_p99_ms": percentile(waits[0], 99), "p9_wait_p99_ms": percentile(waits[9], 99)}
