@@ -11,6 +11,12 @@ group saturated; then, over the 30 s after the first second of calls:
 - steady: no 1 s window below 80 % of a request-count limit.
 
 The three limits run side by side (one group and one mock each), with 1 and with 3 workers.
+
+The mock stamps a call when its loop gets to it; on a machine starved of CPU, calls that
+arrived while the mock could not run are stamped together when it runs again. The mock logs
+those stalls (its loop late by > 10 ms), and a 1 s window touching one is not judged for
+"never above" or "steady" (at least half of the windows must be judged; all are on a quiet
+machine).
 """
 
 from __future__ import annotations
@@ -71,22 +77,27 @@ VARIANTS = [
 ]
 
 
-def _window_sums(times: list[float], costs: list[int], width: float) -> tuple[int, int]:
+def _window_sums(times: list[float], costs: list[int], width: float,
+                 stalls: list[tuple[float, float]]) -> tuple[int, int, float]:
     """(max, min) of the units in any half-open window [t, t + width) starting at a call or just
-    after one, among windows that lie within the measured span."""
+    after one, among windows that lie within the measured span and touch no stall of the mock;
+    and the share of windows judged."""
     hi_best, lo_best = 0, None
     n = len(times)
-    j, acc = 0, 0
+    j, acc, judged = 0, 0, 0
     for i in range(n):  # windows starting at call i
         while j < n and times[j] < times[i] + width:
             acc += costs[j]
             j += 1
-        hi_best = max(hi_best, acc)
-        if j < n:  # a window starting just after call i ends within the span
-            lo = acc - costs[i]
-            lo_best = lo if lo_best is None else min(lo_best, lo)
+        t = times[i]
+        if not any(a < t + width and b >= t for a, b in stalls):
+            judged += 1
+            hi_best = max(hi_best, acc)
+            if j < n:  # a window starting just after call i ends within the span
+                lo = acc - costs[i]
+                lo_best = lo if lo_best is None else min(lo_best, lo)
         acc -= costs[i]
-    return hi_best, (lo_best or 0)
+    return hi_best, (lo_best or 0), judged / max(n, 1)
 
 
 async def _run(tmp: Path, variant: Variant, workers: int) -> dict[str, Any]:
@@ -114,7 +125,8 @@ async def _run(tmp: Path, variant: Variant, workers: int) -> dict[str, Any]:
             if first is not None and last - first >= SETTLE + WINDOW + 1.5:
                 break
             await asyncio.sleep(0.5)
-        calls = (await mock.stats(log=True))["calls_log"]
+        stats = await mock.stats(log=True)
+        calls, stalls = stats["calls_log"], [tuple(s) for s in stats["stalls_log"]]
     finally:
         for w in procs:
             w.stop()
@@ -128,11 +140,13 @@ async def _run(tmp: Path, variant: Variant, workers: int) -> dict[str, Any]:
     served = sum(c for _, c in span) / WINDOW
     t_span = [t for t, _ in span]
     c_span = [c for _, c in span]
-    most_1s, least_1s = _window_sums(t_span, c_span, 1.0)
-    most_all, _ = _window_sums(times, costs, 1.0)
+    _, least_1s, _ = _window_sums(t_span, c_span, 1.0, stalls)
+    most_all, _, judged = _window_sums(times, costs, 1.0, stalls)
+    most_raw, least_raw, _ = _window_sums(t_span, c_span, 1.0, [])
     return {"variant": variant.name, "workers": workers, "limit": variant.per_second,
             "served": served, "share": served / variant.per_second,
-            "max_1s": most_all, "min_1s": least_1s, "max_request": max(costs)}
+            "max_1s": most_all, "min_1s": least_1s, "max_request": max(costs),
+            "judged": judged, "stalls": len(stalls), "raw": (most_raw, least_raw)}
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -140,10 +154,13 @@ async def test_limits_deliver_the_quota_and_never_more(tmp_path: Path, workers: 
     results = await asyncio.gather(*(_run(tmp_path, v, workers) for v in VARIANTS))
     for r in results:
         print(f"\n{r['variant']} x{workers}: served {r['served']:.1f}/s = {r['share']:.1%} of "
-              f"{r['limit']:.0f}/s; 1 s windows: max {r['max_1s']}, min {r['min_1s']}")
+              f"{r['limit']:.0f}/s; 1 s windows: max {r['max_1s']}, min {r['min_1s']} "
+              f"({r['judged']:.0%} judged; mock stalls {r['stalls']}; all windows: max, min "
+              f"{r['raw']})")
     for v, r in zip(VARIANTS, results, strict=True):
         limit = v.per_second
         assert r["share"] >= SHARE, r
+        assert r["judged"] >= 0.5, r
         if v.tokens:
             # Spread evenly: one second never carries more than a second's tokens plus one request.
             assert r["max_1s"] <= limit + r["max_request"], r
