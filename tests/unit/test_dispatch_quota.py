@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from streams.config import EndpointConfig, Settings
-from streams.dispatcher import Dispatcher
 from streams.errors import DispatchFailed, ValidationFailed
 from streams.ratelimit import RateLimiter
 from tests.unit.test_dispatcher import _ep, _make, _req
@@ -104,4 +103,31 @@ def test_served_rate_is_the_limit_even_when_every_grant_is_late() -> None:
     run(main)
 
 
-__all__ = ["Dispatcher"]
+
+def test_limiter_round_trips_per_grant_under_saturation() -> None:
+    """Each acquire is one Redis round trip when shared. Refusals used to cost one round trip
+    per grant on top of it (2 per grant); reservations ask again only once per horizon."""
+
+    async def main(clock: VirtualClock) -> float:
+        d, up, _ = _make(clock, [_ep("a", rpm=6000)], latency=0.01,
+                         limits={"max_requests_per_second": 200})
+        limiter = d._limiter
+        acquire = limiter.acquire
+        calls = [0]
+
+        async def counted(endpoint: EndpointConfig, tokens: int) -> Any:
+            calls[0] += 1
+            return await acquire(endpoint, tokens)
+
+        limiter.acquire = counted  # type: ignore[method-assign]
+        async with d:
+            tasks = [asyncio.create_task(d.dispatch(_req(i))) for i in range(1000)]
+            await asyncio.sleep(3.0)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return calls[0] / len(up.calls)
+
+    ratio = run(main)
+    print(f"limiter calls per grant: {ratio:.2f}")
+    assert ratio <= 1.2  # measured: 2.0 before reservations
