@@ -104,7 +104,7 @@ class _Grant:
     endpoint: EndpointConfig
     permit: Permit
     probe: bool
-    at: float = 0.0  # clock time of the reserved slot: the attempt starts then, not before
+    at: float = 0.0  # clock time of the reserved slot (0: unlimited): the attempt starts then
     released: bool = False
 
 
@@ -354,7 +354,8 @@ class Dispatcher:
             if grant is None:  # the deadline came while waiting
                 self._check_deadline(req.deadline, attempts, ticket.tried)
                 continue
-            await self._until_slot(grant)
+            if grant.at:
+                await self._until_slot(grant)
             if self._expired(req.deadline):
                 self._release(grant, None)
                 self._check_deadline(req.deadline, attempts, ticket.tried)
@@ -595,8 +596,8 @@ class Dispatcher:
                 continue
             self._inflight_total += 1
             self._inflight[ep.name] += 1
-            at = now + decision.wait
-            self._metrics.wait_by[ep.name].observe(max(at - ticket.since, 0.0))
+            at = 0.0 if self._limiter.unlimited(ep) else now + decision.wait  # 0: no pacing
+            self._metrics.wait_by[ep.name].observe(max(now + decision.wait - ticket.since, 0.0))
             return _Grant(ep, decision.permit, probe, at)
         return None
 
