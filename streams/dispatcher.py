@@ -354,8 +354,8 @@ class Dispatcher:
             if grant is None:  # the deadline came while waiting
                 self._check_deadline(req.deadline, attempts, ticket.tried)
                 continue
-            if grant.at:
-                await self._until_slot(grant)
+            if grant.at and not await self._until_slot(grant):
+                continue  # the endpoint began cooling down while we waited for the slot
             if self._expired(req.deadline):
                 self._release(grant, None)
                 self._check_deadline(req.deadline, attempts, ticket.tried)
@@ -405,17 +405,23 @@ class Dispatcher:
         )
         raise DispatchFailed(error, 0, [])
 
-    async def _until_slot(self, grant: _Grant) -> None:
+    async def _until_slot(self, grant: _Grant) -> bool:
         """Sleep until the grant's reserved slot (the limiter granted it ahead of time), and
-        after a late wake-up until the pacer lets it go (``RateLimiter.pace``)."""
+        after a late wake-up until the pacer lets it go (``RateLimiter.pace``). False, with
+        the slot given up, if the endpoint began cooling down meanwhile (a 429 told us to)."""
         try:
             if (delay := grant.at - self._clock()) > 0:
                 await self._sleep(delay)
+                name = grant.endpoint.name
+                if not grant.probe and self._cooldowns.state(name) is not EndpointState.HEALTHY:
+                    self._release(grant, None)
+                    return False
             if (delay := self._limiter.pace(grant.permit) - self._clock()) > 0:
                 await self._sleep(delay)
         except BaseException:
             self._release(grant, None)
             raise
+        return True
 
     def _other_usable(self, model: str, failed: str) -> bool:
         return any(

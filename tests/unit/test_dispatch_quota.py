@@ -11,7 +11,7 @@ import pytest
 from streams.config import EndpointConfig, Settings
 from streams.errors import DispatchFailed, ValidationFailed
 from streams.ratelimit import RateLimiter
-from tests.unit.test_dispatcher import _ep, _make, _req
+from tests.unit.test_dispatcher import _ep, _make, _req, _status
 from tests.unit.vtime import VirtualClock, run
 
 
@@ -131,3 +131,17 @@ def test_limiter_round_trips_per_grant_under_saturation() -> None:
     ratio = run(main)
     print(f"limiter calls per grant: {ratio:.2f}")
     assert ratio <= 1.2  # measured: 2.0 before reservations
+
+
+def test_a_reserved_slot_is_given_up_when_its_endpoint_starts_cooling() -> None:
+    """A request holding a slot reserved ahead does not call an endpoint that answered 429
+    (with Retry-After) while it waited for the slot: it goes elsewhere."""
+
+    async def main(clock: VirtualClock) -> None:
+        d, up, _ = _make(clock, [_ep("a", rpm=600), _ep("b", rpm=600)], latency=0.05)
+        up.fail["a"] = _status(429, retry_after=2)
+        async with d:
+            await asyncio.gather(*(d.dispatch(_req(i)) for i in range(4)))
+        assert len(up.to("a")) == 1  # only the first: the others' slots on a came after the 429
+
+    run(main)
