@@ -77,6 +77,7 @@ TABLES: dict[str, tuple[str, str, list[tuple[str, str, str]]]] = {
         "Wait = latency_ms (record timestamp to publish); the upstream is nginx (near-free).",
         [("limit req/s", "limit_rps", "{:,.0f}"), ("offered req/s", "offered_rate", "{:,.0f}"),
          ("served req/s (steady window)", "rate", "{:,.0f}"),
+         ("served / limit", "share_of_limit", "{:.1%}"),
          ("priority 0 median wait ms", "p0_wait_p50_ms", "{:,.0f}"),
          ("priority 9 median wait ms", "p9_wait_p50_ms", "{:,.0f}"),
          ("priority 0 p99 wait ms", "p0_wait_p99_ms", "{:,.0f}"),
@@ -95,6 +96,7 @@ TARGETS: list[tuple[str, str, str, float, str]] = [
     ("slow_upstream", "peak_outstanding", ">=", 5_000, "slow upstream measured with 5,000 in flight"),
     ("moderate_load", "added_p50_ms", "<=", 10, "500 req/s: p50 added <= 10 ms"),
     ("moderate_load", "added_p99_ms", "<=", 50, "500 req/s: p99 added <= 50 ms"),
+    ("priority", "share_of_limit", ">=", 0.97, "priority: served >= 97% of the rate limit"),
 ]
 
 

@@ -3,7 +3,8 @@
     python -m bench.run [--size smoke|full] [--out BENCHMARKS.md] [--json bench/results.json]
                         [--only miss_path,cache_hit,...] [--no-peers]
 
-Needs Kafka on 127.0.0.1:9092 and Redis on 127.0.0.1:6379 (``make stack-up``) and nginx.
+Needs Kafka on 127.0.0.1:9092 and Redis on 127.0.0.1:6379 (``make stack-up``) and nginx
+(elsewhere: BENCH_KAFKA_BOOTSTRAP, BENCH_REDIS_PORT).
 It starts nginx, mocks, workers and peers itself and stops all of them on the way out.
 """
 

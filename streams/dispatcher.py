@@ -49,6 +49,7 @@ from streams.errors import (
     UpstreamConnectionError,
     UpstreamError,
     UpstreamStatusError,
+    ValidationFailed,
 )
 from streams.logs import request_extra
 from streams.ratelimit import Permit, RateLimiter, estimate_tokens
@@ -63,6 +64,9 @@ SYNC_INTERVAL_SECONDS = 0.25
 SAFETY_POLL_SECONDS = 1.0
 # Never spin: a computed wake-up sooner than this is rounded up.
 MIN_WAKE_SECONDS = 0.0005
+# A refusal's wait is cached per endpoint for at most this long before Redis is asked again:
+# another worker's refund or released lease may have ended it sooner (we hear no event).
+MAX_CACHED_WAIT_SECONDS = 1.0
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -100,6 +104,7 @@ class _Grant:
     endpoint: EndpointConfig
     permit: Permit
     probe: bool
+    at: float = 0.0  # clock time of the reserved slot (0: unlimited): the attempt starts then
     released: bool = False
 
 
@@ -145,7 +150,8 @@ class _Metrics:
         )
         self.outcomes = Counter(
             "llm_streams_dispatch",
-            "Finished dispatches by outcome (ok, upstream, exhausted, expired, no_endpoint)",
+            "Finished dispatches by outcome (ok, upstream, exhausted, expired, no_endpoint, "
+            "too_large)",
             ["outcome"],
             registry=registry,
         )
@@ -156,7 +162,7 @@ class _Metrics:
         self.wait_by = {n: self.wait.labels(n) for n in names}
         self.outcome = {
             o: self.outcomes.labels(o)
-            for o in ("ok", "upstream", "exhausted", "expired", "no_endpoint")
+            for o in ("ok", "upstream", "exhausted", "expired", "no_endpoint", "too_large")
         }
 
 
@@ -212,6 +218,11 @@ def _used_tokens(body: Mapping[str, Any]) -> int | None:
     return usage["total_tokens"] or (usage["prompt_tokens"] + usage["completion_tokens"]) or None
 
 
+def _fits(ep: EndpointConfig, tokens: int) -> bool:
+    """Could ``ep``'s tpm ever take a request of ~``tokens`` tokens?"""
+    return ep.tpm is None or tokens <= ep.tpm
+
+
 def _not_processed(exc: StreamsError) -> bool:
     """The endpoint did no work for this attempt, so its tpm charge is given back."""
     if isinstance(exc, UpstreamConnectionError):
@@ -247,7 +258,7 @@ class Dispatcher:
         self._default_model = settings.worker.default_model
         self._endpoints = [e for e in settings.endpoints if e.weight > 0]
         self._balancer = Balancer(settings.endpoints)
-        self._limiter = RateLimiter(settings, redis, clock=clock)
+        self._limiter = RateLimiter(settings, redis, clock=clock, on_release=self._released)
         self._cooldowns = Cooldowns(
             settings.endpoints,
             settings.retry,
@@ -260,6 +271,7 @@ class Dispatcher:
         self._sched: Scheduler[_Ticket] = Scheduler(settings.limits.priority_aging_ms)
         self._waiting_models: dict[str, int] = {}
         self._blocked = {e.name: 0.0 for e in settings.endpoints}  # hint: refused until
+        self._blocked_by = {e.name: "" for e in settings.endpoints}  # the limit that refused
         self._global_blocked = 0.0
         self._acquiring: set[str] = set()  # endpoints with a limiter call under way
         self._inflight = {e.name: 0 for e in settings.endpoints}
@@ -330,6 +342,7 @@ class Dispatcher:
             raise DispatchFailed(NoEndpoint(f"no endpoint serves model {model!r}"), 0, [])
         messages = req.chat_messages()
         ticket = _Ticket(model, req.priority, self._clock(), estimate_tokens(messages, req.params))
+        self._check_size(ticket)
         attempts = 0
         while True:
             self._check_deadline(req.deadline, attempts, ticket.tried)
@@ -337,6 +350,8 @@ class Dispatcher:
             if grant is None:  # the deadline came while waiting
                 self._check_deadline(req.deadline, attempts, ticket.tried)
                 continue
+            if grant.at and not await self._until_slot(grant):
+                continue  # the endpoint began cooling down while we waited for the slot
             if self._expired(req.deadline):
                 self._release(grant, None)
                 self._check_deadline(req.deadline, attempts, ticket.tried)
@@ -372,6 +387,37 @@ class Dispatcher:
                 attempts=attempts,
                 endpoints=list(ticket.tried),
             )
+
+    def _check_size(self, ticket: _Ticket) -> None:
+        """A request larger than every endpoint's whole ``tpm`` could never be served, and
+        charging it would push the shared schedule minutes ahead for everyone."""
+        if any(_fits(ep, ticket.tokens) for ep in self._balancer.candidates(ticket.model)):
+            return
+        self._metrics.outcome["too_large"].inc()
+        largest = max(ep.tpm or 0 for ep in self._balancer.candidates(ticket.model))
+        error = ValidationFailed(
+            f"request of ~{ticket.tokens} tokens (prompt + n x max_tokens) is too large for any "
+            f"endpoint (largest tpm {largest})"
+        )
+        raise DispatchFailed(error, 0, [])
+
+    async def _until_slot(self, grant: _Grant) -> bool:
+        """Sleep until the grant's reserved slot (the limiter granted it ahead of time), and
+        after a late wake-up until the pacer lets it go (``RateLimiter.pace``). False, with
+        the slot given up, if the endpoint began cooling down meanwhile (a 429 told us to)."""
+        try:
+            if (delay := grant.at - self._clock()) > 0:
+                await self._sleep(delay)
+                name = grant.endpoint.name
+                if not grant.probe and self._cooldowns.state(name) is not EndpointState.HEALTHY:
+                    self._release(grant, None)
+                    return False
+            if (delay := self._limiter.pace(grant.permit) - self._clock()) > 0:
+                await self._sleep(delay)
+        except BaseException:
+            self._release(grant, None)
+            raise
+        return True
 
     def _other_usable(self, model: str, failed: str) -> bool:
         return any(
@@ -517,6 +563,7 @@ class Dispatcher:
             return (
                 (only is None or ep.name in only)
                 and ep.name not in rejected
+                and _fits(ep, ticket.tokens)
                 and self._ready(ep, now)
             )
 
@@ -540,28 +587,42 @@ class Dispatcher:
                 if probe:
                     self._cooldowns.abandon_probe(ep.name)
                 self._metrics.denied.labels(ep.name, decision.limit).inc()
-                if decision.limit == "rps" and decision.wait > 0:
-                    self._global_blocked = now + decision.wait  # binds every endpoint
+                wait = min(decision.wait, MAX_CACHED_WAIT_SECONDS)
+                if decision.limit == "rps" and wait > 0:
+                    self._global_blocked = now + wait  # binds every endpoint
                     return None
-                if decision.wait > 0:
-                    self._blocked[ep.name] = now + decision.wait
+                if wait > 0:
+                    self._blocked[ep.name] = now + wait
+                    self._blocked_by[ep.name] = decision.limit
                 rejected.add(ep.name)
                 continue
             self._inflight_total += 1
             self._inflight[ep.name] += 1
-            self._metrics.wait_by[ep.name].observe(max(now - ticket.since, 0.0))
-            return _Grant(ep, decision.permit, probe)
+            at = 0.0 if self._limiter.unlimited(ep) else now + decision.wait  # 0: no pacing
+            self._metrics.wait_by[ep.name].observe(max(now + decision.wait - ticket.since, 0.0))
+            return _Grant(ep, decision.permit, probe, at)
         return None
 
     def _release(self, grant: _Grant, used_tokens: int | None) -> None:
         if grant.released:
             return
         grant.released = True
+        name = grant.endpoint.name
         self._inflight_total -= 1
-        self._inflight[grant.endpoint.name] -= 1
+        self._inflight[name] -= 1
         self._limiter.release(grant.permit, used_tokens)
         if len(self._sched):
             self._wake.set()
+
+    def _released(self, name: str, refund: bool) -> None:
+        """The limiter took back a permit of ``name``: a cached refusal it may have ended (the
+        slot it freed, the tokens it gave back) is asked again at once."""
+        blocked_by = self._blocked_by[name]
+        if blocked_by == "concurrency" or (refund and blocked_by == "tpm"):
+            self._blocked[name] = 0.0
+            self._blocked_by[name] = ""
+            if len(self._sched):
+                self._wake.set()
 
     # ---- background --------------------------------------------------------------------------
 

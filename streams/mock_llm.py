@@ -2,7 +2,8 @@
 
 POST /v1/chat/completions answers deterministically from the prompt, with a usage block.
 GET /stats returns counts (calls, statuses, distinct prompts, duplicate calls, the busiest
-1-second window; with ``?log=1`` every call's time, status, fault and prompt); POST /reset
+1-second window; with ``?log=1`` every call's time, status, fault and prompt, and the mock's
+own stalls); POST /reset
 clears them; POST /config changes behaviour at run time (JSON with any of latency_ms,
 jitter_ms, error_rate, status_on_error, retry_after, down, faults, hang_seconds).
 
@@ -33,6 +34,7 @@ import random
 import socket
 import struct
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -69,6 +71,11 @@ BAD_USAGES: tuple[object, ...] = (
 )
 
 _LOG_MAX = 1_000_000
+# A call's time is taken when the mock's loop gets to it: while the process is starved of CPU
+# calls queue up and are stamped together. Such stalls (the loop late by more than
+# STALL_SECONDS) are logged, so a test can tell "sent in a burst" from "seen in a burst".
+STALL_TICK_SECONDS = 0.002
+STALL_SECONDS = 0.01
 
 
 def check_faults(faults: object) -> dict[str, float]:
@@ -108,6 +115,8 @@ class MockStats:
     statuses: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=_LOG_MAX))
     entries: collections.deque[dict[str, Any]] = field(
         default_factory=lambda: collections.deque(maxlen=_LOG_MAX))
+    stalls: collections.deque[tuple[float, float]] = field(
+        default_factory=lambda: collections.deque(maxlen=_LOG_MAX))
 
     def record(self, when: float, status: int, prompt: str | None = None, fault: str = "",
                retry_after: float | None = None) -> None:
@@ -136,7 +145,9 @@ class MockStats:
             "max_per_second": _max_window(list(self.times), 1.0),
             "first_call": self.times[0] if self.times else None,
             "last_call": self.times[-1] if self.times else None,
+            "stalls": len(self.stalls),
             **({"log": list(zip(self.times, self.statuses, strict=False)),
+                "stalls_log": list(self.stalls),
                 "duplicate_prompts": [p for p, n in self.prompts.items() if n > 1],
                 "calls_log": list(self.entries)}
                if with_log else {}),
@@ -292,8 +303,23 @@ class MockLLM:
             setattr(self.behaviour, key, value)
         return web.json_response(asdict(self.behaviour))
 
+    async def _watch_stalls(self, app: web.Application) -> AsyncIterator[None]:
+        async def watch() -> None:
+            while True:
+                before = time.time()
+                await asyncio.sleep(STALL_TICK_SECONDS)
+                late = time.time() - before - STALL_TICK_SECONDS
+                if late > STALL_SECONDS:
+                    due = before + STALL_TICK_SECONDS
+                    self.stats.stalls.append((due, due + late))
+
+        task = asyncio.get_running_loop().create_task(watch())
+        yield
+        task.cancel()
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=8 * 1024 * 1024)
+        app.cleanup_ctx.append(self._watch_stalls)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/stats", self.get_stats)
         app.router.add_post("/reset", self.reset)

@@ -2,11 +2,17 @@
 
 Limits: per endpoint ``rpm``, ``tpm`` and ``max_concurrency``; globally
 ``limits.max_requests_per_second``. Rates use GCRA (the generic cell rate algorithm): one
-"theoretical arrival time" per key, advanced by ``interval x cost`` on each grant. A request
-is allowed while that time is no further ahead than the burst tolerance
-(``(limits.rate_burst - 1) x interval``; the default burst 1 spaces requests evenly, so
-rpm 600 means at most 10 in any second, never 600 at once). ``tpm`` charges an estimate
-before the call (``estimate_tokens``) and is corrected with the real usage afterwards.
+"theoretical arrival time" per key, advanced by ``interval x cost`` on each grant. A request's
+slot is that time minus the burst tolerance (``(limits.rate_burst - 1) x interval``; the
+default burst 1 spaces requests evenly, so rpm 600 means at most 10 in any second, never 600
+at once). ``tpm`` charges an estimate before the call (``estimate_tokens``) and is corrected
+with the real usage afterwards.
+
+Grants are reservations: a slot that starts within ``RESERVE_AHEAD_SECONDS`` (at least four
+slots) is granted at once and the caller sleeps until it (``Decision.wait``). The schedule so
+runs on whole slots however late a worker is to ask or to send, and the limit is served in
+full under saturation; a slot further ahead is refused with the time to ask again, when the
+slot is half that horizon away (room for several workers to reserve in turn).
 ``max_concurrency`` is a sorted set of leases that expire on their own, so a crashed
 worker cannot leak slots for longer than the endpoint timeout plus a margin.
 
@@ -28,6 +34,7 @@ Usage::
     if decision.permit is None:
         await asyncio.sleep(decision.wait)       # or queue and come back later
     else:
+        await asyncio.sleep(decision.wait)       # until the reserved slot
         ...call the endpoint...
         limiter.release(decision.permit, used_tokens=body["usage"]["total_tokens"])
 """
@@ -58,35 +65,40 @@ DEFAULT_COMPLETION_TOKENS = 256
 CONCURRENCY_POLL_SECONDS = 0.05
 # A lease outlives the endpoint's hard timeout by this much before Redis drops it.
 LEASE_MARGIN_SECONDS = 10.0
-# Rates are enforced at 98% of the configured value: a grant and the request's arrival at
-# the endpoint are a few milliseconds apart and that jitter varies, so at exactly 100% the
-# endpoint could see one request too many in some window (rpm 600: 10 grants span 1.02 s).
+# Rates are scheduled at 98% of the configured value. A request reaches the endpoint a few
+# milliseconds after its slot, and that lateness varies; at 98% the spacing absorbs up to 20 ms
+# of it in any one-second window (rpm 600: 11 slots span 1.02 s), so the endpoint never sees
+# one request too many.
 RATE_HEADROOM = 0.98
+# A grant reserves a slot up to this far ahead (at least 4 slots): the request sleeps until its
+# slot, so the time we take between "allowed" and "sent" never costs the schedule a slot.
+RESERVE_AHEAD_SECONDS = 0.25
 _REDIS_RETRY_MIN = 0.5
 _REDIS_RETRY_MAX = 10.0
 _REDIS_ERRORS = REDIS_ERRORS
 
-# KEYS: n GCRA keys, then the concurrency lease set when ARGV[2] > 0.
-# ARGV: n, concurrency max, lease id, lease us, poll us, then per GCRA key:
+# GCRA with reservations. Each key holds a "theoretical arrival time" (tat); a request's slot is
+# the latest of (tat - tolerance) over its keys, or now. A slot within ARGV[6] us is granted
+# (reserved: tat moves past the slot, never back to "now" because we are late); a later one is
+# refused. KEYS: n GCRA keys, then the concurrency lease set when ARGV[2] > 0.
+# ARGV: n, concurrency max, lease id, lease us, poll us, ahead us, then per key:
 #       interval us, tolerance us, cost.
-# Returns {allowed, wait_us, index of the refusing key (1-based; n+1 = concurrency)}.
+# Returns {allowed, us until the slot (refused: until the earliest slot, or the poll), index of
+# the refusing key (1-based; n+1 = concurrency)}.
 _ACQUIRE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local n = tonumber(ARGV[1])
 local cmax = tonumber(ARGV[2])
-local wait, idx = 0, 0
+local slot, idx = now, 0
 local tats = {}
 for i = 1, n do
-  local b = 5 + (i - 1) * 3
-  local interval, tol, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local b = 6 + (i - 1) * 3
   local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if tat < now then tat = now end
-  local w = tat - tol - now
-  if w > wait then wait, idx = w, i end
-  tats[i] = tat + interval * cost
+  tats[i] = tat
+  if tat - tonumber(ARGV[b + 2]) > slot then slot, idx = tat - tonumber(ARGV[b + 2]), i end
 end
-if wait > 0 then return {0, string.format('%.0f', wait), idx} end
+if slot - now > tonumber(ARGV[6]) then return {0, string.format('%.0f', slot - now), idx} end
 if cmax > 0 then
   local ck = KEYS[n + 1]
   redis.call('ZREMRANGEBYSCORE', ck, '-inf', now)
@@ -95,10 +107,11 @@ if cmax > 0 then
   redis.call('PEXPIRE', ck, math.ceil(tonumber(ARGV[4]) / 1000) + 1000)
 end
 for i = 1, n do
-  redis.call('SET', KEYS[i], string.format('%.0f', tats[i]),
-             'PX', math.ceil((tats[i] - now) / 1000) + 1000)
+  local b = 6 + (i - 1) * 3
+  local tat = math.max(tats[i], slot) + tonumber(ARGV[b + 1]) * tonumber(ARGV[b + 3])
+  redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
 end
-return {1, '0', 0}
+return {1, string.format('%.0f', slot - now), 0}
 """
 
 # KEYS[1] a GCRA key; ARGV[1] microseconds to add (negative: give back).
@@ -161,10 +174,11 @@ class Permit:
 
 @dataclass(slots=True, frozen=True)
 class Decision:
-    """A grant (``permit``) or a refusal with the seconds until it could be allowed.
+    """A grant (``permit``) or a refusal, and ``wait`` seconds.
 
-    ``wait`` is 0 for a refusal whose end we cannot predict (a local concurrency slot:
-    the caller hears of it when a permit is released).
+    A grant's ``wait`` is the time until its reserved slot: send then, not before. A refusal's
+    is the time until asking again may succeed; 0 when we cannot predict it (a local
+    concurrency slot: the caller hears of it when a permit is released).
     """
 
     permit: Permit | None
@@ -191,8 +205,12 @@ class RateLimiter:
         *,
         clock: Callable[[], float] = time.monotonic,
         key_prefix: str | None = None,
+        on_release: Callable[[str, bool], None] | None = None,
     ) -> None:
+        """``on_release(endpoint name, refund)`` is called once a release has taken effect
+        (written to Redis when shared): a refusal it may have ended can be asked again."""
         self._redis = redis
+        self._on_release = on_release
         self._clock = clock
         self._timeout = settings.redis.socket_timeout_seconds
         self._fraction = settings.limits.local_fallback_fraction
@@ -218,6 +236,7 @@ class RateLimiter:
                 rates.append(_Rate("tpm", f"{self._base}:{ep.name}:tpm", interval, 0.0, True))
             self._rates[ep.name] = rates
         self._local_tat: dict[str, float] = {}
+        self._paced: dict[str, float] = {}  # per key: this worker's next send at 100 % of it
         self._inflight: dict[str, int] = {ep.name: 0 for ep in settings.endpoints}
         self._lease_ids = count()
         self._lease_prefix = uuid.uuid4().hex[:12]
@@ -284,15 +303,34 @@ class RateLimiter:
         if used_tokens is not None and permit.endpoint.tpm is not None:
             delta = used_tokens - permit.tokens
         tpm = next((r for r in self._rates[name] if r.per_token), None)
+        if delta and tpm is not None and tpm.key in self._paced:
+            self._paced[tpm.key] += delta * tpm.interval * RATE_HEADROOM
         if permit.shared:
             if permit.lease is not None or (delta and tpm is not None):
                 self._spawn(self._release_shared(permit, tpm, delta))
+                return
         elif delta and tpm is not None:
             tat = self._local_tat.get(tpm.key)
             if tat is not None:
                 self._local_tat[tpm.key] = max(
                     tat + delta * tpm.interval / self._fraction, self._clock()
                 )
+        self._released(name, delta < 0)
+
+    def pace(self, permit: Permit) -> float:
+        """When to send a granted request, called once at (or after) its slot: now, or later
+        if this worker's recent sends leave no room at 100 % of the limits (the shared
+        schedule runs at ``RATE_HEADROOM``). A worker that woke late so catches up within the
+        headroom instead of sending what fell due at once, a burst the endpoint would count
+        above the limit. Clock seconds."""
+        rates = self._rates[permit.endpoint.name]
+        send = self._clock()
+        for r in rates:
+            send = max(send, self._paced.get(r.key, send) - r.tolerance)
+        for r in rates:
+            step = r.interval * RATE_HEADROOM * (permit.tokens if r.per_token else 1)
+            self._paced[r.key] = max(self._paced.get(r.key, send), send) + step
+        return send
 
     async def aclose(self) -> None:
         """Wait (briefly) for background Redis releases."""
@@ -335,8 +373,21 @@ class RateLimiter:
             except NoScriptError:
                 return await self._redis.eval(src, len(keys), *keys, *args)
 
+    @staticmethod
+    def _ahead(rates: Sequence[_Rate], tokens: int, scale: float = 1.0) -> float:
+        """How far ahead a slot may be reserved: at least four slots of this request."""
+        step = max((r.interval * (tokens if r.per_token else 1) for r in rates), default=0.0)
+        return max(RESERVE_AHEAD_SECONDS, 4 * step / scale)
+
+    @staticmethod
+    def _refusal(delay: float, ahead: float, limit: str) -> Decision:
+        """Ask again when the slot is half the horizon away: lateness up to that much costs no
+        slot, and the other half leaves room for several workers to reserve in turn."""
+        return Decision(None, max(delay - ahead / 2, 0.0), limit)
+
     async def _acquire_shared(self, endpoint: EndpointConfig, tokens: int) -> Decision:
         rates = self._rates[endpoint.name]
+        ahead = self._ahead(rates, tokens)
         keys = [r.key for r in rates]
         cap = endpoint.max_concurrency or 0
         lease = None
@@ -346,37 +397,38 @@ class RateLimiter:
             lease = f"{self._lease_prefix}:{next(self._lease_ids)}"
             lease_us = round((endpoint.timeout_seconds + LEASE_MARGIN_SECONDS) * 1e6)
         poll_us = round(CONCURRENCY_POLL_SECONDS * 1e6)
-        args: list[Any] = [len(rates), cap, lease or "", lease_us, poll_us]
+        args: list[Any] = [len(rates), cap, lease or "", lease_us, poll_us, round(ahead * 1e6)]
         for r in rates:
             args += [r.interval * 1e6, r.tolerance * 1e6, tokens if r.per_token else 1]
-        allowed, wait_us, index = await self._eval(_ACQUIRE_LUA, keys, args)
+        allowed, delay_us, index = await self._eval(_ACQUIRE_LUA, keys, args)
         self._mark_up()
+        delay = float(delay_us) / 1e6
         if int(allowed) != 1:
             index = int(index)
-            limit = rates[index - 1].limit if index <= len(rates) else "concurrency"
-            return Decision(None, float(wait_us) / 1e6, limit)
+            if index > len(rates):
+                return Decision(None, delay, "concurrency")
+            return self._refusal(delay, ahead, rates[index - 1].limit)
         self._inflight[endpoint.name] += 1
-        return Decision(Permit(endpoint, tokens, shared=True, lease=lease))
+        return Decision(Permit(endpoint, tokens, shared=True, lease=lease), delay)
 
     def _acquire_local(self, endpoint: EndpointConfig, tokens: int) -> Decision:
+        """The same reservations as ``_ACQUIRE_LUA``, on this worker's share of each limit."""
         now = self._clock()
         rates = self._rates[endpoint.name]
-        wait, limit = 0.0, ""
-        new_tats: list[float] = []
+        ahead = self._ahead(rates, tokens, self._fraction)
+        slot, limit = now, ""
+        for r in rates:
+            start = self._local_tat.get(r.key, now) - r.tolerance / self._fraction
+            if start > slot:
+                slot, limit = start, r.limit
+        if slot - now > ahead:
+            return self._refusal(slot - now, ahead, limit)
         for r in rates:
             # The fallback keeps this worker's share of each limit: a longer interval.
-            interval = r.interval / self._fraction
-            tat = max(self._local_tat.get(r.key, now), now)
-            w = tat - r.tolerance / self._fraction - now
-            if w > wait:
-                wait, limit = w, r.limit
-            new_tats.append(tat + interval * (tokens if r.per_token else 1))
-        if wait > 0:
-            return Decision(None, wait, limit)
-        for r, tat in zip(rates, new_tats, strict=True):
-            self._local_tat[r.key] = tat
+            step = r.interval / self._fraction * (tokens if r.per_token else 1)
+            self._local_tat[r.key] = max(self._local_tat.get(r.key, now), slot) + step
         self._inflight[endpoint.name] += 1
-        return Decision(Permit(endpoint, tokens, shared=False))
+        return Decision(Permit(endpoint, tokens, shared=False), slot - now)
 
     async def _release_shared(self, permit: Permit, tpm: _Rate | None, delta: int) -> None:
         try:
@@ -389,6 +441,11 @@ class RateLimiter:
         except _REDIS_ERRORS as exc:
             # The lease expires by itself; a missed tpm correction only errs for a minute.
             log.debug("rate limit release not written to redis: %s", type(exc).__name__)
+        self._released(permit.endpoint.name, delta < 0)
+
+    def _released(self, name: str, refund: bool) -> None:
+        if self._on_release is not None:
+            self._on_release(name, refund)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from streams.config import EndpointConfig, Settings
 from streams.contract import Request
 from streams.dispatcher import Dispatcher
-from streams.ratelimit import RATE_HEADROOM, RateLimiter
+from streams.ratelimit import RATE_HEADROOM, RESERVE_AHEAD_SECONDS, RateLimiter
 
 pytestmark = pytest.mark.integration
 
@@ -61,14 +61,31 @@ async def test_rpm_holds_across_three_limiters(clients: list[Any]) -> None:
             if decision.permit is None:
                 await asyncio.sleep(decision.wait)
                 continue
-            grants.append(time.monotonic())
+            grants.append(time.monotonic() + decision.wait)  # its reserved slot
             limiter.release(decision.permit)
 
     await asyncio.gather(*(worker(lim) for lim in limiters))
     grants.sort()
     assert not any(lim.degraded for lim in limiters)
     assert _max_in_window(grants, 1.0) <= 10  # 600 rpm = 10/s, smooth, never a burst
-    assert len(grants) >= 12  # and yet the budget is used (~9.8/s for 1.4 s)
+    assert len(grants) >= 14  # and yet the budget is used (~9.8/s for 1.4 s, + reserved)
+
+
+async def test_reservations_in_the_script(clients: list[Any]) -> None:
+    """The Lua script's arithmetic: slots one interval apart, granted up to the horizon."""
+    settings = _settings(rpm=600)
+    endpoint = settings.endpoints[0]
+    a, b = RateLimiter(settings, clients[0]), RateLimiter(settings, clients[1])
+    interval = 0.1 / RATE_HEADROOM
+    waits = []
+    for i in range(5):
+        decision = await (a if i % 2 else b).acquire(endpoint, 1)
+        assert decision.permit is not None
+        waits.append(decision.wait)
+    assert waits == pytest.approx([i * interval for i in range(5)], abs=0.01)
+    refused = await a.acquire(endpoint, 1)
+    assert refused.permit is None and refused.limit == "rpm"
+    assert refused.wait == pytest.approx(5 * interval - 2 * interval, abs=0.01)
 
 
 async def test_concurrency_is_shared(clients: list[Any]) -> None:
@@ -94,11 +111,12 @@ async def test_tpm_estimate_is_corrected_with_real_usage(clients: list[Any]) -> 
     assert big.permit is not None and big.permit.shared
     refused = await b.acquire(endpoint, 10)
     assert refused.permit is None and refused.limit == "tpm"
-    assert refused.wait == pytest.approx(2.0 / RATE_HEADROOM, abs=0.05)
+    half = RESERVE_AHEAD_SECONDS / 2  # asked again when the slot is half the horizon away
+    assert refused.wait == pytest.approx(2.0 / RATE_HEADROOM - half, abs=0.05)
     a.release(big.permit, used_tokens=100)
     await a.aclose()
-    refused = await b.acquire(endpoint, 10)
-    assert refused.permit is None and refused.wait == pytest.approx(0.1 / RATE_HEADROOM, abs=0.05)
+    reserved = await b.acquire(endpoint, 10)  # now 0.1 s ahead: within the horizon
+    assert reserved.permit is not None and reserved.wait == pytest.approx(0.1 / RATE_HEADROOM, abs=0.05)
 
 
 async def test_unreachable_redis_falls_back_to_a_local_limiter() -> None:
@@ -111,8 +129,10 @@ async def test_unreachable_redis_falls_back_to_a_local_limiter() -> None:
         first = await limiter.acquire(endpoint, 1)
         assert first.permit is not None and not first.permit.shared and limiter.degraded
         second = await limiter.acquire(endpoint, 1)  # the local limiter still holds rpm
-        assert second.permit is None and second.wait == pytest.approx(1 / RATE_HEADROOM, abs=0.05)
+        assert second.permit is not None and not second.permit.shared
+        assert second.wait == pytest.approx(1 / RATE_HEADROOM, abs=0.05)  # reserved a slot on
         limiter.release(first.permit)
+        limiter.release(second.permit)
         await limiter.aclose()
     finally:
         await dead.aclose()
@@ -150,7 +170,7 @@ async def test_recovers_when_redis_returns(clients: list[Any]) -> None:
     assert shared.permit is not None and shared.permit.shared and not limiter.degraded
     # the grant is visible to another worker at once
     other = await RateLimiter(settings, clients[1]).acquire(endpoint, 1)
-    assert other.permit is None and other.limit == "rpm"
+    assert other.permit is not None and other.wait == pytest.approx(0.1 / RATE_HEADROOM, abs=0.02)
 
 
 class RecordingUpstream:

@@ -8,7 +8,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streams.config import EndpointConfig, Settings
-from streams.ratelimit import RATE_HEADROOM, RateLimiter, estimate_tokens
+from streams.ratelimit import RATE_HEADROOM, RESERVE_AHEAD_SECONDS, RateLimiter, estimate_tokens
 
 
 class Clock:
@@ -29,18 +29,20 @@ def _ep(name: str = "a", **kw: Any) -> EndpointConfig:
 
 
 async def _greedy(limiter: RateLimiter, ep: EndpointConfig, clock: Clock, until: float,
-                  tokens: int = 1) -> list[float]:
-    """Acquire as fast as allowed until ``until``, jumping the clock by each wait."""
-    grants = []
+                  tokens: int = 1, late: float = 0.0) -> list[float]:
+    """Acquire as fast as allowed until ``until``, jumping the clock by each refusal's wait
+    (plus ``late``: a slow worker); returns the slots granted (when each may be sent)."""
+    slots = []
     while clock.now < until:
         decision = await limiter.acquire(ep, tokens)
         if decision.permit is None:
             assert decision.wait > 0
-            clock.now += decision.wait
+            clock.now += decision.wait + late
             continue
-        grants.append(clock.now)
+        assert decision.wait >= 0
+        slots.append(clock.now + decision.wait)
         limiter.release(decision.permit)
-    return grants
+    return slots
 
 
 def _max_in_window(times: list[float], width: float) -> int:
@@ -64,11 +66,52 @@ async def test_rpm_is_smooth_not_a_minute_bucket() -> None:
     clock = Clock()
     ep = _ep(rpm=600)
     limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock)
-    grants = await _greedy(limiter, ep, clock, clock.now + 10)
-    assert _max_in_window(grants, 1.0) <= 10
-    assert len(grants) >= 95  # ~98% of 10 s x 10/s
-    gaps = {round(b - a, 6) for a, b in zip(grants, grants[1:], strict=False)}
+    slots = await _greedy(limiter, ep, clock, clock.now + 10)
+    assert _max_in_window(slots, 1.0) <= 10
+    assert len(slots) >= 98  # 98% of 10 s x 10/s, plus the slots reserved ahead
+    gaps = {round(b - a, 6) for a, b in zip(slots, slots[1:], strict=False)}
     assert gaps == {round(0.1 / RATE_HEADROOM, 6)}
+
+
+async def test_late_workers_lose_no_slot() -> None:
+    """A worker that asks again up to half the horizon late still gets every slot: the
+    schedule never restarts from "now" because of our lateness (it did: 58% served)."""
+    clock = Clock()
+    ep = _ep(rpm=600)
+    limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock)
+    start = clock.now
+    ahead = max(RESERVE_AHEAD_SECONDS, 4 * 0.1 / RATE_HEADROOM)
+    slots = await _greedy(limiter, ep, clock, start + 30, late=ahead / 2 * 0.9)
+    slots = [t for t in slots if t < start + 30]
+    assert len(slots) == pytest.approx(30 * 10 * RATE_HEADROOM, abs=1)
+    assert _max_in_window(slots, 1.0) <= 10
+
+
+async def test_a_reservation_is_granted_ahead_and_slots_follow_each_other() -> None:
+    clock = Clock()
+    ep = _ep(rpm=600)  # a slot every ~0.102 s; reservations up to ~0.41 s ahead
+    limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock)
+    interval = 0.1 / RATE_HEADROOM
+    waits = []
+    while (d := await limiter.acquire(ep, 1)).permit is not None:
+        waits.append(d.wait)
+    assert waits == pytest.approx([i * interval for i in range(5)])
+    # refused until the next slot is half the horizon away
+    ahead = 4 * interval
+    assert d.limit == "rpm" and d.wait == pytest.approx(5 * interval - ahead / 2)
+    clock.now += d.wait
+    again = await limiter.acquire(ep, 1)
+    assert again.permit is not None and again.wait == pytest.approx(ahead / 2)
+
+
+async def test_an_idle_schedule_starts_from_now() -> None:
+    clock = Clock()
+    ep = _ep(rpm=600)
+    limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock)
+    assert (await limiter.acquire(ep, 1)).wait == 0
+    clock.now += 60  # idle: no credit saved up beyond the burst
+    first, second = await limiter.acquire(ep, 1), await limiter.acquire(ep, 1)
+    assert first.wait == 0 and second.wait == pytest.approx(0.1 / RATE_HEADROOM)
 
 
 async def test_burst_setting() -> None:
@@ -76,8 +119,9 @@ async def test_burst_setting() -> None:
     ep = _ep(rpm=600)
     limiter = RateLimiter(_settings(endpoints=[ep], rate_burst=5), None, clock=clock)
     first = [await limiter.acquire(ep, 1) for _ in range(6)]
-    assert [d.permit is not None for d in first] == [True] * 5 + [False]
-    assert first[-1].limit == "rpm" and first[-1].wait == pytest.approx(0.1 / RATE_HEADROOM)
+    assert all(d.permit is not None for d in first)
+    # five at once, then the schedule: the sixth is reserved one interval ahead
+    assert [d.wait for d in first] == pytest.approx([0] * 5 + [0.1 / RATE_HEADROOM])
 
 
 async def test_global_rps_binds_every_endpoint() -> None:
@@ -88,9 +132,12 @@ async def test_global_rps_binds_every_endpoint() -> None:
     )
     assert not limiter.unlimited(a)
     assert (await limiter.acquire(a, 1)).permit is not None
-    refused = await limiter.acquire(b, 1)
+    reserved = await limiter.acquire(b, 1)  # the global schedule: b's slot follows a's
+    assert reserved.permit is not None and reserved.wait == pytest.approx(0.5 / RATE_HEADROOM)
+    for _ in range(3):
+        assert (await limiter.acquire(a, 1)).permit is not None
+    refused = await limiter.acquire(b, 1)  # slots reserved 4 intervals (~2 s) ahead: the horizon
     assert refused.permit is None and refused.limit == "rps"
-    assert refused.wait == pytest.approx(0.5 / RATE_HEADROOM)
 
 
 async def test_unlimited_endpoint_is_free() -> None:
@@ -106,15 +153,34 @@ async def test_tpm_reserves_the_estimate_and_corrects_it() -> None:
     ep = _ep(tpm=60_000)  # ~1000 tokens per second
     limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock)
     big = await limiter.acquire(ep, 2000)
-    assert big.permit is not None
+    assert big.permit is not None and big.wait == 0
     refused = await limiter.acquire(ep, 10)
     assert refused.permit is None and refused.limit == "tpm"
-    assert refused.wait == pytest.approx(2.0 / RATE_HEADROOM)
-    limiter.release(big.permit, used_tokens=500)  # the real usage was much smaller
+    # the next slot is ~2.04 s away; asked again when it is half the horizon (0.25 s) away
+    assert refused.wait == pytest.approx(2.0 / RATE_HEADROOM - RESERVE_AHEAD_SECONDS / 2)
+    limiter.release(big.permit, used_tokens=500)  # the real usage was much smaller: refund
     refused = await limiter.acquire(ep, 10)
-    assert refused.permit is None and refused.wait == pytest.approx(0.5 / RATE_HEADROOM)
+    assert refused.permit is None
+    assert refused.wait == pytest.approx(0.5 / RATE_HEADROOM - RESERVE_AHEAD_SECONDS / 2)
     clock.now += refused.wait
-    assert (await limiter.acquire(ep, 10)).permit is not None
+    granted = await limiter.acquire(ep, 10)
+    assert granted.permit is not None
+    assert granted.wait == pytest.approx(RESERVE_AHEAD_SECONDS / 2)  # its slot: 0.51 s after the big one
+
+
+async def test_released_callback_reports_refunds() -> None:
+    clock = Clock()
+    ep = _ep(tpm=60_000)
+    seen: list[tuple[str, bool]] = []
+    limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock,
+                          on_release=lambda name, refund: seen.append((name, refund)))
+    one = (await limiter.acquire(ep, 100)).permit
+    two = (await limiter.acquire(ep, 100)).permit
+    assert one is not None and two is not None
+    limiter.release(one, used_tokens=40)
+    limiter.release(two, used_tokens=300)
+    limiter.release(two, used_tokens=300)  # idempotent: reported once
+    assert seen == [("a", True), ("a", False)]
 
 
 async def test_max_concurrency_is_a_slot_count() -> None:
@@ -160,8 +226,10 @@ async def test_falls_back_to_local_and_recovers() -> None:
     assert first.permit is not None and not first.permit.shared
     assert limiter.degraded and redis.calls == 1
     # locally: half the limit (fraction 0.5): one per ~2 s; redis is not retried at once
+    reserved = [await limiter.acquire(ep, 1) for _ in range(4)]
+    assert [d.wait for d in reserved] == pytest.approx([2.0 / RATE_HEADROOM * i for i in (1, 2, 3, 4)])
     refused = await limiter.acquire(ep, 1)
-    assert refused.permit is None and refused.wait == pytest.approx(2.0 / RATE_HEADROOM)
+    assert refused.permit is None and refused.limit == "rpm"
     assert redis.calls == 1
     redis.down = False
     clock.now += 0.6  # past the first retry delay (0.5 s)

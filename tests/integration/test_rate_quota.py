@@ -1,0 +1,169 @@
+"""The rate limits deliver the whole quota, and never more, measured at the endpoint.
+
+Real broker, Redis and worker processes; the endpoint is the project's mock, which logs the
+arrival time and prompt of every call. A backlog larger than the limit can serve keeps the
+group saturated; then, over the 30 s after the first second of calls:
+
+- served >= 97 % of the limit (``max_requests_per_second``, ``rpm``, ``tpm`` counted from the
+  mock's ``usage``, with ``max_tokens`` chosen so the worker's estimate is exact);
+- never above it: at most ``limit`` requests in any 1 s window (``rate_burst: 1``), and for
+  ``tpm`` at most ``tpm / 60`` tokens per second plus one request in any window;
+- steady: no 1 s window below 80 % of a request-count limit.
+
+The three limits run side by side (one group and one mock each), with 1 and with 3 workers.
+
+The mock stamps a call when its loop gets to it; on a machine starved of CPU, calls that
+arrived while the mock could not run are stamped together when it runs again. The mock logs
+those stalls (its loop late by > 10 ms), and a 1 s window touching one is not judged for
+"never above" or "steady" (at least half of the windows must be judged; all are on a quiet
+machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streams.mock_llm import completion_body
+from tests.integration.harness import Stack, encode, produce, start_mocks, start_worker
+
+pytestmark = pytest.mark.integration
+
+SETTLE = 1.0  # the first second of calls is not judged (workers warming up)
+WINDOW = 30.0
+SHARE = 0.97
+STEADY = 0.80
+RPS = 40  # limits.max_requests_per_second
+RPM = 1200  # 20 requests per second
+TPM = 60_000  # 1,000 tokens per second; requests of 33-83 tokens
+
+
+def _prompt(i: int) -> str:
+    """Prompts of 60 to 260 characters, so tpm requests differ in cost."""
+    head = f"quota request {i} "
+    return head + "x" * (60 + (i * 37) % 200 - len(head))
+
+
+def _tokens(prompt: str) -> int:
+    """What the mock reports as usage.total_tokens for this prompt."""
+    return int(completion_body("m", prompt)["usage"]["total_tokens"])
+
+
+def _max_tokens(prompt: str) -> int:
+    """max_tokens that makes the worker's estimate (chars/4 + 7 + max_tokens) exact."""
+    return _tokens(prompt) - (len(prompt) // 4 + 7)
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: dict[str, Any]
+    endpoint: dict[str, Any]
+    per_second: float  # the limit in its unit per second (requests, or tokens for tpm)
+    per_request: Callable[[str], int]  # units one call spends, from its prompt
+    tokens: bool = False
+
+
+VARIANTS = [
+    Variant("rps", {"limits.max_requests_per_second": RPS}, {}, RPS, lambda p: 1),
+    Variant("rpm", {}, {"rpm": RPM}, RPM / 60, lambda p: 1),
+    Variant("tpm", {}, {"tpm": TPM}, TPM / 60, _tokens, tokens=True),
+]
+
+
+def _window_sums(times: list[float], costs: list[int], width: float,
+                 stalls: list[tuple[float, float]]) -> tuple[int, int, float]:
+    """(max, min) of the units in any half-open window [t, t + width) starting at a call or just
+    after one, among windows that lie within the measured span and touch no stall of the mock;
+    and the share of windows judged."""
+    hi_best, lo_best = 0, None
+    n = len(times)
+    j, acc, judged = 0, 0, 0
+    for i in range(n):  # windows starting at call i
+        while j < n and times[j] < times[i] + width:
+            acc += costs[j]
+            j += 1
+        t = times[i]
+        if not any(a < t + width and b >= t for a, b in stalls):
+            judged += 1
+            hi_best = max(hi_best, acc)
+            if j < n:  # a window starting just after call i ends within the span
+                lo = acc - costs[i]
+                lo_best = lo if lo_best is None else min(lo_best, lo)
+        acc -= costs[i]
+    return hi_best, (lo_best or 0), judged / max(n, 1)
+
+
+async def _run(tmp: Path, variant: Variant, workers: int) -> dict[str, Any]:
+    [mock] = await start_mocks(1, "--latency-ms", "20")
+    procs = []
+    try:
+        ep = {"name": "ep", "url": f"{mock.url}/v1", "timeout_seconds": 5, **variant.endpoint}
+        overrides = {"cache.enabled": False, **variant.overrides}
+        stack = Stack(tmp / f"{variant.name}-{workers}", endpoints=[ep], overrides=overrides)
+        stack.tmp.mkdir(parents=True, exist_ok=True)
+        procs = [start_worker(stack) for _ in range(workers)]
+        for w in procs:
+            await w.ready()
+        await asyncio.sleep(3.0 if workers > 1 else 0.5)  # let the group settle
+        # A backlog the limit cannot serve in the measured span (about 45 s of it).
+        per_req = sum(variant.per_request(_prompt(i)) for i in range(200)) / 200
+        n = int(variant.per_second * 45 / per_req)
+        docs = [{"id": f"q{i}", "input": _prompt(i), "model": "m",
+                 "params": {"max_tokens": _max_tokens(_prompt(i))}} for i in range(n)]
+        await produce(stack.requests, encode(docs))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            stats = await mock.stats()
+            first, last = stats["first_call"], stats["last_call"]
+            if first is not None and last - first >= SETTLE + WINDOW + 1.5:
+                break
+            await asyncio.sleep(0.5)
+        stats = await mock.stats(log=True)
+        calls, stalls = stats["calls_log"], [tuple(s) for s in stats["stalls_log"]]
+    finally:
+        for w in procs:
+            w.stop()
+        mock.stop()
+    ok = [c for c in calls if c["status"] == 200]
+    assert len(ok) == len(calls), "the mock refused calls"
+    times = [c["t"] for c in ok]
+    costs = [variant.per_request(c["prompt"]) for c in ok]
+    start = times[0] + SETTLE
+    span = [(t, c) for t, c in zip(times, costs, strict=True) if start <= t < start + WINDOW]
+    served = sum(c for _, c in span) / WINDOW
+    t_span = [t for t, _ in span]
+    c_span = [c for _, c in span]
+    _, least_1s, _ = _window_sums(t_span, c_span, 1.0, stalls)
+    most_all, _, judged = _window_sums(times, costs, 1.0, stalls)
+    most_raw, least_raw, _ = _window_sums(t_span, c_span, 1.0, [])
+    return {"variant": variant.name, "workers": workers, "limit": variant.per_second,
+            "served": served, "share": served / variant.per_second,
+            "max_1s": most_all, "min_1s": least_1s, "max_request": max(costs),
+            "judged": judged, "stalls": len(stalls), "raw": (most_raw, least_raw)}
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+async def test_limits_deliver_the_quota_and_never_more(tmp_path: Path, workers: int) -> None:
+    results = await asyncio.gather(*(_run(tmp_path, v, workers) for v in VARIANTS))
+    for r in results:
+        print(f"\n{r['variant']} x{workers}: served {r['served']:.1f}/s = {r['share']:.1%} of "
+              f"{r['limit']:.0f}/s; 1 s windows: max {r['max_1s']}, min {r['min_1s']} "
+              f"({r['judged']:.0%} judged; mock stalls {r['stalls']}; all windows: max, min "
+              f"{r['raw']})")
+    for v, r in zip(VARIANTS, results, strict=True):
+        limit = v.per_second
+        assert r["share"] >= SHARE, r
+        assert r["judged"] >= 0.5, r
+        if v.tokens:
+            # Spread evenly: one second never carries more than a second's tokens plus one request.
+            assert r["max_1s"] <= limit + r["max_request"], r
+        else:
+            assert r["max_1s"] <= limit, r
+            assert r["min_1s"] >= STEADY * limit, r
