@@ -12,6 +12,9 @@ the next batch grows while they are (and nothing waits when idle).
 
 Shutdown (SIGINT/SIGTERM): stop accepting, let in-flight work finish within
 ``worker.shutdown_grace_seconds``, commit, exit 0; unfinished work is redelivered later.
+The whole stop takes at most the grace period plus ``STOP_MARGIN_SECONDS``: what faust and
+aiokafka still wait for after our drain (a group coordinator that is gone or moving, a
+broker that does not answer) is not waited on past it.
 
 Usage::
 
@@ -43,7 +46,7 @@ from streams.cache import ResponseCache
 from streams.config import Settings
 from streams.contract import Source
 from streams.dispatcher import Dispatcher
-from streams.faust_io import new_transport
+from streams.faust_io import new_transport, unreadable_partitions
 from streams.kafka_io import (
     KafkaPublisher,
     check_kafka,
@@ -61,9 +64,12 @@ log = logging.getLogger("streams.worker")
 
 BATCH_MAX = 1024  # records taken from faust's queue at once
 BATCHES_AHEAD = 2
-# faust's own stop (consumer, group leave, services) gets this long after our grace period;
-# past it the worker logs what is still running and exits 1 (unacked work is redelivered).
-STOP_MARGIN_SECONDS = 30.0
+# The stop gets this long past the grace period: 5 s for cancelled requests to unwind, then
+# the final commit and faust's own stop (consumer, group leave, services). Past it the worker
+# exits anyway: 0 once our drain is done (what is uncommitted is redelivered), else 1 with
+# what is still running logged.
+STOP_MARGIN_SECONDS = 12.0
+FINAL_COMMIT_SECONDS = 3.0
 
 
 class Runtime:
@@ -79,6 +85,7 @@ class Runtime:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
         self._stopping = False
+        self.drained = False  # the stop's own part is done: nothing of ours is left to lose
         self._stack = AsyncExitStack()
         self._processor: Processor | None = None
         self._redis: aioredis.Redis | None = None
@@ -191,8 +198,9 @@ class Runtime:
 
     def ready(self) -> bool:
         # An assignment may be empty (more workers than partitions): the member is still ready.
+        # A partition held because it cannot be decoded is logged once and makes us unready.
         return (self._ready.is_set() and not self._stopping and self.redis_ok
-                and self.assigned is not None)
+                and self.assigned is not None and not unreadable_partitions(self.app))
 
     async def submit_batch(self, events: list[Any]) -> None:
         """Accept faust events and start them, in batches (blocks while every slot is taken)."""
@@ -341,31 +349,41 @@ def _task_lines(loop: asyncio.AbstractEventLoop) -> list[str]:
 
 
 class _StopWatchdog:
-    """A thread that ends a stop that hangs: logs every stack and task, then ``os._exit(1)``.
+    """A thread that ends a stop that takes too long.
 
-    A thread, not a loop timer: it must fire even if the event loop itself is stuck.
+    When ``drained()`` says our own part of the stop is done, what is left waits on Kafka
+    (the group coordinator, a flush to a broker that went away): nothing of ours can be lost
+    (unacked records are redelivered), so it logs one line and exits 0. Otherwise our own
+    stop hangs: it logs every stack and task, then exits 1. A thread, not a loop timer: it
+    must fire even if the event loop itself is stuck.
     """
 
     _armed = False
 
     @classmethod
-    def arm(cls, seconds: float) -> None:
+    def arm(cls, seconds: float, drained: Callable[[], bool] = lambda: False) -> None:
         if cls._armed:
             return
         cls._armed = True
         loop = asyncio.get_running_loop()
-        timer = threading.Timer(seconds, cls._fire, args=(loop, seconds))
+        timer = threading.Timer(seconds, cls._fire, args=(loop, seconds, drained))
         timer.daemon = True
         timer.start()
 
     @staticmethod
-    def _fire(loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        lines = _task_lines(loop)
-        log.error("stop did not finish within %.0f s; exiting 1 (unacked records are "
-                  "redelivered). Still running:\n%s", seconds, "\n".join(lines))
-        faulthandler.dump_traceback(all_threads=True)
+    def _fire(loop: asyncio.AbstractEventLoop, seconds: float, drained: Callable[[], bool]) -> None:
+        if drained():
+            log.warning("stop: in-flight work drained, but Kafka's side of the stop (group "
+                        "leave, coordinator, flush) is still waiting after %.0f s; exiting 0 "
+                        "without it (uncommitted records are redelivered)", seconds)
+            code = 0
+        else:
+            log.error("stop did not finish within %.0f s; exiting 1 (unacked records are "
+                      "redelivered). Still running:\n%s", seconds, "\n".join(_task_lines(loop)))
+            faulthandler.dump_traceback(all_threads=True)
+            code = 1
         logging.shutdown()
-        os._exit(1)
+        os._exit(code)
 
 
 class StreamsApp(faust.App):
@@ -375,23 +393,27 @@ class StreamsApp(faust.App):
 
     def _new_transport(self) -> TransportT:
         # faust's transport, minus four tasks per fetched record (streams/faust_io.py)
-        return new_transport(self)
+        return new_transport(self, self.runtime.settings.kafka.isolation_level)
 
     async def on_start(self) -> None:
         await super().on_start()
         await self.runtime.start()
 
     async def on_stop(self) -> None:
-        _StopWatchdog.arm(self.runtime.settings.worker.shutdown_grace_seconds + STOP_MARGIN_SECONDS)
+        runtime = self.runtime
+        _StopWatchdog.arm(runtime.settings.worker.shutdown_grace_seconds + STOP_MARGIN_SECONDS,
+                          lambda: runtime.drained)
         # Stop taking records first (faust's own first step): a rebalance during our drain
         # skips faust's assignment handling once it is stopping, and a fetcher still running
         # would then crash on a record of a newly assigned partition (KeyError in on_message).
         await self._stop_consumer()
-        await self.runtime.drain()
+        await runtime.drain()
         try:
-            await self.consumer.commit()
+            # bounded: a coordinator that is gone or moving is not waited on
+            await asyncio.wait_for(self.consumer.commit(), FINAL_COMMIT_SECONDS)
         except Exception as exc:  # commit is best effort here: uncommitted work is redelivered
             log.warning("final commit failed: %s", type(exc).__name__)
+        runtime.drained = True
         await super().on_stop()
         await self.runtime.close()
 
@@ -423,6 +445,7 @@ def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
         consumer_auto_offset_reset="earliest",
         stream_buffer_maxsize=min(4096, max(256, s.limits.max_inflight)),
         producer_acks=-1,
+        producer_compression_type=s.kafka.codec,
         web_enabled=False,
         stream_processing_timeout=3600,
     )
