@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from streams.config import EndpointConfig, Settings, load_settings
@@ -221,3 +223,22 @@ def test_a_secret_written_in_the_config_is_refused_not_dropped(tmp_path: Path) -
         load_settings(environ={}, kafka={"sasl_password": "pw-in-file"})
     with pytest.raises(ConfigError, match="name the variable in redis.password_env"):
         load_settings(environ={}, redis={"password": "pw-in-file"})
+
+
+@given(st.text(max_size=12))
+def test_kafka_codec_and_isolation_take_only_what_kafka_offers(value: str) -> None:
+    codecs = {"none", "gzip", "snappy", "lz4", "zstd"}
+    levels = {"read_committed", "read_uncommitted"}
+    for key, allowed in (("compression_type", codecs), ("isolation_level", levels)):
+        if value in allowed:
+            assert getattr(load_settings(environ={}, kafka={key: value}).kafka, key) == value
+        else:
+            with pytest.raises(ConfigError, match=f"kafka.{key}"):
+                load_settings(environ={}, kafka={key: value})
+
+
+def test_kafka_defaults_read_committed_and_write_uncompressed() -> None:
+    k = load_settings(environ={}).kafka
+    assert k.isolation_level == "read_committed"
+    assert k.compression_type == "none" and k.codec is None
+    assert load_settings(environ={}, kafka={"compression_type": "zstd"}).kafka.codec == "zstd"

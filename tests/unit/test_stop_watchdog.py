@@ -1,4 +1,5 @@
-"""A stop that hangs ends anyway: the watchdog logs what still runs and exits 1."""
+"""A stop that hangs ends anyway: exit 0 when only Kafka's side is left (our drain is done),
+else the watchdog logs what still runs and exits 1."""
 
 from __future__ import annotations
 
@@ -25,6 +26,28 @@ def test_a_hanging_stop_exits_1_with_the_tasks_logged() -> None:
     assert out.returncode == 1
     assert "stop did not finish within 0 s" in out.stderr
     assert "main (<string>" in out.stderr  # the task still running, and where it waits
+
+
+DRAINED = """
+import asyncio, logging
+from streams.worker import _StopWatchdog
+
+logging.basicConfig(level=logging.INFO)
+
+async def main():
+    _StopWatchdog.arm(0.3, lambda: True)
+    await asyncio.sleep(30)  # e.g. aiokafka waiting on a group coordinator that is gone
+
+asyncio.run(main())
+"""
+
+
+def test_a_stop_left_waiting_on_kafka_after_our_drain_exits_0_in_one_line() -> None:
+    out = subprocess.run([sys.executable, "-c", DRAINED], capture_output=True, text=True,
+                         timeout=20)
+    assert out.returncode == 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "in-flight work drained" in lines[0] and "exiting 0" in lines[0]
 
 
 def test_the_state_dump_names_what_the_worker_holds() -> None:
