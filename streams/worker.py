@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import functools
 import gc
 import logging
 import os
@@ -64,12 +65,12 @@ log = logging.getLogger("streams.worker")
 
 BATCH_MAX = 1024  # records taken from faust's queue at once
 BATCHES_AHEAD = 2
-# The stop gets this long past the grace period: 5 s for cancelled requests to unwind, then
-# the final commit and faust's own stop (consumer, group leave, services). Past it the worker
-# exits anyway: 0 once our drain is done (what is uncommitted is redelivered), else 1 with
-# what is still running logged.
+# The stop gets this long past the grace period: stopping the consumer (STOP_STEP_SECONDS),
+# 5 s for cancelled requests to unwind, the final commit (STOP_STEP_SECONDS) and faust's own
+# stop (consumer, group leave, services). Past it the worker exits anyway: 0 once our drain
+# is done (what is uncommitted is redelivered), else 1 with what is still running logged.
 STOP_MARGIN_SECONDS = 12.0
-FINAL_COMMIT_SECONDS = 3.0
+STOP_STEP_SECONDS = 3.0  # stopping the consumer, the final commit: each at most this long
 
 
 class Runtime:
@@ -406,16 +407,32 @@ class StreamsApp(faust.App):
         # Stop taking records first (faust's own first step): a rebalance during our drain
         # skips faust's assignment handling once it is stopping, and a fetcher still running
         # would then crash on a record of a newly assigned partition (KeyError in on_message).
-        await self._stop_consumer()
+        # Bounded, like every step that may wait on Kafka: we take no new record either way.
+        await _within(self._stop_consumer(), STOP_STEP_SECONDS, "stopping the consumer")
         await runtime.drain()
-        try:
-            # bounded: a coordinator that is gone or moving is not waited on
-            await asyncio.wait_for(self.consumer.commit(), FINAL_COMMIT_SECONDS)
-        except Exception as exc:  # commit is best effort here: uncommitted work is redelivered
-            log.warning("final commit failed: %s", type(exc).__name__)
-        runtime.drained = True
+        runtime.drained = True  # what is not committed now is redelivered: nothing else to lose
+        await _within(self.consumer.commit(), STOP_STEP_SECONDS, "the final commit")
         await super().on_stop()
         await self.runtime.close()
+
+
+async def _within(step: Awaitable[Any], seconds: float, what: str) -> None:
+    """Await ``step`` for at most ``seconds``, then leave it running and go on (logged).
+
+    Not ``wait_for``: it waits for the cancelled step to unwind, and a step stuck in faust's
+    consumer thread on a coordinator that is gone does not.
+    """
+    task = asyncio.ensure_future(step)
+    task.add_done_callback(functools.partial(_log_failure, what))
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        log.warning("%s did not finish within %.0f s (group coordinator away?); going on "
+                    "without it (uncommitted records are redelivered)", what, seconds)
+
+
+def _log_failure(what: str, task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("%s failed: %s", what, type(task.exception()).__name__)
 
 
 def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:

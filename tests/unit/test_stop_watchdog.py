@@ -59,3 +59,27 @@ def test_the_state_dump_names_what_the_worker_holds() -> None:
     assert state["in_flight_slots_free"] == settings.limits.max_inflight
     assert state["batches_ahead_free"] == 2
     assert state["tracker"] == {} and state["tasks"] == 0
+
+
+async def test_a_stop_step_stuck_on_kafka_is_left_behind_not_awaited() -> None:
+    # e.g. faust's commit waiting in its consumer thread on a coordinator that is gone: it
+    # does not unwind when cancelled, so asyncio.wait_for would wait for it forever
+    import asyncio
+    import time
+
+    from streams.worker import _within
+
+    release = asyncio.Event()
+
+    async def stuck() -> None:
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue
+
+    started = time.monotonic()
+    await _within(stuck(), 0.2, "a stuck step")
+    assert time.monotonic() - started < 2
+    release.set()
+    await asyncio.sleep(0)
