@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from streams.config import Settings
-from streams.kafka_io import connection_options, ensure_topics, open_producer
+from streams.kafka_io import consumer_options, ensure_topics, open_producer
 
 
 @dataclass
@@ -96,7 +96,7 @@ async def run_batch(
     await ensure_topics(settings)
     t = settings.topics
     consumer = AIOKafkaConsumer(
-        enable_auto_commit=False, max_poll_records=5000, **connection_options(settings)
+        enable_auto_commit=False, max_poll_records=5000, **consumer_options(settings)
     )
     await consumer.start()
     started = time.monotonic()

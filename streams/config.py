@@ -79,6 +79,10 @@ class KafkaConfig(_Section):
     ssl_keyfile: str | None = None
     session_timeout_seconds: float = Field(30.0, gt=0)
     commit_interval_seconds: float = Field(1.0, gt=0)
+    # Our outputs (responses, dead letters, replays, batch requests); any codec is read.
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    # read_committed: records of a transaction its producer aborted are never answered.
+    isolation_level: Literal["read_committed", "read_uncommitted"] = "read_committed"
 
     _env_name = field_validator("sasl_password_env")(env_name)
 
@@ -95,6 +99,11 @@ class KafkaConfig(_Section):
     def mechanism(self) -> str:
         """The SASL mechanism in use (PLAIN when SASL is on and none is named)."""
         return self.sasl_mechanism or "PLAIN"
+
+    @property
+    def codec(self) -> str | None:
+        """``compression_type`` as aiokafka takes it (None: uncompressed)."""
+        return None if self.compression_type == "none" else self.compression_type
 
 
 class TopicsConfig(_Section):

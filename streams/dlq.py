@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streams.config import Settings
-from streams.kafka_io import connection_options, open_producer
+from streams.kafka_io import consumer_options, open_producer
 
 REPLAY_HEADER = "llm-streams.replay-of"
 CONNECT_PREFIX = "__connect.errors."
@@ -219,7 +219,7 @@ async def read_dead_letters(
     consumer = AIOKafkaConsumer(
         enable_auto_commit=False, group_id=None, auto_offset_reset="earliest",
         max_poll_records=5000,
-        **connection_options(settings),
+        **consumer_options(settings),
     )
     await consumer.start()
     out: list[DeadLetter] = []

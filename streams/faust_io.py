@@ -1,6 +1,15 @@
 """faust's aiokafka transport, delivering a fetched record without four tasks per record.
 
-It also fixes one crash of faust's consumer thread after a rebalance (``_ConsumerThread``).
+Its consumer thread (``_ConsumerThread``) also:
+
+- reads with ``kafka.isolation_level`` (faust itself reads uncommitted records unless it
+  runs transactions, so a record of an aborted transaction would be answered);
+- holds a partition whose fetched bytes cannot be decoded (a codec we lack, a corrupt
+  batch) instead of letting aiokafka's error kill the worker: the records before the bad
+  batch are delivered, the partition is then not fetched again, and one log line names
+  the partition and offset (``unreadable_partitions`` feeds ``/readyz``). The other
+  partitions keep flowing; a rebalance or a seek releases the hold (it is tried again);
+- does not crash after a rebalance revoked every offset to commit.
 
 faust's consumer hands each fetched record to the conductor with
 ``Service.wait_first(callback(message), suspend_flow.wait())``: four tasks (the delivery,
@@ -25,32 +34,146 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, cast
 
+import aiokafka
+from aiokafka.consumer.fetcher import FetchResult
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, AppT, TransportT
 from mode import Service, ServiceT
+
+log = logging.getLogger("streams.kafka")
 
 #: SHA-256 of the source of faust's ``Consumer._drain_messages`` that this module copies.
 UPSTREAM_DRAIN_SHA256 = "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417"
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
-    """faust's consumer thread, minus a crash when a rebalance revoked every offset to commit.
+    """faust's consumer thread with our isolation level, held unreadable partitions and a
+    commit that survives a rebalance (see the module docstring)."""
 
-    faust filters the offsets to commit by the current assignment inside the thread; if a
-    rebalance revoked all of them meanwhile, it hands aiokafka an empty dict, aiokafka raises
-    ``ValueError({})`` and faust crashes the worker (seen in the scale 1-3-1 fault test).
-    Nothing of ours is left to commit then: the new owners redeliver from the last commit.
-    """
+    #: partitions held because their next batch cannot be decoded: tp -> (offset, reason)
+    unreadable: dict[TP, tuple[int, str]]
+
+    def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        # faust hard-codes read_uncommitted outside transactions; the fetcher is built from
+        # this attribute when the consumer starts.
+        level = getattr(transport, "isolation_level", None)
+        if level is not None and not self.consumer.in_transaction:
+            consumer._isolation_level = level
+        self.unreadable = {}
+        return consumer
+
+    async def _fetch_records(
+        self,
+        consumer: aiokafka.AIOKafkaConsumer,
+        active_partitions: set[TP],
+        timeout: float | None = None,
+        max_records: int | None = None,
+    ) -> Any:
+        fetcher = consumer._fetcher
+        if fetcher is not None and type(fetcher._records) is not _SafeResults:
+            fetcher._records = _SafeResults(self.unreadable, fetcher._records)
+        return await super()._fetch_records(
+            consumer, active_partitions, timeout=timeout, max_records=max_records
+        )
 
     async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        # faust filters the offsets to commit by the current assignment inside the thread;
+        # if a rebalance revoked all of them meanwhile, it hands aiokafka an empty dict,
+        # aiokafka raises ``ValueError({})`` and faust crashes the worker (seen in the scale
+        # 1-3-1 fault test). Nothing of ours is left to commit then: the new owners
+        # redeliver from the last commit.
         assigned = self.assignment()
         if not any(tp in assigned for tp in offsets):
             return False
         return bool(await super()._commit(offsets))
+
+
+class _SafeResults(OrderedDict[Any, Any]):
+    """The fetcher's buffer of fetched results, giving each result a ``_SafeGetall``."""
+
+    def __init__(self, unreadable: dict[TP, tuple[int, str]], results: Mapping[Any, Any]) -> None:
+        super().__init__()
+        self._unreadable = unreadable
+        for tp, result in results.items():
+            self[tp] = result
+
+    def __setitem__(self, tp: Any, result: Any) -> None:
+        if type(result) is FetchResult:
+            result.getall = _SafeGetall(result, self._unreadable)
+        super().__setitem__(tp, result)
+
+
+class _SafeGetall:
+    """aiokafka's ``FetchResult.getall`` that stops at a batch it cannot decode.
+
+    aiokafka decodes (decompresses, checks CRCs) lazily while ``fetched_records`` iterates
+    every partition's result; an error there escapes ``getmany`` after the records of the
+    partitions already drained were taken (their positions advanced), so they would be
+    lost, and faust then kills the worker. Here the records before the bad batch are
+    returned, the position stops at the bad batch, and the result stays in the fetcher's
+    buffer, so aiokafka does not fetch that partition again until a seek or a rebalance.
+    """
+
+    def __init__(self, result: FetchResult, unreadable: dict[TP, tuple[int, str]]) -> None:
+        self._result = result
+        self._unreadable = unreadable
+        self._held_at: int | None = None
+
+    def __call__(self, max_records: int | None = None) -> list[Any]:
+        result = self._result
+        if self._held_at is not None:
+            return []
+        tp = result._topic_partition
+        if not result.check_assignment(tp) or not result.has_more():
+            return []
+        records = result._partition_records
+        out: list[Any] = []
+        try:
+            for msg in records:
+                out.append(msg)
+                if max_records is not None and len(out) >= max_records:
+                    result._update_position()
+                    return out
+        except Exception as exc:  # whatever decoding these bytes raised: this partition's problem
+            result._update_position()  # past what we return, up to the bad batch
+            self._hold(tp, records.next_fetch_offset, exc)
+            return out
+        result._update_position()
+        result._partition_records = None
+        return out
+
+    def _hold(self, tp: Any, offset: int, exc: Exception) -> None:
+        result = self._result
+        self._held_at = offset
+        reason = f"{type(exc).__name__}: {exc}"
+        self._unreadable[tp] = (offset, reason)
+        log.error("partition %s[%d] cannot be read at offset %d (%s); holding it, the other "
+                  "partitions go on (a restart or rebalance tries again)",
+                  tp.topic, tp.partition, offset, reason)
+        assignment = result._assignment
+
+        def held() -> bool:  # until a rebalance or a seek moves the partition elsewhere
+            still = (assignment.active and tp in assignment.tps
+                     and assignment.state_value(tp).position == offset)
+            if not still:
+                self._unreadable.pop(tp, None)
+            return bool(still)
+
+        result.has_more = held
+
+
+def unreadable_partitions(app: Any) -> dict[TP, tuple[int, str]]:
+    """Partitions held because a batch cannot be decoded: tp -> (offset, reason)."""
+    consumer = getattr(app, "_consumer", None)
+    thread = getattr(consumer, "_thread", None) if consumer is not None else None
+    return dict(getattr(thread, "unreadable", None) or {})
 
 
 class DirectDeliveryConsumer(driver.Consumer):
@@ -159,8 +282,11 @@ class DirectDeliveryTransport(driver.Transport):
     """faust's aiokafka transport with ``DirectDeliveryConsumer``."""
 
     Consumer = DirectDeliveryConsumer
+    isolation_level: str | None = None  # None: faust's own choice
 
 
-def new_transport(app: AppT) -> TransportT:
+def new_transport(app: AppT, isolation_level: str | None = None) -> TransportT:
     """The consumer transport for ``app`` (what ``faust.App._new_transport`` builds)."""
-    return DirectDeliveryTransport(app.conf.broker_consumer, app)
+    transport = DirectDeliveryTransport(app.conf.broker_consumer, app)
+    transport.isolation_level = isolation_level
+    return transport

@@ -9,6 +9,7 @@ Usage::
         await publisher.publish("llm.responses", key, value)
     async with open_producer(settings) as producer:   # a plain producer (batch, dlq replay)
         ...
+    AIOKafkaConsumer(**consumer_options(settings))    # connection and isolation level
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def connection_options(settings: Settings) -> dict[str, Any]:
             k.sasl_password.get_secret_value() if k.sasl_password is not None else None
         )
     return opts
+
+
+def consumer_options(settings: Settings) -> dict[str, Any]:
+    """``connection_options`` plus what every consumer of ours reads with (isolation)."""
+    return {**connection_options(settings), "isolation_level": settings.kafka.isolation_level}
 
 
 async def check_kafka(settings: Settings, timeout: float = 10.0) -> None:
@@ -140,10 +146,11 @@ _PRODUCER_DEAD = (OutOfOrderSequenceNumber, ProducerFenced, UnknownProducerId, I
 
 
 async def start_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
-    """A started idempotent producer (acks=all); the caller stops it."""
+    """A started idempotent producer (acks=all, ``kafka.compression_type``); the caller stops it."""
     options: dict[str, Any] = {
         "client_id": settings.kafka.client_id,
         "acks": "all",
+        "compression_type": settings.kafka.codec,
         "enable_idempotence": True,
         "linger_ms": 2,
         "max_batch_size": 256 * 1024,

@@ -12,6 +12,9 @@ the next batch grows while they are (and nothing waits when idle).
 
 Shutdown (SIGINT/SIGTERM): stop accepting, let in-flight work finish within
 ``worker.shutdown_grace_seconds``, commit, exit 0; unfinished work is redelivered later.
+The whole stop takes at most the grace period plus ``STOP_MARGIN_SECONDS``: what faust and
+aiokafka still wait for after our drain (a group coordinator that is gone or moving, a
+broker that does not answer) is not waited on past it.
 
 Usage::
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import functools
 import gc
 import logging
 import os
@@ -43,7 +47,7 @@ from streams.cache import ResponseCache
 from streams.config import Settings
 from streams.contract import Source
 from streams.dispatcher import Dispatcher
-from streams.faust_io import new_transport
+from streams.faust_io import new_transport, unreadable_partitions
 from streams.kafka_io import (
     KafkaPublisher,
     check_kafka,
@@ -61,9 +65,12 @@ log = logging.getLogger("streams.worker")
 
 BATCH_MAX = 1024  # records taken from faust's queue at once
 BATCHES_AHEAD = 2
-# faust's own stop (consumer, group leave, services) gets this long after our grace period;
-# past it the worker logs what is still running and exits 1 (unacked work is redelivered).
-STOP_MARGIN_SECONDS = 30.0
+# The stop gets this long past the grace period: stopping the consumer (STOP_STEP_SECONDS),
+# 5 s for cancelled requests to unwind, the final commit (STOP_STEP_SECONDS) and faust's own
+# stop (consumer, group leave, services). Past it the worker exits anyway: 0 once our drain
+# is done (what is uncommitted is redelivered), else 1 with what is still running logged.
+STOP_MARGIN_SECONDS = 12.0
+STOP_STEP_SECONDS = 3.0  # stopping the consumer, the final commit: each at most this long
 
 
 class Runtime:
@@ -81,6 +88,7 @@ class Runtime:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
         self._stopping = False
+        self.drained = False  # the stop's own part is done: nothing of ours is left to lose
         self._stack = AsyncExitStack()
         self._processor: Processor | None = None
         self._redis: aioredis.Redis | None = None
@@ -195,8 +203,9 @@ class Runtime:
 
     def ready(self) -> bool:
         # An assignment may be empty (more workers than partitions): the member is still ready.
+        # A partition held because it cannot be decoded is logged once and makes us unready.
         return (self._ready.is_set() and not self._stopping and self.redis_ok
-                and self.assigned is not None)
+                and self.assigned is not None and not unreadable_partitions(self.app))
 
     async def submit_batch(self, events: list[Any]) -> None:
         """Accept faust events and start them, in batches.
@@ -375,31 +384,41 @@ def _task_lines(loop: asyncio.AbstractEventLoop) -> list[str]:
 
 
 class _StopWatchdog:
-    """A thread that ends a stop that hangs: logs every stack and task, then ``os._exit(1)``.
+    """A thread that ends a stop that takes too long.
 
-    A thread, not a loop timer: it must fire even if the event loop itself is stuck.
+    When ``drained()`` says our own part of the stop is done, what is left waits on Kafka
+    (the group coordinator, a flush to a broker that went away): nothing of ours can be lost
+    (unacked records are redelivered), so it logs one line and exits 0. Otherwise our own
+    stop hangs: it logs every stack and task, then exits 1. A thread, not a loop timer: it
+    must fire even if the event loop itself is stuck.
     """
 
     _armed = False
 
     @classmethod
-    def arm(cls, seconds: float) -> None:
+    def arm(cls, seconds: float, drained: Callable[[], bool] = lambda: False) -> None:
         if cls._armed:
             return
         cls._armed = True
         loop = asyncio.get_running_loop()
-        timer = threading.Timer(seconds, cls._fire, args=(loop, seconds))
+        timer = threading.Timer(seconds, cls._fire, args=(loop, seconds, drained))
         timer.daemon = True
         timer.start()
 
     @staticmethod
-    def _fire(loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        lines = _task_lines(loop)
-        log.error("stop did not finish within %.0f s; exiting 1 (unacked records are "
-                  "redelivered). Still running:\n%s", seconds, "\n".join(lines))
-        faulthandler.dump_traceback(all_threads=True)
+    def _fire(loop: asyncio.AbstractEventLoop, seconds: float, drained: Callable[[], bool]) -> None:
+        if drained():
+            log.warning("stop: in-flight work drained, but Kafka's side of the stop (group "
+                        "leave, coordinator, flush) is still waiting after %.0f s; exiting 0 "
+                        "without it (uncommitted records are redelivered)", seconds)
+            code = 0
+        else:
+            log.error("stop did not finish within %.0f s; exiting 1 (unacked records are "
+                      "redelivered). Still running:\n%s", seconds, "\n".join(_task_lines(loop)))
+            faulthandler.dump_traceback(all_threads=True)
+            code = 1
         logging.shutdown()
-        os._exit(1)
+        os._exit(code)
 
 
 class StreamsApp(faust.App):
@@ -409,25 +428,45 @@ class StreamsApp(faust.App):
 
     def _new_transport(self) -> TransportT:
         # faust's transport, minus four tasks per fetched record (streams/faust_io.py)
-        return new_transport(self)
+        return new_transport(self, self.runtime.settings.kafka.isolation_level)
 
     async def on_start(self) -> None:
         await super().on_start()
         await self.runtime.start()
 
     async def on_stop(self) -> None:
-        _StopWatchdog.arm(self.runtime.settings.worker.shutdown_grace_seconds + STOP_MARGIN_SECONDS)
+        runtime = self.runtime
+        _StopWatchdog.arm(runtime.settings.worker.shutdown_grace_seconds + STOP_MARGIN_SECONDS,
+                          lambda: runtime.drained)
         # Stop taking records first (faust's own first step): a rebalance during our drain
         # skips faust's assignment handling once it is stopping, and a fetcher still running
         # would then crash on a record of a newly assigned partition (KeyError in on_message).
-        await self._stop_consumer()
-        await self.runtime.drain()
-        try:
-            await self.consumer.commit()
-        except Exception as exc:  # commit is best effort here: uncommitted work is redelivered
-            log.warning("final commit failed: %s", type(exc).__name__)
+        # Bounded, like every step that may wait on Kafka: we take no new record either way.
+        await _within(self._stop_consumer(), STOP_STEP_SECONDS, "stopping the consumer")
+        await runtime.drain()
+        runtime.drained = True  # what is not committed now is redelivered: nothing else to lose
+        await _within(self.consumer.commit(), STOP_STEP_SECONDS, "the final commit")
         await super().on_stop()
         await self.runtime.close()
+
+
+async def _within(step: Awaitable[Any], seconds: float, what: str) -> None:
+    """Await ``step`` for at most ``seconds``, then leave it running and go on (logged).
+
+    Not ``wait_for``: it waits for the cancelled step to unwind, and a step stuck in faust's
+    consumer thread on a coordinator that is gone does not.
+    """
+    task = asyncio.ensure_future(step)
+    task.add_done_callback(functools.partial(_log_failure, what))
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        log.warning("%s did not finish within %.0f s (group coordinator away?); going on "
+                    "without it (uncommitted records are redelivered)", what, seconds)
+
+
+def _log_failure(what: str, task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("%s failed: %s", what, type(task.exception()).__name__)
 
 
 def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
@@ -457,6 +496,7 @@ def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
         consumer_auto_offset_reset="earliest",
         stream_buffer_maxsize=min(4096, max(256, s.limits.max_inflight)),
         producer_acks=-1,
+        producer_compression_type=s.kafka.codec,
         web_enabled=False,
         stream_processing_timeout=3600,
     )

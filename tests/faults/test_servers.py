@@ -10,9 +10,10 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from streams.worker import STOP_MARGIN_SECONDS
 from tests.faults.stack import PrivateStack
 from tests.faults.trial import APPEND_TIME, Fleet, Trial, configure, keep_polling, metric, pick, stop_all
-from tests.integration.harness import Mock, Stack
+from tests.integration.harness import Mock, Stack, encode, produce, request
 
 
 async def _outage(trial: Trial, private_stack: PrivateStack, server: str, seconds: float) -> float:
@@ -105,3 +106,31 @@ async def test_response_topic_refuses_writes_for_a_while(
         await stop_all(workers)
         await trial.verdict(f"response topic refused every write for {accepted - refused:.0f} s "
                             f"({sum(errors):,.0f} failed publishes); 2 workers, none restarted")
+
+
+@pytest.mark.timeout(pick(180, 300))
+async def test_sigterm_with_the_broker_gone_exits_0_within_the_grace_period(
+    stack: Stack, mocks: list[Mock], fleet: Fleet, private_stack: PrivateStack
+) -> None:
+    # The group coordinator goes away (the only broker stops) while requests are in flight;
+    # the stop must not wait on it: exit 0 within the grace period plus the stop margin.
+    grace = 4.0
+    await configure(mocks, latency_ms=30_000, jitter_ms=0)  # held past the grace period
+    stack.overrides["worker.shutdown_grace_seconds"] = grace
+    worker = fleet.start()
+    await worker.ready()
+    await produce(stack.requests, encode(request(i) for i in range(200)), bootstrap=stack.kafka)
+    deadline = time.monotonic() + 60
+    while await metric(worker, "llm_streams_in_flight") < 100:
+        assert time.monotonic() < deadline, "the worker never held the requests"
+        await asyncio.sleep(0.2)
+    await asyncio.to_thread(private_stack.run, "kafka-stop")
+    try:
+        started = time.monotonic()
+        code = await asyncio.to_thread(worker.stop, 120)
+        took = time.monotonic() - started
+    finally:
+        await asyncio.to_thread(private_stack.run, "kafka-start")
+    limit = grace + STOP_MARGIN_SECONDS + 3  # a few seconds for the process to start its stop
+    assert code == 0, f"exit code {code} after {took:.1f} s"
+    assert took < limit, f"the stop took {took:.1f} s (limit {limit:.0f} s)"

@@ -251,3 +251,22 @@ def test_a_corrupted_config_never_echoes_the_secret_in_it(edits: list[tuple[int,
             load_settings(cfg, environ={"KP": "kp"})
         except ConfigError as exc:
             assert _SECRET not in str(exc) and "\n" not in str(exc)
+
+
+@given(st.text(max_size=12))
+def test_kafka_codec_and_isolation_take_only_what_kafka_offers(value: str) -> None:
+    codecs = {"none", "gzip", "snappy", "lz4", "zstd"}
+    levels = {"read_committed", "read_uncommitted"}
+    for key, allowed in (("compression_type", codecs), ("isolation_level", levels)):
+        if value in allowed:
+            assert getattr(load_settings(environ={}, kafka={key: value}).kafka, key) == value
+        else:
+            with pytest.raises(ConfigError, match=f"kafka.{key}"):
+                load_settings(environ={}, kafka={key: value})
+
+
+def test_kafka_defaults_read_committed_and_write_uncompressed() -> None:
+    k = load_settings(environ={}).kafka
+    assert k.isolation_level == "read_committed"
+    assert k.compression_type == "none" and k.codec is None
+    assert load_settings(environ={}, kafka={"compression_type": "zstd"}).kafka.codec == "zstd"

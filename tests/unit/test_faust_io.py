@@ -1,4 +1,5 @@
-"""The direct-delivery consumer: when it may skip faust's wait_first, and the copy's guard."""
+"""The direct-delivery consumer: when it may skip faust's wait_first, the copy's guard, our
+isolation level, and a partition held at a batch that cannot be decoded."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 import pytest
 from faust.transport.consumer import Consumer
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streams import faust_io
 from streams.config import load_settings
@@ -96,3 +99,80 @@ async def test_a_commit_of_only_revoked_partitions_is_skipped_not_a_crash(
     assert calls == []
     assert await thread._commit({mine: 7, gone: 5}) is True
     assert calls == [{mine: 7, gone: 5}]  # faust's own commit filters the rest
+
+
+@pytest.mark.parametrize("level", ["read_committed", "read_uncommitted"])
+async def test_the_worker_consumer_reads_with_the_configured_isolation(level: str) -> None:
+    # faust itself hard-codes read_uncommitted outside transactions
+    settings = load_settings(environ={}, kafka={"isolation_level": level, "compression_type": "lz4"})
+    app = build_app(settings, Runtime(settings))
+    thread = app.consumer._thread  # type: ignore[attr-defined]
+    consumer = thread._create_worker_consumer(app.transport)
+    assert consumer._isolation_level == level
+    assert thread.unreadable == {}
+    assert app.conf.producer_compression_type == "lz4"  # faust's own producer too
+
+
+class _Records:
+    """A partition's records as aiokafka decodes them: ``bad`` raises at that offset."""
+
+    def __init__(self, start: int, end: int, bad: int | None) -> None:
+        self.next_fetch_offset = start
+        self._end, self._bad = end, bad
+
+    def __iter__(self) -> _Records:
+        return self
+
+    def __next__(self) -> int:
+        off = self.next_fetch_offset
+        if off >= self._end:
+            raise StopIteration
+        if off == self._bad:
+            raise ValueError("unsupported codec")
+        self.next_fetch_offset = off + 1
+        return off
+
+
+class _State:
+    paused = False
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+
+    def consumed_to(self, offset: int) -> None:
+        self.position = offset
+
+
+def _fetch_result(tp: Any, records: _Records, state: _State) -> Any:
+    from aiokafka.consumer.fetcher import FetchResult
+
+    assignment = SimpleNamespace(active=True, tps={tp}, state_value=lambda _: state)
+    return FetchResult(tp, assignment=assignment, partition_records=records, backoff=0)
+
+
+@given(st.integers(0, 30), st.one_of(st.none(), st.integers(0, 40)), st.integers(1, 50))
+def test_a_batch_that_cannot_be_decoded_holds_its_partition(
+    end: int, bad: int | None, max_records: int
+) -> None:
+    from faust.types import TP
+
+    tp = TP("t", 0)
+    state = _State(0)
+    result = _fetch_result(tp, _Records(0, end, bad), state)
+    unreadable: dict[Any, tuple[int, str]] = {}
+    results = faust_io._SafeResults(unreadable, {tp: result})
+    got: list[int] = []
+    for _ in range(end + 2):  # what fetched_records does: getall, then has_more
+        got += results[tp].getall(max_records)
+        if not results[tp].has_more():
+            break
+    readable = end if bad is None or bad >= end else bad
+    assert got == list(range(readable))  # every record before the bad batch, in order
+    assert state.position == readable  # the next fetch would start at the bad batch
+    if readable < end:
+        assert unreadable == {tp: (bad, "ValueError: unsupported codec")}
+        assert results[tp].has_more()  # held: aiokafka does not fetch it again
+        state.position = readable + 5  # a seek (or a rebalance) releases the hold
+        assert not results[tp].has_more() and unreadable == {}
+    else:
+        assert unreadable == {} and not results[tp].has_more()

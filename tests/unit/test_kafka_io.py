@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiokafka.errors import KafkaConnectionError, OutOfOrderSequenceNumber
 from prometheus_client import CollectorRegistry
 
+from streams import kafka_io
+from streams.config import load_settings
 from streams.kafka_io import KafkaPublisher
 from streams.metrics import PipelineMetrics
 
@@ -57,3 +60,25 @@ async def test_transient_errors_are_retried_on_the_same_producer() -> None:
     async with publisher:
         await publisher.publish("t", b"k", b"v")
     assert made == [flaky] and flaky.sent == [b"v"]
+
+
+async def test_our_producers_compress_and_our_consumers_read_committed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[dict[str, Any]] = []
+
+    class Recorder:
+        def __init__(self, **options: Any) -> None:
+            made.append(options)
+
+        async def start(self) -> None:
+            return None
+
+    monkeypatch.setattr(kafka_io, "AIOKafkaProducer", Recorder)
+    zstd = load_settings(environ={}, kafka={"compression_type": "zstd"})
+    await kafka_io.start_producer(zstd)
+    await kafka_io.start_producer(load_settings(environ={}))
+    assert [m["compression_type"] for m in made] == ["zstd", None]
+    assert kafka_io.consumer_options(zstd)["isolation_level"] == "read_committed"
+    loose = load_settings(environ={}, kafka={"isolation_level": "read_uncommitted"})
+    assert kafka_io.consumer_options(loose)["isolation_level"] == "read_uncommitted"
