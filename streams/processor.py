@@ -365,8 +365,9 @@ class Processor:
 
         The full record first; if the broker refuses its size, or publishing it fails
         unexpectedly, the minimal one (``minimal_dead_letter``), with less of the raw value each
-        time. Only if even that cannot be published is the record given up (logged, counted as
-        ``unpublished``): finished rather than stalling its partition for good.
+        time, and last without its key and headers. (Kafka errors never get here: the publisher
+        retries those until it is cancelled.) Only if even that cannot be published is the
+        record given up (logged, counted as ``unpublished``) rather than stall its partition.
         """
         kind = error.dlq_type
         rid = req.id if req is not None else request_id
@@ -375,11 +376,14 @@ class Processor:
             error=error, source=rec.source, value=rec.value, request=req, request_id=request_id,
             attempts=attempts, endpoints=endpoints, raw_limit=raw_limit,
         )
-        for limit in (None, min(raw_limit, 1024), 0):
+        key: bytes | None = rec.key
+        for limit in (None, min(raw_limit, 1024), 0, -1):
             if limit is not None:
-                value = minimal_dead_letter(error, rec.source, rec.value, rid, limit)
+                value = minimal_dead_letter(error, rec.source, rec.value, rid, max(limit, 0))
+            if limit == -1:  # the bare record: no key and no headers either (one may be the cause)
+                key, headers = None, None
             try:
-                await self._publish(self._topics.dead_letter, rec.key, value, headers)
+                await self._publish(self._topics.dead_letter, key, value, headers)
                 break
             except asyncio.CancelledError:
                 raise

@@ -198,3 +198,18 @@ async def test_one_dead_letter_too_large_even_truncated_falls_back_to_the_minima
 
 def test_body_constant_is_a_completion() -> None:  # keeps the import of BODY honest
     assert BODY["choices"]
+
+
+async def test_a_key_the_broker_refuses_still_gets_a_bare_dead_letter() -> None:
+    class RefusesTheKey(FakePublisher):
+        async def publish(self, topic: str, key: bytes | None, value: bytes,
+                          headers: Headers | None = None) -> None:
+            if key is not None:
+                raise OutputTooLarge(f"record with a key of {len(key)} bytes refused")
+            await super().publish(topic, key, value, headers)
+
+    proc, pub, _, _, _ = make(publisher=RefusesTheKey())
+    done = await run(proc, [InRecord(rec(0, b"").source, b"k" * 2_000_000, b"{not json")])
+    assert done == {0: "dead_letter_validation"}
+    (topic, key, letter), = pub.out
+    assert topic == DLQ and key is None and letter["fallback"] is True
