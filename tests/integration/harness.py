@@ -184,6 +184,30 @@ def start_worker(stack: Stack, env: dict[str, str] | None = None, **extra: Any) 
     return Worker(proc, port, log)
 
 
+def window_sums(times: list[float], costs: list[int], width: float,
+                 stalls: list[tuple[float, float]]) -> tuple[int, int, float]:
+    """(max, min) of the units in any half-open window [t, t + width) starting at a call or just
+    after one, among windows that lie within the calls' span and touch no stall of the mock
+    (calls queued while it could not run are stamped together: see ``mock_llm``); and the
+    share of windows judged."""
+    hi_best, lo_best = 0, None
+    n = len(times)
+    j, acc, judged = 0, 0, 0
+    for i in range(n):  # windows starting at call i
+        while j < n and times[j] < times[i] + width:
+            acc += costs[j]
+            j += 1
+        t = times[i]
+        if not any(a < t + width and b >= t for a, b in stalls):
+            judged += 1
+            hi_best = max(hi_best, acc)
+            if j < n:  # a window starting just after call i ends within the span
+                lo = acc - costs[i]
+                lo_best = lo if lo_best is None else min(lo_best, lo)
+        acc -= costs[i]
+    return hi_best, (lo_best or 0), judged / max(n, 1)
+
+
 def request(i: int, **kw: Any) -> dict[str, Any]:
     return {"id": f"req-{i}", "input": f"prompt number {i}", **kw}
 

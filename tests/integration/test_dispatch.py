@@ -15,6 +15,7 @@ from tests.integration.harness import (
     request,
     start_mocks,
     start_worker,
+    window_sums,
 )
 
 
@@ -62,9 +63,13 @@ async def test_rpm_holds_across_three_workers(stack: Stack, mocks: list[Mock]) -
         async with Collector(stack) as col:
             outs = await col.wait_for(n, timeout=120)
         assert all(o.value["status"] == "ok" for o in outs)
-        stats = await mocks[0].stats()
+        stats = await mocks[0].stats(log=True)
         assert stats["calls"] == n
-        assert stats["max_per_second"] <= 10.5, stats
+        times = [c["t"] for c in stats["calls_log"]]
+        stalls = [(a, b) for a, b in stats["stalls_log"]]
+        most, _, judged = window_sums(times, [1] * len(times), 1.0, stalls)
+        assert judged >= 0.5, f"the mock stalled too often to measure (load?): {judged:.0%}"
+        assert most <= 10, (most, stats["max_per_second"])
     finally:
         for w in workers:
             assert w.stop() == 0
