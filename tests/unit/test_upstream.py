@@ -7,6 +7,7 @@ from email.utils import format_datetime, formatdate
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from streams.config import EndpointConfig
-from streams.contract import upstream_usage
+from streams.contract import Completion, upstream_usage
 from streams.errors import (
     UpstreamBadResponse,
     UpstreamConnectionError,
@@ -327,3 +328,29 @@ async def test_hostile_headers_on_a_429_give_a_bounded_retry_after(
         with pytest.raises(UpstreamStatusError) as info:
             await _call(url)
         assert info.value.retry_after is None
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["choices", "usage", "message", "content", "x"]), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300)
+@given(st.one_of(_JSONISH.map(orjson.dumps), st.binary(max_size=64)),
+       st.sampled_from([200, 201, 299]))
+def test_any_2xx_body_is_a_completion_or_a_bad_response(raw: bytes, status: int) -> None:
+    client = UpstreamClient(None)  # type: ignore[arg-type]  # _completion needs no session
+    endpoint = ep("http://x.test/v1", max_response_bytes=1024)
+    try:
+        body = client._completion(raw if len(raw) <= 1024 else None, status, endpoint)
+    except UpstreamBadResponse as exc:
+        assert exc.status == status and not exc.retryable
+        return
+    assert isinstance(body, dict) and isinstance(body["choices"], list)
+    comp = Completion(model="m", body=body, endpoint="m", attempts=1)
+    assert all(type(v) is int and v >= 0 for v in comp.usage.values())
+    assert comp.output is None or isinstance(comp.output, str)
