@@ -372,10 +372,11 @@ class Processor:
         kind = error.dlq_type
         rid = req.id if req is not None else request_id
         raw_limit = self._settings.worker.dlq_raw_limit_bytes
-        value, headers = dead_letter_record(
+        value, full_headers = dead_letter_record(
             error=error, source=rec.source, value=rec.value, request=req, request_id=request_id,
             attempts=attempts, endpoints=endpoints, raw_limit=raw_limit,
         )
+        headers: Headers | None = full_headers
         key: bytes | None = rec.key
         for limit in (None, min(raw_limit, 1024), 0, -1):
             if limit is not None:
