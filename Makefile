@@ -48,7 +48,7 @@ faults: setup
 	$(BIN)/python -m tests.faults.report out/faults.json README.md
 
 lint: $(STAMP)
-	$(BIN)/ruff check streams tests $(wildcard bench)
+	$(BIN)/ruff check streams mockllm tests $(wildcard bench)
 	$(BIN)/mypy
 
 # Benchmarks against peers (bench/): needs the stack, nginx, and the `bench` extra (openai, litellm).

@@ -40,7 +40,7 @@ def consume(topic: str, n: int, mode: str) -> None:  # noqa: C901 (three small r
     import faust
     import uvloop
 
-    from streams.faust_io import new_transport
+    from streams.intake.transport import new_transport
 
     class App(faust.App):
         def _new_transport(self) -> Any:

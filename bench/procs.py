@@ -172,7 +172,7 @@ http {{
         return proc
 
     async def mock(self, port: int, *args: str) -> subprocess.Popen[bytes]:
-        proc = self.spawn([PY, "-m", "streams.cli", "mock-llm", "--port", str(port), *args],
+        proc = self.spawn([PY, "-m", "streams.tools.cli", "mock-llm", "--port", str(port), *args],
                           f"mock-{port}.log")
         await wait_http(f"http://127.0.0.1:{port}/stats", 30, proc)
         return proc
@@ -182,7 +182,7 @@ http {{
         cfg = {**cfg, "metrics": {"port": port, "host": "127.0.0.1"}}
         path = self.tmp / f"{name}-{port}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        proc = self.spawn([PY, "-m", "streams.cli", "worker", "--config", str(path)],
+        proc = self.spawn([PY, "-m", "streams.tools.cli", "worker", "--config", str(path)],
                           f"{name}-{port}.log")
         return proc, port
 

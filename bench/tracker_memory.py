@@ -19,7 +19,7 @@ from typing import Any
 from faust.types import TP
 from faust.types.tuples import Message
 
-from streams.acks import AckTracker
+from streams.intake.acks import AckTracker
 
 
 def _message(offset: int, value: bytes | None) -> Message:

@@ -14,10 +14,18 @@
     │   └── UpstreamBadResponse     2xx whose body is not a chat completion (not retryable)
     ├── AttemptsExhausted           retry.max_attempts used up            -> DLQ "exhausted"
     ├── DeadlineExpired             the request's deadline passed         -> DLQ "expired"
-    └── NoEndpoint                  no configured endpoint serves the model -> DLQ "upstream"
+    ├── NoEndpoint                  no configured endpoint serves the model -> DLQ "upstream"
+    ├── DispatchFailed              a request could not be answered: wraps one of the above
+    │                               with its attempts and endpoints (the dead letter's content)
+    ├── DispatcherStopped           ``dispatch()`` after ``stop()``: a caller's bug (also a
+    │                               RuntimeError)                          -> DLQ "internal"
+    ├── OutputTooLarge              the broker refuses an output record's size -> DLQ "internal"
+    │                               (not retryable)
+    └── InternalError               a bug while handling a request        -> DLQ "internal"
 
 Foreign exceptions (aiohttp, redis, aiokafka) are translated where they enter, in
-``upstream.py``, ``cache.py``, ``ratelimit.py``, ``kafka_io.py`` and ``redis_io.py``. Messages
+``dispatch/upstream.py``, ``cache/``, ``dispatch/ratelimit.py``, ``output/publisher.py``,
+``kafka_io.py`` and ``redis_io.py``. Messages
 never contain secrets.
 """
 
@@ -117,3 +125,15 @@ class DispatchFailed(StreamsError):
         self.error = error
         self.attempts = attempts
         self.endpoints = endpoints
+
+
+class DispatcherStopped(StreamsError, RuntimeError):
+    """``dispatch()`` was called after ``stop()`` (a bug in the caller; not retryable)."""
+
+
+class OutputTooLarge(StreamsError):
+    """The broker refuses an output record because of its size (not retryable)."""
+
+
+class InternalError(StreamsError):
+    """A bug or an unexpected failure while handling a request (dead letter "internal")."""

@@ -82,7 +82,7 @@ async def _scrape(worker: Worker) -> str:
 
 
 def _cli(*args: str, env: dict[str, str]) -> str:
-    done = subprocess.run([PY, "-m", "streams.cli", *args], env={**os.environ, **env}, cwd=ROOT,
+    done = subprocess.run([PY, "-m", "streams.tools.cli", *args], env={**os.environ, **env}, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     return f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
 

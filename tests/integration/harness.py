@@ -74,7 +74,7 @@ class Mock:
 def start_mock(*args: str) -> Mock:
     port = free_port()
     proc = subprocess.Popen(
-        [PY, "-m", "streams.cli", "mock-llm", "--port", str(port), *args],
+        [PY, "-m", "streams.tools.cli", "mock-llm", "--port", str(port), *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     return Mock(port, proc)
@@ -177,7 +177,7 @@ def start_worker(stack: Stack, env: dict[str, str] | None = None, **extra: Any) 
     cfg = stack.write_config(metrics__port=port, **extra)
     log = stack.tmp / f"worker-{port}.log"
     proc = subprocess.Popen(
-        [PY, "-m", "streams.cli", "worker", "--config", str(cfg)],
+        [PY, "-m", "streams.tools.cli", "worker", "--config", str(cfg)],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
         env={**os.environ, **(env or {})},
     )

@@ -13,8 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from streams.cache import ZLIB, IdemRef, Recalled, ResponseCache
-from streams.cachekey import tenant_tag
+from streams.cache.keys import tenant_tag
+from streams.cache.responses import ZLIB, IdemRef, Recalled, ResponseCache
 from streams.config import Settings, load_settings
 from streams.contract import Completion, Request
 

@@ -11,7 +11,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from streams.config import EndpointConfig, RetryConfig
-from streams.cooldown import Cooldowns, EndpointState
+from streams.dispatch.cooldown import Cooldowns, EndpointState
 
 pytestmark = pytest.mark.integration
 

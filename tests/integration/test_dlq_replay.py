@@ -23,7 +23,7 @@ from tests.integration.harness import (
 
 async def _cli(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        PY, "-m", "streams.cli", *args, cwd=ROOT, env=dict(os.environ),
+        PY, "-m", "streams.tools.cli", *args, cwd=ROOT, env=dict(os.environ),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from streams.mock_llm import completion_body
+from mockllm.server import completion_body
 from tests.integration.harness import (
     Stack,
     encode,

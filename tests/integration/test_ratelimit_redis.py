@@ -17,8 +17,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streams.config import EndpointConfig, Settings
 from streams.contract import Request
-from streams.dispatcher import Dispatcher
-from streams.ratelimit import RATE_HEADROOM, RESERVE_AHEAD_SECONDS, RateLimiter
+from streams.dispatch.dispatcher import Dispatcher
+from streams.dispatch.ratelimit import RATE_HEADROOM, RESERVE_AHEAD_SECONDS, RateLimiter
 
 pytestmark = pytest.mark.integration
 

@@ -112,7 +112,7 @@ def test_dlq_tools_use_sasl_and_stop_with_one_line_on_a_wrong_password(
 
     def inspect(password: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [PY, "-m", "streams.cli", "dlq", "inspect", "--config", cfg], cwd=ROOT, text=True,
+            [PY, "-m", "streams.tools.cli", "dlq", "inspect", "--config", cfg], cwd=ROOT, text=True,
             env={**os.environ, **broker.sasl.worker_env(password)}, capture_output=True,
             timeout=60,
         )

@@ -7,10 +7,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from streams.cache import ResponseCache
+from streams.cache.responses import ResponseCache
 from streams.config import Settings
-from streams.processor import Answerer, Processor, Publisher
-from streams.worker import Runtime
+from streams.intake.processor import Answerer, Processor
+from streams.intake.worker import Runtime
+from streams.output.records import Publisher
 from tests.unit.fake_redis import FakeRedis
 
 TOPIC = "llm.requests"

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import random
 
-from streams.acks import AckTracker
+from streams.intake.acks import AckTracker
 
 TP = ("t", 0)
 

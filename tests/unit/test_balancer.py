@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from streams.balancer import Balancer
 from streams.config import EndpointConfig
+from streams.dispatch.balancer import Balancer
 
 
 def _ep(name: str, weight: float, models: list[str] | None = None) -> EndpointConfig:

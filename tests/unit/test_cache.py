@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from streams.cache import (
+from streams.cache.responses import (
     MAX_MODEL_LABELS,
     RAW,
     ZLIB,

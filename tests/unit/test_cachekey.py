@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from streams.cachekey import (
+from streams.cache.keys import (
     IGNORED_PARAMS,
     cache_key,
     fingerprint,

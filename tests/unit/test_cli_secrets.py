@@ -65,7 +65,7 @@ def _worker(cfg: Path, env: dict[str, str] | None = None) -> subprocess.Complete
     """``llm-streams worker --config cfg`` with only ``env`` as LLM_STREAMS__ overrides."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LLM_STREAMS__")}
     return subprocess.run(
-        [sys.executable, "-m", "streams.cli", "worker", "--config", str(cfg)],
+        [sys.executable, "-m", "streams.tools.cli", "worker", "--config", str(cfg)],
         capture_output=True, text=True, timeout=60, cwd=ROOT, env={**clean, **(env or {})},
     )
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from redis.exceptions import ResponseError
 
 from streams.config import EndpointConfig, RetryConfig
-from streams.cooldown import Cooldowns, EndpointState
+from streams.dispatch.cooldown import Cooldowns, EndpointState
 
 
 class Clock:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from streams.config import EndpointConfig, Settings
+from streams.dispatch.ratelimit import RateLimiter
 from streams.errors import DispatchFailed, ValidationFailed
-from streams.ratelimit import RateLimiter
 from tests.unit.test_dispatcher import _ep, _make, _req, _status
 from tests.unit.vtime import VirtualClock, run
 

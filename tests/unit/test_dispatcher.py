@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from streams.config import EndpointConfig, Settings
 from streams.contract import Completion, Request
-from streams.dispatcher import Dispatcher, _used_tokens
+from streams.dispatch.dispatcher import Dispatcher, _used_tokens
 from streams.errors import (
     AttemptsExhausted,
     DeadlineExpired,

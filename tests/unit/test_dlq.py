@@ -8,9 +8,10 @@ from typing import Any
 import orjson
 import pytest
 
-from streams.cli import build_parser
 from streams.contract import Source, dead_letter_record
-from streams.dlq import (
+from streams.errors import StreamsError
+from streams.tools.cli import build_parser
+from streams.tools.dlq import (
     REPLAY_HEADER,
     DeadLetter,
     group,
@@ -20,7 +21,6 @@ from streams.dlq import (
     replay_summary,
     select,
 )
-from streams.errors import StreamsError
 
 LIMIT = 65_536
 

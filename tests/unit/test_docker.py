@@ -10,11 +10,11 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
-from streams.cache import ResponseCache
-from streams.cli import build_parser
+from streams.cache.responses import ResponseCache
 from streams.config import Settings
-from streams.dispatcher import Dispatcher
+from streams.dispatch.dispatcher import Dispatcher
 from streams.metrics import PipelineMetrics
+from streams.tools.cli import build_parser
 from tests.unit.fake_redis import FakeRedis
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,10 +13,10 @@ from faust.transport.consumer import Consumer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams import faust_io
+from streams.intake import transport as faust_io
 from streams.config import load_settings
-from streams.faust_io import DirectDeliveryConsumer, DirectDeliveryTransport
-from streams.worker import Runtime, build_app
+from streams.intake.transport import DirectDeliveryConsumer, DirectDeliveryTransport
+from streams.intake.worker import Runtime, build_app
 
 
 def test_copied_drain_matches_the_installed_faust() -> None:

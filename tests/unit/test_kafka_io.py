@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 
 from streams import kafka_io
 from streams.config import load_settings
-from streams.kafka_io import KafkaPublisher
 from streams.metrics import PipelineMetrics
+from streams.output.publisher import KafkaPublisher
 
 
 class FakeProducer:

@@ -12,15 +12,16 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
+from mockllm.server import MockBehaviour, MockLLM
 from streams.config import Settings, load_settings
 from streams.contract import Completion, Request, Source
-from streams.dispatcher import Dispatcher
+from streams.dispatch.dispatcher import Dispatcher
+from streams.dispatch.upstream import UpstreamClient
+from streams.intake.processor import InRecord, Processor
 from streams.logs import JsonFormatter, TextFormatter, request_extra
 from streams.metrics import PipelineMetrics
-from streams.mock_llm import MockBehaviour, MockLLM
-from streams.processor import Headers, InRecord, Processor
+from streams.output.records import Headers
 from streams.redact import Redactor
-from streams.upstream import UpstreamClient
 
 KEY = "sk-live-secret-4b1c9e"
 

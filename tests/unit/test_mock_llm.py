@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from streams.mock_llm import BAD_USAGES, MockBehaviour, MockLLM, check_faults, parse_faults
+from mockllm.server import BAD_USAGES, MockBehaviour, MockLLM, check_faults, parse_faults
 
 
 @pytest.fixture

@@ -10,7 +10,9 @@ import pytest
 
 from streams.config import load_settings
 from streams.contract import Completion, Request
-from streams.processor import Headers, InRecord, OutputTooLarge, OutRecord, Processor
+from streams.errors import OutputTooLarge
+from streams.intake.processor import InRecord, Processor
+from streams.output.records import Headers, OutRecord
 from tests.unit.fake_faust import events, runtime
 from tests.unit.test_processor import BODY, FakeDispatcher, FakePublisher, make, rec, run
 

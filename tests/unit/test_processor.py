@@ -8,12 +8,13 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from streams.cache import ResponseCache
+from streams.cache.responses import ResponseCache
 from streams.config import load_settings
 from streams.contract import Completion, Request, Source
-from streams.errors import DispatchFailed, UpstreamStatusError
+from streams.errors import DispatchFailed, OutputTooLarge, UpstreamStatusError
+from streams.intake.processor import InRecord, Processor
 from streams.metrics import MAX_MODEL_LABELS, PipelineMetrics, configured_models
-from streams.processor import Headers, InRecord, OutputTooLarge, OutRecord, Processor
+from streams.output.records import Headers, OutRecord
 from tests.unit.fake_redis import FakeRedis
 
 BODY = {"id": "x", "choices": [{"message": {"role": "assistant", "content": "fresh"}}],

@@ -8,7 +8,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streams.config import EndpointConfig, Settings
-from streams.ratelimit import RATE_HEADROOM, RESERVE_AHEAD_SECONDS, RateLimiter, estimate_tokens
+from streams.dispatch.ratelimit import RATE_HEADROOM, RESERVE_AHEAD_SECONDS, RateLimiter, estimate_tokens
 
 
 class Clock:

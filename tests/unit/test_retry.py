@@ -9,6 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streams.config import RetryConfig
+from streams.dispatch.retry import Backoff, bounded_wait, error_class, hurts_health, is_retryable
+from streams.dispatch.upstream import parse_retry_after
 from streams.errors import (
     AttemptsExhausted,
     UpstreamBadResponse,
@@ -17,8 +19,6 @@ from streams.errors import (
     UpstreamTimeout,
     ValidationFailed,
 )
-from streams.retry import Backoff, bounded_wait, error_class, hurts_health, is_retryable
-from streams.upstream import parse_retry_after
 
 CFG = RetryConfig(base_delay_ms=200, max_delay_ms=5_000, max_retry_after_ms=60_000)
 

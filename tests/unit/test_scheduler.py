@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streams.scheduler import Scheduler
+from streams.dispatch.scheduler import Scheduler
 
 
 def _drain_order(sched: Scheduler[str]) -> list[str]:

@@ -15,16 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
+from mockllm.server import MockBehaviour, MockLLM
 from streams.config import EndpointConfig
 from streams.contract import Completion, upstream_usage
+from streams.dispatch.upstream import MAX_WAIT_SECONDS, UpstreamClient, parse_retry_after
 from streams.errors import (
     UpstreamBadResponse,
     UpstreamConnectionError,
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from streams.mock_llm import MockBehaviour, MockLLM
-from streams.upstream import MAX_WAIT_SECONDS, UpstreamClient, parse_retry_after
 
 
 def test_retry_after_forms() -> None:

@@ -36,13 +36,17 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from streams.balancer import Balancer
 from streams.config import EndpointConfig, Settings
 from streams.contract import Completion, Request, upstream_usage
-from streams.cooldown import Cooldowns, EndpointState
+from streams.dispatch.balancer import Balancer
+from streams.dispatch.cooldown import Cooldowns, EndpointState
+from streams.dispatch.ratelimit import Permit, RateLimiter, estimate_tokens
+from streams.dispatch.retry import Backoff, error_class, hurts_health, is_rate_limited, is_retryable
+from streams.dispatch.scheduler import Scheduler
 from streams.errors import (
     AttemptsExhausted,
     DeadlineExpired,
+    DispatcherStopped,
     DispatchFailed,
     NoEndpoint,
     StreamsError,
@@ -52,11 +56,8 @@ from streams.errors import (
     ValidationFailed,
 )
 from streams.logs import request_extra
-from streams.ratelimit import Permit, RateLimiter, estimate_tokens
-from streams.retry import Backoff, error_class, hurts_health, is_rate_limited, is_retryable
-from streams.scheduler import Scheduler
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("streams.dispatcher")
 
 # How often cooldown state is exchanged with the other workers through Redis.
 SYNC_INTERVAL_SECONDS = 0.25
@@ -82,10 +83,6 @@ class CompletionClient(Protocol):
         messages: list[dict[str, Any]],
         params: Mapping[str, Any],
     ) -> dict[str, Any]: ...
-
-
-class DispatcherStopped(RuntimeError):
-    """``dispatch()`` was called after ``stop()`` (a bug in the caller)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -716,4 +713,4 @@ class Dispatcher:
             await self._sleep(SYNC_INTERVAL_SECONDS)
 
 
-__all__ = ["CompletionClient", "Dispatcher", "DispatcherStopped"]
+__all__ = ["CompletionClient", "Dispatcher"]

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from streams.contract import Completion
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("streams.coalesce")
 
 Body = dict[str, Any]
 

@@ -39,10 +39,10 @@ from enum import StrEnum
 from typing import Any
 
 from streams.config import EndpointConfig, RetryConfig
+from streams.dispatch.retry import bounded_wait
 from streams.redis_io import REDIS_ERRORS, CommandErrorLog, is_outage
-from streams.retry import bounded_wait
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("streams.cooldown")
 
 _REDIS_ERRORS = REDIS_ERRORS
 # A deadline key outlives its deadline so "needs a probe" survives until a probe decides.

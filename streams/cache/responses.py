@@ -53,14 +53,14 @@ import orjson
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
 
-from streams.cachekey import FINGERPRINT_SIZE, cache_key, fingerprint, idem_key
-from streams.coalesce import Body, Coalescer, LockState
+from streams.cache.coalesce import Body, Coalescer, LockState
+from streams.cache.keys import FINGERPRINT_SIZE, cache_key, fingerprint, idem_key
 from streams.config import Settings
 from streams.contract import Completion, Request
 from streams.logs import request_extra
 from streams.redis_io import REDIS_ERRORS, command_error_text, is_outage
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("streams.cache")
 
 RAW = b"\x00"
 ZLIB = b"\x01"

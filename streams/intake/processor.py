@@ -20,9 +20,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
-from streams.cache import IdemRef, Prefetched
+from streams.cache.responses import IdemRef, Prefetched
 from streams.config import Settings
 from streams.contract import (
     Completion,
@@ -36,24 +36,17 @@ from streams.contract import (
 )
 from streams.errors import (
     DispatchFailed,
+    InternalError,
+    OutputTooLarge,
     StreamsError,
     ValidationFailed,
 )
 from streams.logs import request_extra
 from streams.metrics import PipelineMetrics
+from streams.output.records import Headers, OutRecord, Publisher
 from streams.redact import Redactor
 
 log = logging.getLogger("streams.processor")
-
-Headers = list[tuple[str, bytes]]
-
-
-class InternalError(StreamsError):
-    """A bug or an unexpected failure while handling a request (dead letter "internal")."""
-
-
-class OutputTooLarge(StreamsError):
-    """The broker refuses an output record because of its size (not retryable)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -61,23 +54,6 @@ class InRecord:
     source: Source
     key: bytes | None
     value: bytes | None
-
-
-class OutRecord(NamedTuple):
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: Headers | None = None
-
-
-class Publisher(Protocol):
-    async def publish(
-        self, topic: str, key: bytes | None, value: bytes, headers: Headers | None = None
-    ) -> None:
-        """Return once the broker acknowledged the record; retry transient failures inside."""
-
-    async def publish_many(self, records: list[OutRecord]) -> list[OutputTooLarge | None]:
-        """``publish`` of each record, sent together; per record None or its size refusal."""
 
 
 class Answerer(Protocol):

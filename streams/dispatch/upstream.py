@@ -33,6 +33,7 @@ import orjson
 
 from streams.config import EndpointConfig
 from streams.contract import usage_is_invalid
+from streams.dispatch.retry import bounded_wait
 from streams.errors import (
     UpstreamBadResponse,
     UpstreamConnectionError,
@@ -40,9 +41,8 @@ from streams.errors import (
     UpstreamTimeout,
 )
 from streams.redact import Redactor
-from streams.retry import bounded_wait
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("streams.upstream")
 
 _JSON = {"Content-Type": "application/json"}
 

@@ -57,7 +57,7 @@ from redis.exceptions import NoScriptError
 from streams.config import EndpointConfig, Settings
 from streams.redis_io import REDIS_ERRORS, CommandErrorLog, is_outage
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("streams.ratelimit")
 
 # Completion budget assumed when a request sets no max_tokens; corrected after the call.
 DEFAULT_COMPLETION_TOKENS = 256

@@ -35,14 +35,14 @@ def _start(args: argparse.Namespace, level: str | None = "WARNING", check: bool 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _start(args, level=None, check=False)  # the worker checks Kafka and Redis
-    from streams.worker import run_worker  # faust is heavy to import: only when needed
+    from streams.intake.worker import run_worker  # faust is heavy to import: only when needed
 
     return run_worker(settings)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     settings = _start(args)
-    from streams.batch import run_batch
+    from streams.tools.batch import run_batch
 
     summary = asyncio.run(
         run_batch(settings, Path(args.requests), Path(args.save),
@@ -52,7 +52,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
-    from streams.mock_llm import MockBehaviour, run_mock
+    from mockllm.server import MockBehaviour, run_mock
 
     behaviour = MockBehaviour(
         latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, error_rate=args.error_rate,
@@ -67,7 +67,7 @@ def cmd_dlq_inspect(args: argparse.Namespace) -> int:
     settings = _start(args)
     from rich.console import Console
 
-    from streams.dlq import print_inspection, read_dead_letters
+    from streams.tools.dlq import print_inspection, read_dead_letters
 
     letters = asyncio.run(read_dead_letters(settings, limit=args.limit))
     print_inspection(Console(), settings.topics.dead_letter, letters)
@@ -76,7 +76,7 @@ def cmd_dlq_inspect(args: argparse.Namespace) -> int:
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
     settings = _start(args)
-    from streams.dlq import plan_replay, publish_replay, read_dead_letters, replay_summary
+    from streams.tools.dlq import plan_replay, publish_replay, read_dead_letters, replay_summary
 
     letters = asyncio.run(read_dead_letters(settings))
     plan = plan_replay(
@@ -89,7 +89,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
 
 
 def _since(text: str) -> int:
-    from streams.dlq import parse_since
+    from streams.tools.dlq import parse_since
 
     try:
         return parse_since(text)
@@ -98,7 +98,7 @@ def _since(text: str) -> int:
 
 
 def _faults(text: str) -> dict[str, float]:
-    from streams.mock_llm import parse_faults
+    from mockllm.server import parse_faults
 
     try:
         return parse_faults(text)

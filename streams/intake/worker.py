@@ -42,24 +42,19 @@ import redis.asyncio as aioredis
 from faust.types import TransportT
 from prometheus_client import CollectorRegistry
 
-from streams.acks import AckTracker
-from streams.cache import ResponseCache
+from streams.cache.responses import ResponseCache
 from streams.config import Settings
 from streams.contract import Source
-from streams.dispatcher import Dispatcher
-from streams.faust_io import new_transport, unreadable_partitions
-from streams.kafka_io import (
-    KafkaPublisher,
-    check_kafka,
-    connection_options,
-    ensure_topics,
-    start_producer,
-)
+from streams.dispatch.dispatcher import Dispatcher
+from streams.dispatch.upstream import UpstreamClient
+from streams.intake.acks import AckTracker
+from streams.intake.processor import InRecord, Processor
+from streams.intake.transport import new_transport, unreadable_partitions
+from streams.kafka_io import check_kafka, connection_options, ensure_topics, start_producer
 from streams.metrics import PipelineMetrics, configured_models, start_http
-from streams.processor import InRecord, Processor
+from streams.output.publisher import KafkaPublisher
 from streams.redact import redact_url
 from streams.redis_io import check_redis, open_redis, redis_answers
-from streams.upstream import UpstreamClient
 
 log = logging.getLogger("streams.worker")
 

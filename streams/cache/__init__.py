@@ -1,0 +1,1 @@
+"""Cache: pay once per answer (response cache, idempotency store, coalescing, keys, locks)."""

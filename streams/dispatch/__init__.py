@@ -1,0 +1,1 @@
+"""Dispatch: which endpoint, when, and the HTTP call (dispatcher, scheduler, balancer, limits, retry)."""

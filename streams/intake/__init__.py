@@ -1,0 +1,1 @@
+"""Intake: records in from Kafka (faust transport, agent, runtime, ack tracker, per-record processor)."""

@@ -1,0 +1,1 @@
+"""Tools: the command line (worker, batch, dlq inspect/replay, mock-llm)."""
