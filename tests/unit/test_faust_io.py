@@ -13,8 +13,8 @@ from faust.transport.consumer import Consumer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streams.intake import transport as faust_io
 from streams.config import load_settings
+from streams.intake import transport as faust_io
 from streams.intake.transport import DirectDeliveryConsumer, DirectDeliveryTransport
 from streams.intake.worker import Runtime, build_app
 
