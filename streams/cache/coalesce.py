@@ -7,7 +7,7 @@ answer instead of computing. Failure never spreads: if the leader's compute fail
 run their own compute (their own retries); if the lock holder dies, its lock expires and a
 waiter takes over. Waiting is bounded by ``cache.coalesce_wait_seconds``.
 
-The Redis side is behind the small ``LockBackend`` protocol (implemented in ``cache.py``),
+The Redis side is behind the small ``LockBackend`` protocol (``locks.py``),
 so this module holds only the state machine.
 
 Usage::
@@ -24,52 +24,17 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
 
+from streams.cache.codec import Body, cached_completion
+from streams.cache.locks import LockBackend, LockState
 from streams.contract import Completion
 
 log = logging.getLogger("streams.coalesce")
-
-Body = dict[str, Any]
-
-
-class LockState(enum.Enum):
-    ACQUIRED = "acquired"
-    HELD = "held"  # by another process
-    UNAVAILABLE = "unavailable"  # Redis is down: proceed as if alone
-
-
-class LockBackend(Protocol):
-    """What the coalescer needs from Redis. Implementations never raise Redis errors."""
-
-    async def try_lock(self, key: str, token: str, ttl_ms: int) -> tuple[LockState, Body | None]:
-        """Take the lock if free; also return the cached answer if one is already there."""
-        ...
-
-    async def peek(self, key: str) -> tuple[Body | None, bool] | None:
-        """(cached answer or None, lock still held), or None if Redis is unavailable."""
-        ...
-
-    async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
-        """Push the lock's expiry out; False once the lock is no longer ours."""
-        ...
-
-    async def finish(
-        self, key: str, token: str | None, comp: Completion | None, ttl: int | None
-    ) -> None:
-        """Store ``comp`` for ``ttl`` seconds (if both given), then release our lock."""
-        ...
-
 
 class _Outcome(enum.Enum):
     GONE = "gone"  # the lock vanished without an answer: its holder failed or died
     TIMEOUT = "timeout"
     UNAVAILABLE = "unavailable"
-
-
-def as_cached(comp: Completion, model: str) -> Completion:
-    """Someone else's answer, as a waiter reports it (no endpoint, no attempts of its own)."""
-    return Completion(model=model, body=comp.body, endpoint=None, attempts=0, cached=True)
 
 
 class Coalescer:
@@ -150,7 +115,7 @@ class Coalescer:
             self._on_fallback("leader_failed")
             return await self._compute(key, None, compute, ttl)
         self._on_coalesced("local")
-        return as_cached(comp, model)
+        return cached_completion(comp.body, model)
 
     async def _lead(
         self,
@@ -172,7 +137,7 @@ class Coalescer:
                 if state is LockState.ACQUIRED:
                     await self._backend.finish(key, token, None, None)
                 self._on_coalesced("remote")
-                return _from_body(body, model)
+                return cached_completion(body, model)
             if state is LockState.ACQUIRED:
                 return await self._compute(key, token, compute, ttl)
             if state is LockState.UNAVAILABLE:
@@ -180,7 +145,7 @@ class Coalescer:
             outcome = await self._wait_remote(key, deadline)
             if isinstance(outcome, dict):
                 self._on_coalesced("remote")
-                return _from_body(outcome, model)
+                return cached_completion(outcome, model)
             if outcome is _Outcome.GONE and self._clock() < deadline:
                 continue  # the holder failed or died: try to become the leader ourselves
             self._on_fallback(outcome.value)
@@ -251,6 +216,3 @@ class Coalescer:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
-
-def _from_body(body: Body, model: str) -> Completion:
-    return Completion(model=model, body=body, endpoint=None, attempts=0, cached=True)

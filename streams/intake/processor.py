@@ -22,7 +22,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Protocol
 
-from streams.cache.responses import IdemRef, Prefetched
+from streams.cache.idempotency import IdemRef
+from streams.cache.responses import Prefetched
 from streams.config import Settings
 from streams.contract import (
     Completion,

@@ -13,8 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from streams.cache.codec import ZLIB
+from streams.cache.idempotency import IdemRef, Recalled
 from streams.cache.keys import tenant_tag
-from streams.cache.responses import ZLIB, IdemRef, Recalled, ResponseCache
+from streams.cache.responses import ResponseCache
 from streams.config import Settings, load_settings
 from streams.contract import Completion, Request
 
@@ -78,8 +80,8 @@ async def test_hit_miss_and_ttl(redis_client: aioredis.Redis, prefix: str) -> No
     await cache.store(req("short", cache={"ttl": 5}), comp())
     hit = await cache.lookup(req("  hi "))  # whitespace-normalized: same key
     assert hit is not None and hit.cached and hit.output == "answer"
-    assert 590 < await redis_client.ttl(cache._ckey(cache.key(req()))) <= 600
-    assert 0 < await redis_client.ttl(cache._ckey(cache.key(req("short")))) <= 5
+    assert 590 < await redis_client.ttl(cache.redis_store.ckey(cache.key(req()))) <= 600
+    assert 0 < await redis_client.ttl(cache.redis_store.ckey(cache.key(req("short")))) <= 5
     other_tenant = req(tenant="someone-else")
     assert await cache.lookup(other_tenant) is None
 
@@ -96,7 +98,7 @@ async def test_compression_round_trip(redis_client: aioredis.Redis, prefix: str)
     cache = make(redis_client, prefix, compress_min_bytes=256)
     text = "the same sentence again. " * 400
     await cache.store(req("long"), comp(text))
-    raw = await redis_client.get(cache._ckey(cache.key(req("long"))))
+    raw = await redis_client.get(cache.redis_store.ckey(cache.key(req("long"))))
     assert raw is not None and raw[:1] == ZLIB and len(raw) < len(text) // 5
     hit = await cache.lookup(req("long"))
     assert hit is not None and hit.output == text
@@ -219,7 +221,7 @@ async def test_leader_failure_waiters_compute_themselves(
 async def test_dead_lock_holder_is_taken_over(redis_client: aioredis.Redis, prefix: str) -> None:
     cache = make(redis_client, prefix, coalesce_lock_seconds=0.3)
     r = req()
-    await redis_client.set(cache._lkey(cache.key(r)), b"crashed-worker", px=300)
+    await redis_client.set(cache.redis_store.lkey(cache.key(r)), b"crashed-worker", px=300)
 
     async def compute() -> Completion:
         return comp()

@@ -16,7 +16,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from streams.cache.responses import _EXTEND, _RELEASE
+from streams.cache.locks import _EXTEND, _RELEASE
 
 # Redis refuses an EX whose milliseconds overflow a signed 64-bit integer.
 MAX_EX = (2**63 - 1) // 1000

@@ -11,17 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from streams.cache.responses import (
-    MAX_MODEL_LABELS,
-    RAW,
-    ZLIB,
-    IdemRef,
-    Recalled,
-    ResponseCache,
-    decode_body,
-    decode_value,
-    encode_value,
-)
+from streams.cache.codec import RAW, ZLIB, decode_body, decode_value, encode_value
+from streams.cache.idempotency import IdemRef, Recalled
+from streams.cache.responses import MAX_MODEL_LABELS, ResponseCache
 from streams.config import Settings, load_settings
 from streams.contract import Completion, Request
 from tests.unit.fake_redis import FakeRedis
@@ -139,8 +131,8 @@ async def test_ttl_default_and_per_request() -> None:
     cache, fake, _ = make(ttl_seconds=500)
     await cache.store(req("a"), comp())
     await cache.store(req("b", cache={"ttl": 7}), comp())
-    ttl_a = fake.ttl(cache._ckey(cache.key(req("a"))))
-    ttl_b = fake.ttl(cache._ckey(cache.key(req("b"))))
+    ttl_a = fake.ttl(cache.redis_store.ckey(cache.key(req("a"))))
+    ttl_b = fake.ttl(cache.redis_store.ckey(cache.key(req("b"))))
     assert ttl_a is not None and 499 < ttl_a <= 500
     assert ttl_b is not None and 6 < ttl_b <= 7
 
@@ -316,7 +308,7 @@ async def test_dead_lock_holder_expires_and_waiter_takes_over() -> None:
     cache, fake, reg = make(coalesce_lock_seconds=0.1)
     r = req()
     key = cache.key(r)
-    fake._set(cache._lkey(key), b"someone-dead", px=100)
+    fake._set(cache.redis_store.lkey(key), b"someone-dead", px=100)
     compute, calls = counting(comp(), delay=0)
     got = await asyncio.wait_for(cache.coalesce(r, key, compute), 1.0)
     assert calls["n"] == 1 and not got.cached
@@ -326,7 +318,7 @@ async def test_waiter_gives_up_after_coalesce_wait_seconds() -> None:
     cache, fake, reg = make(coalesce_wait_seconds=0.1, coalesce_lock_seconds=30)
     r = req()
     key = cache.key(r)
-    fake._set(cache._lkey(key), b"alive-but-slow", px=30_000)
+    fake._set(cache.redis_store.lkey(key), b"alive-but-slow", px=30_000)
     compute, calls = counting(comp(), delay=0)
     await asyncio.wait_for(cache.coalesce(r, key, compute), 1.0)
     assert calls["n"] == 1 and metric(reg, "coalesce_fallbacks", reason="timeout") == 1
@@ -341,11 +333,11 @@ async def test_heartbeat_keeps_a_slow_leaders_lock() -> None:
     async def slow() -> Completion:
         for _ in range(4):
             await asyncio.sleep(0.05)
-            seen.append(fake._get(cache._lkey(key)) is not None)
+            seen.append(fake._get(cache.redis_store.lkey(key)) is not None)
         return comp()
 
     await cache.coalesce(r, key, slow)
-    assert all(seen) and fake._get(cache._lkey(key)) is None
+    assert all(seen) and fake._get(cache.redis_store.lkey(key)) is None
 
 
 async def test_coalescing_survives_redis_outage_in_process() -> None:

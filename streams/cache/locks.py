@@ -1,0 +1,156 @@
+"""Coalescing locks: the small interface the coalescer talks to, and its Redis backend.
+
+A lock is ``SET NX PX`` on ``{prefix}:l:{key}``, released and extended only by its holder's
+token (compare-and-delete / compare-and-extend in Lua). Lock attempts and finishes of one
+loop tick share one pipeline each: a batch of misses costs two round trips, not two per
+request.
+
+Usage::
+
+    locks = RedisLocks(store, max_items=256)
+    state, body = await locks.try_lock(key, token, ttl_ms=10_000)
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Protocol
+
+from streams.cache.batching import Batcher
+from streams.cache.codec import DOWN, Body, decode_body
+from streams.cache.store import RedisStore
+from streams.contract import Completion
+
+# Compare-and-delete / compare-and-extend: only the holder's token may touch its lock.
+_RELEASE = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+_EXTEND = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
+
+LockItem = tuple[str, str, int]  # key, token, ttl_ms
+FinishItem = tuple[str, str, bytes | None, int]  # key, token, value to store, ttl
+
+
+class LockState(enum.Enum):
+    ACQUIRED = "acquired"
+    HELD = "held"  # by another process
+    UNAVAILABLE = "unavailable"  # Redis is down: proceed as if alone
+
+
+class LockBackend(Protocol):
+    """What the coalescer needs from Redis. Implementations never raise Redis errors."""
+
+    async def try_lock(self, key: str, token: str, ttl_ms: int) -> tuple[LockState, Body | None]:
+        """Take the lock if free; also return the cached answer if one is already there."""
+        ...
+
+    async def peek(self, key: str) -> tuple[Body | None, bool] | None:
+        """(cached answer or None, lock still held), or None if Redis is unavailable."""
+        ...
+
+    async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Push the lock's expiry out; False once the lock is no longer ours."""
+        ...
+
+    async def finish(
+        self, key: str, token: str | None, comp: Completion | None, ttl: int | None
+    ) -> None:
+        """Store ``comp`` for ``ttl`` seconds (if both given), then release our lock."""
+        ...
+
+
+class RedisLocks:
+    """The coalescer's Redis side (a ``LockBackend``) on the cache's ``RedisStore``."""
+
+    def __init__(self, store: RedisStore, max_items: int) -> None:
+        self._store = store
+        self._locks: Batcher[LockItem, tuple[LockState, Body | None]] = Batcher(
+            self._try_locks, max_items, store.tasks
+        )
+        self._finishes: Batcher[FinishItem, None] = Batcher(self._finish_many, max_items, store.tasks)
+
+    def flush(self) -> None:
+        self._locks.flush()
+        self._finishes.flush()
+
+    async def try_lock(self, key: str, token: str, ttl_ms: int) -> tuple[LockState, Body | None]:
+        if not self._store.guard.available():
+            return LockState.UNAVAILABLE, None
+        return await self._locks.submit((key, token, ttl_ms))
+
+    async def _try_locks(self, items: list[LockItem]) -> list[tuple[LockState, Body | None]]:
+        s = self._store
+
+        async def go() -> list[Any]:
+            pipe = s.redis.pipeline(transaction=False)
+            for key, token, ttl_ms in items:
+                pipe.set(s.lkey(key), token, nx=True, px=ttl_ms)
+                pipe.get(s.ckey(key))
+            return await pipe.execute(raise_on_error=False)
+
+        res = await s.guard.call("lock", go)
+        if res is DOWN:
+            return [(LockState.UNAVAILABLE, None)] * len(items)
+        ok = s.guard.replies("lock", res)
+        out: list[tuple[LockState, Body | None]] = []
+        for i in range(len(items)):
+            acquired, raw = res[2 * i], res[2 * i + 1]
+            body = decode_body(raw) if isinstance(raw, bytes) else None
+            if not ok[2 * i]:  # that lock command failed: proceed as if alone
+                out.append((LockState.UNAVAILABLE, body))
+            else:
+                out.append(((LockState.ACQUIRED if acquired else LockState.HELD), body))
+        return out
+
+    async def peek(self, key: str) -> tuple[Body | None, bool] | None:
+        s = self._store
+        raw, lock = await s.read_many([s.ckey(key), s.lkey(key)])
+        if raw is DOWN or lock is DOWN:
+            return None
+        return (decode_body(raw) if raw is not None else None), lock is not None
+
+    async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
+        s = self._store
+        lkey = s.lkey(key)
+        res = await s.guard.call("lock", lambda: s.redis.eval(_EXTEND, 1, lkey, token, ttl_ms))
+        return res is DOWN or bool(res)  # Redis down: keep beating, it may come back
+
+    async def finish(
+        self, key: str, token: str | None, comp: Completion | None, ttl: int | None
+    ) -> None:
+        s = self._store
+        value = None
+        if comp is not None and ttl is not None and not comp.cached:
+            value = s.encode(comp.body)
+        if token is None:
+            if value is not None:
+                await s.write(s.ckey(key), value, ttl or 1, "cache")
+            return
+        if s.guard.available():
+            await self._finishes.submit((key, token, value, ttl or 1))
+
+    async def _finish_many(self, items: list[FinishItem]) -> list[None]:
+        s = self._store
+
+        async def go() -> list[Any]:
+            pipe = s.redis.pipeline(transaction=False)
+            for key, token, value, ttl in items:
+                if value is not None:
+                    pipe.set(s.ckey(key), value, ex=ttl)
+                pipe.eval(_RELEASE, 1, s.lkey(key), token)
+            return await pipe.execute(raise_on_error=False)
+
+        res = await s.guard.call("lock", go)
+        if res is not DOWN:
+            ok = iter(s.guard.replies("lock", res))
+            stored = 0
+            for _, _, value, _ in items:
+                if value is not None:
+                    stored += next(ok)
+                next(ok)  # the release
+            if stored:
+                s.metrics.writes.labels("cache").inc(stored)
+        return [None] * len(items)

@@ -1,0 +1,248 @@
+"""The cache's Redis access: batched reads and writes, key names, metrics, and a short circuit breaker.
+
+Redis key layout (``prefix`` is ``redis.key_prefix``)::
+
+    {prefix}:c:{tenant_tag}:{digest}   cached upstream body        (cache.ttl_seconds / req ttl)
+    {prefix}:l:{tenant_tag}:{digest}   coalescing lock, PX         (cache.coalesce_lock_seconds)
+    {prefix}:r:{tenant_tag}:{digest}   output record of an id      (cache.idempotency_ttl_seconds)
+
+Reads are micro-batched: every read of one event-loop tick (or up to ``cache.batch_max_keys``)
+shares one ``MGET``; writes share one pipeline. Redis errors never reach the caller: reads
+answer ``DOWN``, writes are skipped and counted, and after an outage error Redis is left alone
+for ``cache.redis_retry_seconds``. A ``force`` read or write (the idempotency store's) is tried
+even then.
+
+Usage::
+
+    store = RedisStore(settings, redis_client, CacheMetrics(registry), clock)
+    (raw,) = await store.read_many([store.ckey(key)])
+    await store.write(store.ckey(key), value, ttl, "cache")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
+
+import orjson
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Counter
+
+from streams.cache.batching import Batcher
+from streams.cache.codec import DOWN, Body, Read, _Down, encode_value
+from streams.config import Settings
+from streams.redis_io import REDIS_ERRORS, command_error_text, is_outage
+
+log = logging.getLogger("streams.cache")
+
+T = TypeVar("T")
+
+
+class CacheMetrics:
+    """``llm_streams_cache_*`` counters on the given registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def counter(name: str, doc: str, label: str) -> Counter:
+            return Counter(f"llm_streams_cache_{name}", doc, [label], registry=registry)
+
+        self.hits = counter("hits", "Requests answered from the response cache", "model")
+        self.misses = counter("misses", "Cache lookups that found no answer", "model")
+        self.writes = counter("writes", "Values written (cache or idempotency)", "store")
+        self.skipped = counter("skipped_writes", "Writes not done, by reason", "reason")
+        self.errors = counter("errors", "Redis errors, by operation", "op")
+        self.coalesced = counter(
+            "coalesced", "Requests answered by an identical request's upstream call", "scope"
+        )
+        self.fallbacks = counter(
+            "coalesce_fallbacks", "Coalesced waiters that computed themselves", "reason"
+        )
+        self.replays = counter("idempotent_replays", "Redelivered ids republished", "kind")
+        self.conflicts = Counter(
+            "llm_streams_cache_idempotency_conflicts",
+            "Request ids reused with other content: answered afresh, not replayed",
+            registry=registry,
+        )
+
+
+class Guard:
+    """Runs Redis calls with a timeout; translates errors; a short circuit breaker."""
+
+    def __init__(
+        self,
+        metrics: CacheMetrics,
+        clock: Callable[[], float],
+        *,
+        timeout: float,
+        retry_seconds: float,
+        log_interval: float,
+    ) -> None:
+        self._metrics = metrics
+        self._clock = clock
+        self._timeout = timeout
+        self._retry = retry_seconds
+        self._log_interval = log_interval
+        self._open_until = float("-inf")
+        self._last_log = float("-inf")
+        self._unreported = 0
+        self._down = False
+
+    def available(self) -> bool:
+        return self._clock() >= self._open_until
+
+    async def call(self, op: str, fn: Callable[[], Awaitable[T]], force: bool = False) -> T | _Down:
+        """``fn()``, or DOWN on a Redis error or while the circuit is open (unless ``force``)."""
+        if not force and not self.available():
+            return DOWN
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await fn()
+        except REDIS_ERRORS as exc:
+            self.failed(op, exc)
+            return DOWN
+        if self._down:
+            self._down = False
+            log.info("redis is reachable again; cache back in use")
+        return result
+
+    def replies(self, op: str, results: list[Any]) -> list[bool]:
+        """Which replies of a pipeline (run with ``raise_on_error=False``) succeeded.
+
+        Each failed command is counted; one that speaks of an outage opens the circuit.
+        """
+        ok = []
+        for result in results:
+            failed = isinstance(result, BaseException)
+            if failed:
+                self.failed(op, result)
+            ok.append(not failed)
+        return ok
+
+    def failed(self, op: str, exc: BaseException) -> None:
+        """Count and log a Redis error; an outage (not a command's error) opens the circuit."""
+        self._metrics.errors.labels(op).inc()
+        now = self._clock()
+        outage = is_outage(exc)
+        if outage:
+            self._open_until = now + self._retry
+            self._down = True
+        self._unreported += 1
+        if now - self._last_log >= self._log_interval:  # at most one line per interval
+            if outage:
+                log.warning(
+                    "redis error during %s (%s: %s); cache bypassed, retry every %.1fs "
+                    "(%d errors since last report)",
+                    op, type(exc).__name__, exc, self._retry, self._unreported,
+                )
+            else:
+                log.warning(
+                    "redis refused a command during %s (%s); that command failed, the cache "
+                    "stays in use (%d errors since last report)",
+                    op, command_error_text(exc), self._unreported,
+                )
+            self._last_log = now
+            self._unreported = 0
+
+
+class RedisStore:
+    """Batched Redis reads and writes of the cache, its key names and its metrics.
+
+    The Redis client must use ``decode_responses=False``; it is not closed here.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        metrics: CacheMetrics,
+        clock: Callable[[], float],
+    ) -> None:
+        if redis.get_connection_kwargs().get("decode_responses"):  # type: ignore[no-untyped-call]
+            raise ValueError("ResponseCache needs a Redis client with decode_responses=False")
+        cfg = self._cfg = settings.cache
+        self._prefix = settings.redis.key_prefix
+        self.redis = redis
+        self.metrics = metrics
+        self.guard = Guard(
+            metrics,
+            clock,
+            timeout=settings.redis.socket_timeout_seconds,
+            retry_seconds=cfg.redis_retry_seconds,
+            log_interval=cfg.error_log_interval_seconds,
+        )
+        self.tasks: set[asyncio.Task[None]] = set()
+        # items carry a "force" flag: a batch holding one is tried even while the circuit is open
+        self._reads: Batcher[tuple[str, bool], Read] = Batcher(self._mget, cfg.batch_max_keys, self.tasks)
+        self._writes: Batcher[tuple[str, bytes, int, bool], bool] = Batcher(
+            self._pipeline_set, cfg.batch_max_keys, self.tasks
+        )
+
+    def ckey(self, key: str) -> str:
+        """The Redis key of a cached answer."""
+        return f"{self._prefix}:c:{key}"
+
+    def lkey(self, key: str) -> str:
+        """The Redis key of a coalescing lock."""
+        return f"{self._prefix}:l:{key}"
+
+    def rkey(self, key: str) -> str:
+        """The Redis key of an id's remembered output record."""
+        return f"{self._prefix}:r:{key}"
+
+    def encode(self, body: Body) -> bytes | None:
+        """A body as a stored value, or None (counted) if it cannot or must not be stored."""
+        try:
+            data = orjson.dumps(body)
+        except (orjson.JSONEncodeError, TypeError):
+            self.metrics.skipped.labels("unserializable").inc()
+            return None
+        value = encode_value(data, self._cfg.compress_min_bytes)
+        if len(value) > self._cfg.max_value_bytes:  # stored size: what costs Redis memory
+            self.metrics.skipped.labels("too_large").inc()
+            return None
+        return value
+
+    async def read_many(self, keys: list[str], force: bool = False) -> list[Read]:
+        """The values of ``keys`` (None: missing; DOWN: Redis did not answer)."""
+        if not force and not self.guard.available():  # circuit open: no future, no round trip
+            return [DOWN] * len(keys)
+        futs = [self._reads.submit((k, force)) for k in keys]
+        return [await f for f in futs]
+
+    async def write(self, key: str, value: bytes, ttl: int, store: str, force: bool = False) -> None:
+        """Set ``key`` for ``ttl`` seconds; counted under ``store``, or as skipped."""
+        ok = (force or self.guard.available()) and await self._writes.submit((key, value, ttl, force))
+        if ok:
+            self.metrics.writes.labels(store).inc()
+        else:
+            self.metrics.skipped.labels("redis_unavailable").inc()
+
+    def flush(self) -> None:
+        """Send the pending reads and writes now."""
+        self._reads.flush()
+        self._writes.flush()
+
+    async def _mget(self, items: list[tuple[str, bool]]) -> list[Read]:
+        keys = [k for k, _ in items]
+        unique = list(dict.fromkeys(keys))  # identical requests of one tick: fetch once
+        res = await self.guard.call(
+            "read", lambda: cast(Awaitable[list[bytes | None]], self.redis.mget(unique)),
+            force=any(f for _, f in items),
+        )
+        if res is DOWN:
+            return [DOWN] * len(keys)
+        found = dict(zip(unique, res, strict=True))
+        return [found[k] for k in keys]
+
+    async def _pipeline_set(self, items: list[tuple[str, bytes, int, bool]]) -> list[bool]:
+        async def go() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            for key, value, ttl, _ in items:
+                pipe.set(key, value, ex=ttl)
+            return await pipe.execute(raise_on_error=False)
+
+        res = await self.guard.call("write", go, force=any(i[3] for i in items))
+        if res is DOWN:
+            return [False] * len(items)
+        return self.guard.replies("write", res)
