@@ -121,6 +121,11 @@ class Cooldowns:
 
     # ---- reads (local, synchronous) ----------------------------------------------------------
 
+    @property
+    def shared(self) -> bool:
+        """Shared with the other workers through Redis (a client was given)."""
+        return self._redis is not None
+
     def state(self, name: str, now: float | None = None) -> EndpointState:
         st = self._states[name]
         if st.until is None:

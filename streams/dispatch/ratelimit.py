@@ -246,6 +246,10 @@ class RateLimiter:
         self._retry_delay = _REDIS_RETRY_MIN
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def on_release(self, callback: Callable[[str, bool], None]) -> None:
+        """Call ``callback(endpoint name, refund)`` once a release has taken effect."""
+        self._on_release = callback
+
     # ---- cheap, synchronous views for the dispatcher's fast path -------------------------
 
     def unlimited(self, endpoint: EndpointConfig) -> bool:

@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry
 from streams.cache.responses import ResponseCache
 from streams.config import Settings
 from streams.contract import Source
-from streams.dispatch.dispatcher import Dispatcher
+from streams.dispatch.parts import build_dispatcher
 from streams.dispatch.upstream import UpstreamClient
 from streams.intake.acks import AckTracker
 from streams.intake.processor import InRecord, Processor
@@ -106,7 +106,7 @@ class Runtime:
         self._redis = open_redis(s)
         stack.push_async_callback(self._redis.aclose)
         dispatcher = await stack.enter_async_context(
-            Dispatcher(s, UpstreamClient(session), self._redis, self.registry)
+            build_dispatcher(s, UpstreamClient(session), self._redis, self.registry)
         )
         # Always: with cache.enabled false it is the idempotency store alone (no lookups,
         # no coalescing), so a redelivery is still never sent upstream again.

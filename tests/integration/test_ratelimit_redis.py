@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streams.config import EndpointConfig, Settings
 from streams.contract import Request
-from streams.dispatch.dispatcher import Dispatcher
+from streams.dispatch.parts import build_dispatcher
 from streams.dispatch.ratelimit import RATE_HEADROOM, RESERVE_AHEAD_SECONDS, RateLimiter
 
 pytestmark = pytest.mark.integration
@@ -186,7 +186,7 @@ class RecordingUpstream:
 async def test_three_dispatchers_share_an_rpm_limit(clients: list[Any]) -> None:
     settings = _settings(rpm=1200)  # 20/s across the group
     upstream = RecordingUpstream()
-    dispatchers = [Dispatcher(settings, upstream, c, CollectorRegistry()) for c in clients]
+    dispatchers = [build_dispatcher(settings, upstream, c, CollectorRegistry()) for c in clients]
     for d in dispatchers:
         await d.start()
     try:

@@ -79,7 +79,7 @@ def test_served_rate_is_the_limit_even_when_every_grant_is_late() -> None:
     async def main(clock: VirtualClock) -> None:
         d, up, _ = _make(clock, [_ep("a")], latency=0.01,
                          limits={"max_requests_per_second": 100})
-        limiter = d._limiter
+        limiter = d.parts.limiter
         acquire = limiter.acquire
 
         async def slow(endpoint: EndpointConfig, tokens: int) -> Any:
@@ -111,7 +111,7 @@ def test_limiter_round_trips_per_grant_under_saturation() -> None:
     async def main(clock: VirtualClock) -> float:
         d, up, _ = _make(clock, [_ep("a", rpm=6000)], latency=0.01,
                          limits={"max_requests_per_second": 200})
-        limiter = d._limiter
+        limiter = d.parts.limiter
         acquire = limiter.acquire
         calls = [0]
 

@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from streams.config import EndpointConfig, Settings
 from streams.contract import Completion, Request
 from streams.dispatch.dispatcher import Dispatcher, _used_tokens
+from streams.dispatch.parts import build_dispatcher
 from streams.errors import (
     AttemptsExhausted,
     DeadlineExpired,
@@ -83,7 +84,7 @@ def _make(
     settings = Settings(endpoints=endpoints, **sections)
     upstream = FakeUpstream(clock, latency)
     registry = CollectorRegistry()
-    dispatcher = Dispatcher(
+    dispatcher = build_dispatcher(
         settings, upstream, redis, registry, clock=clock, sleep=asyncio.sleep,
         random=lambda: 0.5,
     )
@@ -215,7 +216,7 @@ def test_endpoint_refusing_connections_is_probed_once_per_cooldown() -> None:
         probes = [t for t in to_dead if t > cooled_at]
         assert 3 <= len(probes) <= 5  # a 5 s run, 1 s cooldowns
         assert all(b - a >= 1.0 for a, b in zip(probes, probes[1:], strict=False))
-        assert d.endpoint_state("dead") in ("cooling", "probing")
+        assert d.snapshot().states["dead"].value in ("cooling", "probing")
 
     run(main)
 
@@ -229,7 +230,7 @@ def test_probe_success_makes_the_endpoint_healthy_again() -> None:
         up.fail = {"a": lambda t: UpstreamConnectionError("down") if t < 0.5 else None}
         async with d:
             await _arrivals(d, [_req(i) for i in range(300)], 0.01)
-        assert d.endpoint_state("a") == "healthy"
+        assert d.snapshot().states["a"].value == "healthy"
         late = Counter(n for t, n, _ in up.calls if t > 2.0)
         assert abs(late["a"] - late["b"]) <= 2
 
@@ -272,7 +273,7 @@ def test_aging_bounds_how_long_a_low_priority_request_waits() -> None:
                 )
                 # a queue has formed: 15/s arrive, 10/s pass (the next ~0.4 s are reserved)
                 await asyncio.sleep(1.5)
-                assert d.waiting > 0
+                assert d.snapshot().waiting > 0
                 await d.dispatch(_req("low", priority=9))
                 await stream
             return next(t for t, _, rid in up.calls if rid == "rlow") - 1.5
@@ -301,7 +302,7 @@ def test_deadline_passed_means_expired_without_calling_upstream() -> None:
             assert isinstance(info.value.error, DeadlineExpired)
             await first
             assert [rid for _, _, rid in up.calls] == ["r2"]
-            assert d.waiting == 0
+            assert d.snapshot().waiting == 0
 
             # passes during the backoff after a failed attempt
             up.fail = {"a": _status(503)}
@@ -350,15 +351,15 @@ def test_cancellation_releases_slots() -> None:
             t2 = asyncio.create_task(d.dispatch(_req(2)))
             t3 = asyncio.create_task(d.dispatch(_req(3)))
             await asyncio.sleep(0.1)
-            assert d.waiting == 2
+            assert d.snapshot().waiting == 2
             t3.cancel()  # cancelled while queued
             t1.cancel()  # cancelled while its call is in flight
             await asyncio.sleep(0.1)
-            assert d.waiting == 0
+            assert d.snapshot().waiting == 0
             assert [rid for _, _, rid in up.calls] == ["r1", "r2"]  # r2 got r1's slot
             result = await t2
             assert result.endpoint == "a"
-            assert d._limiter.inflight(d._settings.endpoints[0]) == 0
+            assert d.parts.limiter.inflight(d._settings.endpoints[0]) == 0
             inflight = registry.get_sample_value("llm_streams_endpoint_inflight", {"endpoint": "a"})
             assert inflight == 0
             assert t1.cancelled() and t3.cancelled()
@@ -436,7 +437,7 @@ def test_a_hostile_retry_after_cools_within_bounds_and_the_endpoint_recovers(
             "HTTP 429", endpoint="a", status=429, retry_after=asked) if t < 0.01 else None}
         async with d:
             comp = await asyncio.wait_for(d.dispatch(_req(1)), 60)
-            assert d.endpoint_state("a") == "healthy"
+            assert d.snapshot().states["a"].value == "healthy"
         assert comp.attempts == 2
         ends = clock.elapsed()
         assert ends <= 10.5  # at most max_retry_after (inf), else cooldown_seconds (NaN) or 0
@@ -468,11 +469,11 @@ def test_model_names_invented_by_requests_add_no_per_model_state() -> None:
     async def main(clock: VirtualClock) -> None:
         d, up, _ = _make(clock, [_ep("a"), _ep("b", models=["x"])])
         async with d:
-            before = len(d._balancer._models)
+            before = len(d.parts.balancer._models)
             for i in range(2_000):
                 await d.dispatch(Request(id=f"r{i}", input="hi", model=f"invented-{i}"))
-            assert len(d._balancer._models) == before == 1
-            assert d._waiting_models == {}
+            assert len(d.parts.balancer._models) == before == 1
+            assert d._admission._waiting_models == {}
         assert {n for _, n, _ in up.calls} == {"a"}
 
     run(main)

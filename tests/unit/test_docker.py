@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from streams.cache.responses import ResponseCache
 from streams.config import Settings
-from streams.dispatch.dispatcher import Dispatcher
+from streams.dispatch.parts import build_dispatcher
 from streams.metrics import PipelineMetrics
 from streams.tools.cli import build_parser
 from tests.unit.fake_redis import FakeRedis
@@ -62,7 +62,7 @@ def _exported_series() -> dict[str, set[str]]:
     registry = CollectorRegistry()
     settings = Settings(endpoints=[{"name": "a", "url": "http://a.test/v1"}])
     PipelineMetrics(registry)
-    Dispatcher(settings, None, None, registry)  # type: ignore[arg-type]
+    build_dispatcher(settings, None, None, registry)  # type: ignore[arg-type]
     ResponseCache(settings, FakeRedis(), registry)  # type: ignore[arg-type]
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
                 "summary": ("_sum", "_count"), "gauge": ("",)}

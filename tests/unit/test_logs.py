@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from mockllm.server import MockBehaviour, MockLLM
 from streams.config import Settings, load_settings
 from streams.contract import Completion, Request, Source
-from streams.dispatch.dispatcher import Dispatcher
+from streams.dispatch.parts import build_dispatcher
 from streams.dispatch.upstream import UpstreamClient
 from streams.intake.processor import InRecord, Processor
 from streams.logs import JsonFormatter, TextFormatter, request_extra
@@ -122,7 +122,7 @@ async def test_every_line_of_a_failing_request_carries_its_id(
             assert orjson.loads(json.format(record))["request_id"] == rid
             assert KEY not in text.format(record) and KEY not in json.format(record)
 
-    async with aiohttp.ClientSession() as session, Dispatcher(
+    async with aiohttp.ClientSession() as session, build_dispatcher(
         settings, UpstreamClient(session), None, CollectorRegistry()
     ) as dispatcher:
         metrics = PipelineMetrics(CollectorRegistry())

@@ -1,0 +1,310 @@
+"""Admission: which waiting request may call which endpoint now, within limits and cooldowns.
+
+A request that finds no usable endpoint waits in the priority scheduler; a background pump
+grants waiting requests best-first as limits free up. Our own limits never produce an error,
+only waiting. Fast path: while nobody is queued, a request whose endpoint has no
+rpm/tpm/rps limit is granted synchronously, without Redis and without touching the pump.
+
+Usage::
+
+    admission = Admission(settings, parts, metrics)
+    grant = await admission.acquire(ticket, deadline)   # None: the deadline came first
+    ...
+    admission.release(grant, used_tokens)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from streams.config import EndpointConfig, Settings
+from streams.dispatch.cooldown import EndpointState
+from streams.dispatch.ratelimit import Permit
+from streams.dispatch.telemetry import DispatchMetrics
+
+if TYPE_CHECKING:
+    from streams.dispatch.parts import DispatchParts
+
+log = logging.getLogger("streams.dispatcher")
+
+# The pump re-checks at least this often even without events (belt and braces).
+SAFETY_POLL_SECONDS = 1.0
+# Never spin: a computed wake-up sooner than this is rounded up.
+MIN_WAKE_SECONDS = 0.0005
+# A refusal's wait is cached per endpoint for at most this long before Redis is asked again:
+# another worker's refund or released lease may have ended it sooner (we hear no event).
+MAX_CACHED_WAIT_SECONDS = 1.0
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    """One request's place in line, kept across its retries."""
+
+    model: str
+    priority: int
+    enqueued: float  # first arrival (clock seconds): keeps its place across retries
+    tokens: int
+    tried: list[str] = field(default_factory=list)
+    since: float = 0.0  # start of the current wait, for the wait metric
+    future: asyncio.Future[Grant] | None = None
+
+
+@dataclass(eq=False, slots=True)
+class Grant:
+    """Leave to call one endpoint once."""
+
+    endpoint: EndpointConfig
+    permit: Permit
+    probe: bool
+    at: float = 0.0  # clock time of the reserved slot (0: unlimited): the attempt starts then
+    released: bool = False
+
+
+def fits(ep: EndpointConfig, tokens: int) -> bool:
+    """Could ``ep``'s tpm ever take a request of ~``tokens`` tokens?"""
+    return ep.tpm is None or tokens <= ep.tpm
+
+
+class Admission:
+    """The waiting room and the grants: see the module docstring."""
+
+    def __init__(self, settings: Settings, parts: DispatchParts, metrics: DispatchMetrics) -> None:
+        self._p = parts
+        self._clock = parts.clock
+        self._metrics = metrics
+        self._max_inflight = settings.limits.max_inflight
+        self._endpoints = [e for e in settings.endpoints if e.weight > 0]
+        self._sched = parts.scheduler
+        self._waiting_models: dict[str, int] = {}
+        self._blocked = {e.name: 0.0 for e in settings.endpoints}  # hint: refused until
+        self._blocked_by = {e.name: "" for e in settings.endpoints}  # the limit that refused
+        self._global_blocked = 0.0
+        self._acquiring: set[str] = set()  # endpoints with a limiter call under way
+        self.inflight = {e.name: 0 for e in settings.endpoints}
+        self._inflight_total = 0
+        self._wake = asyncio.Event()
+        parts.limiter.on_release(self._released)
+
+    def wake(self) -> None:
+        """Something changed (a cooldown ended elsewhere): the pump looks again."""
+        self._wake.set()
+
+    def cancel_waiting(self) -> None:
+        """Cancel every waiting request (at stop): neither answered nor dead-lettered."""
+        for ticket in self._sched.drain():
+            if ticket.future is not None:
+                ticket.future.cancel()
+
+    async def acquire(self, ticket: Ticket, deadline: int | None) -> Grant | None:
+        """A grant for the ticket's next attempt; None if the deadline came first."""
+        ticket.since = self._clock()
+        if not len(self._sched):  # nobody queued: we may not overtake anyone
+            grant = await self._try_grant(ticket)
+            if grant is not None:
+                return grant
+        fut: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
+        ticket.future = fut
+        entry = self._sched.add(ticket, ticket.priority, ticket.enqueued * 1000.0)
+        self._waiting_models[ticket.model] = self._waiting_models.get(ticket.model, 0) + 1
+        self._wake.set()
+        try:
+            if deadline is None:
+                return await fut
+            remaining = deadline / 1000.0 - self._clock()
+            if remaining <= 0:
+                return None
+            sleeper = asyncio.ensure_future(self._p.sleep(remaining))
+            try:
+                await asyncio.wait((fut, sleeper), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+            return fut.result() if fut.done() else None
+        except asyncio.CancelledError:
+            # The pump may have granted us just before the cancellation landed.
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(fut.result(), None)
+            raise
+        finally:
+            if not fut.done():
+                fut.cancel()  # the pump releases a grant it made for a cancelled future
+            self._sched.discard(entry)
+            left = self._waiting_models[ticket.model] - 1
+            if left:
+                self._waiting_models[ticket.model] = left
+            else:
+                del self._waiting_models[ticket.model]
+
+    def release(self, grant: Grant, used_tokens: int | None) -> None:
+        """Give the grant's slot back (once); ``used_tokens`` corrects the tpm charge."""
+        if grant.released:
+            return
+        grant.released = True
+        self._inflight_total -= 1
+        self.inflight[grant.endpoint.name] -= 1
+        self._p.limiter.release(grant.permit, used_tokens)
+        if len(self._sched):
+            self._wake.set()
+
+    def _released(self, name: str, refund: bool) -> None:
+        """The limiter took back a permit of ``name``: a cached refusal it may have ended (the
+        slot it freed, the tokens it gave back) is asked again at once."""
+        blocked_by = self._blocked_by[name]
+        if blocked_by == "concurrency" or (refund and blocked_by == "tpm"):
+            self._blocked[name] = 0.0
+            self._blocked_by[name] = ""
+            if len(self._sched):
+                self._wake.set()
+
+    def _ready(self, ep: EndpointConfig, now: float) -> bool:
+        """Could ``ep`` take a request now, as far as this worker knows without Redis?"""
+        return (
+            self._blocked[ep.name] <= now
+            and ep.name not in self._acquiring
+            and self._p.cooldowns.usable(ep.name, now)
+            and self._p.limiter.has_capacity(ep)
+        )
+
+    def _eligible(self, ticket: Ticket, now: float) -> set[str] | None:
+        """For a retry: the healthy endpoints not tried yet if any, else the healthy ones
+        but the one that failed last (None = no restriction)."""
+        if not ticket.tried:
+            return None
+        healthy = {
+            e.name
+            for e in self._p.balancer.candidates(ticket.model)
+            if self._p.cooldowns.state(e.name, now) is EndpointState.HEALTHY
+        }
+        fresh = healthy.difference(ticket.tried)
+        if fresh:
+            return fresh
+        healthy.discard(ticket.tried[-1])
+        return healthy or None
+
+    async def _try_grant(self, ticket: Ticket) -> Grant | None:
+        now = self._clock()
+        if self._inflight_total >= self._max_inflight or self._global_blocked > now:
+            return None
+        only = self._eligible(ticket, now)
+        rejected: set[str] = set()
+        cooldowns, limiter = self._p.cooldowns, self._p.limiter
+
+        def usable(ep: EndpointConfig) -> bool:
+            return (
+                (only is None or ep.name in only)
+                and ep.name not in rejected
+                and fits(ep, ticket.tokens)
+                and self._ready(ep, now)
+            )
+
+        while (ep := self._p.balancer.pick(ticket.model, usable)) is not None:
+            probe = cooldowns.needs_probe(ep.name, now)
+            if probe and not await cooldowns.try_probe(ep.name):
+                rejected.add(ep.name)
+                continue
+            if limiter.unlimited(ep):
+                decision = await limiter.acquire(ep, ticket.tokens)
+            else:
+                # While one request asks Redis about ``ep``, a burst of new arrivals must not
+                # all ask too: they queue and the pump asks for them one at a time.
+                self._acquiring.add(ep.name)
+                try:
+                    decision = await limiter.acquire(ep, ticket.tokens)
+                finally:
+                    self._acquiring.discard(ep.name)
+            now = self._clock()
+            if decision.permit is None:
+                if probe:
+                    cooldowns.abandon_probe(ep.name)
+                self._metrics.denied.labels(ep.name, decision.limit).inc()
+                wait = min(decision.wait, MAX_CACHED_WAIT_SECONDS)
+                if decision.limit == "rps" and wait > 0:
+                    self._global_blocked = now + wait  # binds every endpoint
+                    return None
+                if wait > 0:
+                    self._blocked[ep.name] = now + wait
+                    self._blocked_by[ep.name] = decision.limit
+                rejected.add(ep.name)
+                continue
+            self._inflight_total += 1
+            self.inflight[ep.name] += 1
+            at = 0.0 if limiter.unlimited(ep) else now + decision.wait  # 0: no pacing
+            self._metrics.wait_by[ep.name].observe(max(now + decision.wait - ticket.since, 0.0))
+            return Grant(ep, decision.permit, probe, at)
+        return None
+
+    # ---- the pump ----------------------------------------------------------------------------
+
+    def _stuck(self, now: float) -> bool:
+        """Nothing waiting can be granted now: no ready endpoint serves a waiting model."""
+        if self._inflight_total >= self._max_inflight or self._global_blocked > now:
+            return True
+        models = self._waiting_models
+        return not any(
+            self._ready(ep, now) and any(ep.serves(m) for m in models) for ep in self._endpoints
+        )
+
+    async def _pass(self) -> None:
+        """Grant waiting requests best-first until nothing more can be granted."""
+        cursor = self._sched.begin_pass()
+        try:
+            while not self._stuck(self._clock()):
+                entry = cursor.next()
+                if entry is None:
+                    break
+                ticket = entry.item
+                fut = ticket.future
+                if fut is None or fut.done():
+                    cursor.take(entry)
+                    continue
+                grant = await self._try_grant(ticket)
+                if grant is None:
+                    cursor.skip(entry)
+                    continue
+                cursor.take(entry)
+                if fut.done():  # the waiter gave up while we were asking Redis
+                    self.release(grant, None)
+                else:
+                    fut.set_result(grant)
+        finally:
+            cursor.end()
+
+    def _next_wake(self) -> float | None:
+        """Seconds until a refusal or cooldown ends (events wake the pump sooner)."""
+        if not len(self._sched):
+            return None
+        now = self._clock()
+        times = [t for t in self._blocked.values() if t > now]
+        if self._global_blocked > now:
+            times.append(self._global_blocked)
+        cooling = self._p.cooldowns.next_change(now)
+        if cooling is not None:
+            times.append(cooling)
+        if not times:
+            return SAFETY_POLL_SECONDS
+        return min(max(min(times) - now, MIN_WAKE_SECONDS), SAFETY_POLL_SECONDS)
+
+    async def pump(self) -> None:
+        """Run forever (a background task): grant waiting requests as limits free up."""
+        while True:
+            self._wake.clear()
+            if len(self._sched):
+                try:
+                    await self._pass()
+                except Exception:  # a bug here must not strand every waiting request
+                    log.exception("dispatcher pass failed")
+            delay = self._next_wake()
+            if self._wake.is_set():
+                continue
+            if delay is None:
+                await self._wake.wait()
+                continue
+            waiter = asyncio.ensure_future(self._wake.wait())
+            sleeper = asyncio.ensure_future(self._p.sleep(delay))
+            try:
+                await asyncio.wait((waiter, sleeper), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+                sleeper.cancel()
