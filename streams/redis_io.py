@@ -3,27 +3,19 @@
 ``redis.url`` may be ``redis://``, ``rediss://`` (TLS; ``redis.ssl_cafile`` for a private CA)
 or ``unix://``; the username and password come from the URL or from ``redis.username`` and
 the environment variable ``redis.password_env`` names. Redis errors are translated here at
-start. While running, ``cache.py``, ``ratelimit.py`` and ``cooldown.py`` tell two kinds
-apart with ``is_outage``: an outage (no connection, a timeout, a server that refuses every
-command: OOM, READONLY, LOADING...) makes them leave Redis alone for a while; an error about
-one command's arguments (a TTL out of range, a wrong type) fails that command only and is
-logged at most once per interval (``CommandErrorLog``).
+start. While running, every user of Redis (cache, rate limits, cooldowns) goes through one
+``redis_guard.RedisGuard``.
 
 Usage::
 
     client = open_redis(settings)
     await check_redis(client, settings)   # StartupError on wrong credentials
-    except REDIS_ERRORS as exc:
-        if is_outage(exc): mark_down()
-        else: command_errors.note(exc)
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-import time
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,95 +24,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
-    AuthenticationWrongNumberOfArgsError,
-    ClusterDownError,
-    DataError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
     ResponseError,
-    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streams.config import Settings
 from streams.errors import StartupError
 from streams.redact import redact_url
+from streams.redis_guard import REDIS_ERRORS, command_error_text, is_outage
 
 log = logging.getLogger("streams.redis")
-
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
-# Error replies that speak of the server's state, not of one command: every command would
-# get them (redis-py maps some to their own classes, the others arrive as ResponseError).
-_SERVER_STATE_CODES = frozenset(
-    {"OOM", "READONLY", "LOADING", "MISCONF", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN",
-     "NOREPLICAS", "NOAUTH"}
-)
-_SERVER_STATE_CLASSES = (
-    OutOfMemoryError, ReadOnlyError, ClusterDownError, TryAgainError,
-    AuthenticationWrongNumberOfArgsError,  # the connection's AUTH, not our command
-)
-_PIPELINE_PREFIX = "of pipeline caused error: "
-
-
-def is_outage(exc: BaseException) -> bool:
-    """False for an error about one command (its arguments, a key's type), True otherwise.
-
-    A command error (``ResponseError`` with an ``ERR``/``WRONGTYPE``... reply, or a
-    ``DataError`` raised before sending) says nothing about Redis being usable: treating it
-    as an outage would bypass Redis for every request because of one request's value.
-    """
-    if isinstance(exc, DataError):
-        return False
-    if not isinstance(exc, ResponseError) or isinstance(exc, _SERVER_STATE_CLASSES):
-        return True
-    message = str(exc)
-    if _PIPELINE_PREFIX in message:  # redis-py annotates errors raised from a pipeline
-        message = message.split(_PIPELINE_PREFIX, 1)[1].lstrip("('\"")
-    code = getattr(exc, "status_code", None) or message.split(" ", 1)[0]
-    return code in _SERVER_STATE_CODES
-
-
-def command_error_text(exc: BaseException) -> str:
-    """The class and the server's reply, without the command's arguments (they may hold
-    cached answers or request content)."""
-    message = str(exc)
-    if _PIPELINE_PREFIX in message:
-        message = message.split(_PIPELINE_PREFIX, 1)[1]
-    return f"{type(exc).__name__}: {message[:200]}"
-
-
-class CommandErrorLog:
-    """Logs Redis command errors (not outages) at most once per interval, with a count.
-
-    Usage::
-
-        errors = CommandErrorLog(log, "rate limits", interval=10.0)
-        errors.note(exc)
-    """
-
-    def __init__(self, logger: logging.Logger, what: str, *, interval: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._log = logger
-        self._what = what
-        self._interval = interval
-        self._clock = clock
-        self._last = float("-inf")
-        self._unreported = 0
-
-    def note(self, exc: BaseException) -> None:
-        self._unreported += 1
-        now = self._clock()
-        if now - self._last < self._interval:
-            return
-        self._log.warning(
-            "redis refused a command for %s (%s); that command failed, redis stays in use "
-            "(%d such errors since last report)",
-            self._what, command_error_text(exc), self._unreported,
-        )
-        self._last = now
-        self._unreported = 0
-
 
 def open_redis(settings: Settings) -> aioredis.Redis:
     """A client on ``redis.url``; nothing connects before the first command."""

@@ -1,4 +1,4 @@
-"""Cache values: the stored byte format (raw or zlib), cached bodies, and "Redis did not answer".
+"""Cache values: the stored byte format (raw or zlib), cached bodies, and what a read returns.
 
 Values start with a format byte: ``\\x00`` raw orjson bytes, ``\\x01`` zlib of them.
 
@@ -11,13 +11,13 @@ Usage::
 
 from __future__ import annotations
 
-import enum
 import zlib
 from typing import Any
 
 import orjson
 
 from streams.contract import Completion
+from streams.redis_guard import _Down
 
 RAW = b"\x00"
 ZLIB = b"\x01"
@@ -25,12 +25,7 @@ ZLIB = b"\x01"
 Body = dict[str, Any]
 
 
-class _Down(enum.Enum):
-    DOWN = "down"
-
-
-DOWN = _Down.DOWN  # "Redis did not answer", distinct from a None (missing key)
-Read = bytes | None | _Down
+Read = bytes | None | _Down  # _Down: Redis did not answer, distinct from a None (missing key)
 
 
 def encode_value(data: bytes, compress_min_bytes: int) -> bytes:

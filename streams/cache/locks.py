@@ -17,9 +17,10 @@ import enum
 from typing import Any, Protocol
 
 from streams.cache.batching import Batcher
-from streams.cache.codec import DOWN, Body, decode_body
+from streams.cache.codec import Body, decode_body
 from streams.cache.store import RedisStore
 from streams.contract import Completion
+from streams.redis_guard import DOWN
 
 # Compare-and-delete / compare-and-extend: only the holder's token may touch its lock.
 _RELEASE = (
@@ -91,7 +92,7 @@ class RedisLocks:
                 pipe.get(s.ckey(key))
             return await pipe.execute(raise_on_error=False)
 
-        res = await s.guard.call("lock", go)
+        res = await s.call("lock", go)
         if res is DOWN:
             return [(LockState.UNAVAILABLE, None)] * len(items)
         ok = s.guard.replies("lock", res)
@@ -115,7 +116,7 @@ class RedisLocks:
     async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
         s = self._store
         lkey = s.lkey(key)
-        res = await s.guard.call("lock", lambda: s.redis.eval(_EXTEND, 1, lkey, token, ttl_ms))
+        res = await s.call("lock", lambda: s.redis.eval(_EXTEND, 1, lkey, token, ttl_ms))
         return res is DOWN or bool(res)  # Redis down: keep beating, it may come back
 
     async def finish(
@@ -143,7 +144,7 @@ class RedisLocks:
                 pipe.eval(_RELEASE, 1, s.lkey(key), token)
             return await pipe.execute(raise_on_error=False)
 
-        res = await s.guard.call("lock", go)
+        res = await s.call("lock", go)
         if res is not DOWN:
             ok = iter(s.guard.replies("lock", res))
             stored = 0

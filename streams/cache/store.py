@@ -9,8 +9,8 @@ Redis key layout (``prefix`` is ``redis.key_prefix``)::
 Reads are micro-batched: every read of one event-loop tick (or up to ``cache.batch_max_keys``)
 shares one ``MGET``; writes share one pipeline. Redis errors never reach the caller: reads
 answer ``DOWN``, writes are skipped and counted, and after an outage error Redis is left alone
-for ``cache.redis_retry_seconds``. A ``force`` read or write (the idempotency store's) is tried
-even then.
+for ``cache.redis_retry_seconds`` (``redis_guard.RedisGuard``). A ``force`` read or write (the
+idempotency store's) is tried even then.
 
 Usage::
 
@@ -31,9 +31,9 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
 
 from streams.cache.batching import Batcher
-from streams.cache.codec import DOWN, Body, Read, _Down, encode_value
+from streams.cache.codec import Body, Read, encode_value
 from streams.config import Settings
-from streams.redis_io import REDIS_ERRORS, command_error_text, is_outage
+from streams.redis_guard import DOWN, RedisGuard, _Down, command_error_text
 
 log = logging.getLogger("streams.cache")
 
@@ -66,83 +66,38 @@ class CacheMetrics:
         )
 
 
-class Guard:
-    """Runs Redis calls with a timeout; translates errors; a short circuit breaker."""
+class _ErrorReport:
+    """Counts every Redis error of the cache; logs at most one line per interval, with a count."""
 
-    def __init__(
-        self,
-        metrics: CacheMetrics,
-        clock: Callable[[], float],
-        *,
-        timeout: float,
-        retry_seconds: float,
-        log_interval: float,
-    ) -> None:
+    def __init__(self, metrics: CacheMetrics, clock: Callable[[], float], *, retry_seconds: float,
+                 log_interval: float) -> None:
         self._metrics = metrics
         self._clock = clock
-        self._timeout = timeout
         self._retry = retry_seconds
         self._log_interval = log_interval
-        self._open_until = float("-inf")
         self._last_log = float("-inf")
         self._unreported = 0
-        self._down = False
 
-    def available(self) -> bool:
-        return self._clock() >= self._open_until
-
-    async def call(self, op: str, fn: Callable[[], Awaitable[T]], force: bool = False) -> T | _Down:
-        """``fn()``, or DOWN on a Redis error or while the circuit is open (unless ``force``)."""
-        if not force and not self.available():
-            return DOWN
-        try:
-            async with asyncio.timeout(self._timeout):
-                result = await fn()
-        except REDIS_ERRORS as exc:
-            self.failed(op, exc)
-            return DOWN
-        if self._down:
-            self._down = False
-            log.info("redis is reachable again; cache back in use")
-        return result
-
-    def replies(self, op: str, results: list[Any]) -> list[bool]:
-        """Which replies of a pipeline (run with ``raise_on_error=False``) succeeded.
-
-        Each failed command is counted; one that speaks of an outage opens the circuit.
-        """
-        ok = []
-        for result in results:
-            failed = isinstance(result, BaseException)
-            if failed:
-                self.failed(op, result)
-            ok.append(not failed)
-        return ok
-
-    def failed(self, op: str, exc: BaseException) -> None:
-        """Count and log a Redis error; an outage (not a command's error) opens the circuit."""
+    def __call__(self, op: str, exc: BaseException, outage: bool) -> None:
         self._metrics.errors.labels(op).inc()
         now = self._clock()
-        outage = is_outage(exc)
-        if outage:
-            self._open_until = now + self._retry
-            self._down = True
         self._unreported += 1
-        if now - self._last_log >= self._log_interval:  # at most one line per interval
-            if outage:
-                log.warning(
-                    "redis error during %s (%s: %s); cache bypassed, retry every %.1fs "
-                    "(%d errors since last report)",
-                    op, type(exc).__name__, exc, self._retry, self._unreported,
-                )
-            else:
-                log.warning(
-                    "redis refused a command during %s (%s); that command failed, the cache "
-                    "stays in use (%d errors since last report)",
-                    op, command_error_text(exc), self._unreported,
-                )
-            self._last_log = now
-            self._unreported = 0
+        if now - self._last_log < self._log_interval:
+            return
+        if outage:
+            log.warning(
+                "redis error during %s (%s: %s); cache bypassed, retry every %.1fs "
+                "(%d errors since last report)",
+                op, type(exc).__name__, exc, self._retry, self._unreported,
+            )
+        else:
+            log.warning(
+                "redis refused a command during %s (%s); that command failed, the cache "
+                "stays in use (%d errors since last report)",
+                op, command_error_text(exc), self._unreported,
+            )
+        self._last_log = now
+        self._unreported = 0
 
 
 class RedisStore:
@@ -164,12 +119,13 @@ class RedisStore:
         self._prefix = settings.redis.key_prefix
         self.redis = redis
         self.metrics = metrics
-        self.guard = Guard(
-            metrics,
-            clock,
-            timeout=settings.redis.socket_timeout_seconds,
+        self._timeout = settings.redis.socket_timeout_seconds
+        self.guard = RedisGuard(
+            clock=clock,
             retry_seconds=cfg.redis_retry_seconds,
-            log_interval=cfg.error_log_interval_seconds,
+            on_up=lambda: log.info("redis is reachable again; cache back in use"),
+            on_error=_ErrorReport(metrics, clock, retry_seconds=cfg.redis_retry_seconds,
+                                  log_interval=cfg.error_log_interval_seconds),
         )
         self.tasks: set[asyncio.Task[None]] = set()
         # items carry a "force" flag: a batch holding one is tried even while the circuit is open
@@ -177,6 +133,10 @@ class RedisStore:
         self._writes: Batcher[tuple[str, bytes, int, bool], bool] = Batcher(
             self._pipeline_set, cfg.batch_max_keys, self.tasks
         )
+
+    async def call(self, op: str, fn: Callable[[], Awaitable[T]], force: bool = False) -> T | _Down:
+        """``fn()`` through the guard (DOWN: Redis did not answer or is left alone)."""
+        return await self.guard.call(op, fn, timeout=self._timeout, force=force)
 
     def ckey(self, key: str) -> str:
         """The Redis key of a cached answer."""
@@ -226,7 +186,7 @@ class RedisStore:
     async def _mget(self, items: list[tuple[str, bool]]) -> list[Read]:
         keys = [k for k, _ in items]
         unique = list(dict.fromkeys(keys))  # identical requests of one tick: fetch once
-        res = await self.guard.call(
+        res = await self.call(
             "read", lambda: cast(Awaitable[list[bytes | None]], self.redis.mget(unique)),
             force=any(f for _, f in items),
         )
@@ -242,7 +202,7 @@ class RedisStore:
                 pipe.set(key, value, ex=ttl)
             return await pipe.execute(raise_on_error=False)
 
-        res = await self.guard.call("write", go, force=any(i[3] for i in items))
+        res = await self.call("write", go, force=any(i[3] for i in items))
         if res is DOWN:
             return [False] * len(items)
         return self.guard.replies("write", res)

@@ -40,7 +40,7 @@ from typing import Any
 
 from streams.config import EndpointConfig, RetryConfig
 from streams.dispatch.retry import bounded_wait
-from streams.redis_io import REDIS_ERRORS, CommandErrorLog, is_outage
+from streams.redis_guard import REDIS_ERRORS, CommandErrorLog, RedisGuard, is_outage
 
 log = logging.getLogger("streams.cooldown")
 
@@ -115,9 +115,16 @@ class Cooldowns:
         self._unreadable: set[str] = set()  # endpoints whose bad stored deadline was logged
         self._base = f"{{{key_prefix}}}:cd"
         self._owner = uuid.uuid4().hex
-        self._degraded = False
         self._command_errors = CommandErrorLog(log, "cooldowns", clock=clock)
-        self._retry_at = 0.0
+        self._guard = RedisGuard(
+            clock=clock, retry_seconds=_REDIS_RETRY_SECONDS,
+            on_down=lambda exc: log.warning(
+                "redis unreachable for cooldowns (%s); each worker keeps its own until it returns",
+                type(exc).__name__,
+            ),
+            on_up=lambda: log.warning("redis reachable again; endpoint cooldowns are shared again"),
+            commands=self._command_errors,
+        )
 
     # ---- reads (local, synchronous) ----------------------------------------------------------
 
@@ -151,7 +158,7 @@ class Cooldowns:
 
     @property
     def degraded(self) -> bool:
-        return self._degraded
+        return self._guard.degraded
 
     # ---- probe ---------------------------------------------------------------------------------
 
@@ -170,7 +177,7 @@ class Cooldowns:
                     self._key(name, "probe"), self._owner, nx=True, px=round(ttl * 1000)
                 )
         except _REDIS_ERRORS as exc:
-            self._failed(exc)
+            self._guard.failed("probe", exc)
             return True  # nobody else can be told; this worker probes on its own
         if not won:
             st.probing_local = False
@@ -230,11 +237,9 @@ class Cooldowns:
                 await self._push()
                 changed = await self._pull()
         except _REDIS_ERRORS as exc:
-            self._failed(exc)
+            self._guard.failed("sync", exc)
             return False
-        if self._degraded:
-            log.warning("redis reachable again; endpoint cooldowns are shared again")
-            self._degraded = False
+        self._guard.succeeded()
         return changed
 
     def _key(self, name: str, what: str) -> str:
@@ -321,19 +326,4 @@ class Cooldowns:
         return None
 
     def _use_redis(self) -> bool:
-        return self._redis is not None and (not self._degraded or self._clock() >= self._retry_at)
-
-    def _failed(self, exc: BaseException) -> None:
-        if is_outage(exc):
-            self._mark_down(exc)
-        else:
-            self._command_errors.note(exc)
-
-    def _mark_down(self, exc: BaseException) -> None:
-        if not self._degraded:
-            log.warning(
-                "redis unreachable for cooldowns (%s); each worker keeps its own until it returns",
-                type(exc).__name__,
-            )
-        self._degraded = True
-        self._retry_at = self._clock() + _REDIS_RETRY_SECONDS
+        return self._redis is not None and self._guard.available()

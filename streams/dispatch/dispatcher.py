@@ -34,9 +34,9 @@ from streams.config import EndpointConfig, Settings
 from streams.contract import Completion, Request, upstream_usage
 from streams.dispatch.admission import Admission, Grant, Ticket, fits
 from streams.dispatch.cooldown import EndpointState
-from streams.dispatch.ratelimit import estimate_tokens
 from streams.dispatch.retry import error_class, hurts_health, is_rate_limited, is_retryable
 from streams.dispatch.telemetry import DispatchMetrics, DispatchSnapshot, StateCollector
+from streams.dispatch.tokens import estimate_tokens
 from streams.errors import (
     AttemptsExhausted,
     DeadlineExpired,

@@ -5,7 +5,7 @@ Limits: per endpoint ``rpm``, ``tpm`` and ``max_concurrency``; globally
 "theoretical arrival time" per key, advanced by ``interval x cost`` on each grant. A request's
 slot is that time minus the burst tolerance (``(limits.rate_burst - 1) x interval``; the
 default burst 1 spaces requests evenly, so rpm 600 means at most 10 in any second, never 600
-at once). ``tpm`` charges an estimate before the call (``estimate_tokens``) and is corrected
+at once). ``tpm`` charges an estimate before the call (``tokens.estimate_tokens``) and is corrected
 with the real usage afterwards.
 
 Grants are reservations: a slot that starts within ``RESERVE_AHEAD_SECONDS`` (at least four
@@ -30,7 +30,7 @@ outage: that request alone is limited locally (``redis_io.is_outage``).
 Usage::
 
     limiter = RateLimiter(settings, redis)
-    decision = await limiter.acquire(endpoint, estimate_tokens(messages, params))
+    decision = await limiter.acquire(endpoint, tokens)
     if decision.permit is None:
         await asyncio.sleep(decision.wait)       # or queue and come back later
     else:
@@ -42,12 +42,11 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from itertools import count
 from typing import Any
@@ -55,12 +54,11 @@ from typing import Any
 from redis.exceptions import NoScriptError
 
 from streams.config import EndpointConfig, Settings
-from streams.redis_io import REDIS_ERRORS, CommandErrorLog, is_outage
+from streams.dispatch.gcra import ACQUIRE_LUA, ADJUST_LUA, sha
+from streams.redis_guard import REDIS_ERRORS, CommandErrorLog, RedisGuard
 
 log = logging.getLogger("streams.ratelimit")
 
-# Completion budget assumed when a request sets no max_tokens; corrected after the call.
-DEFAULT_COMPLETION_TOKENS = 256
 # Another worker's concurrency lease can end at any time and we hear no event for it.
 CONCURRENCY_POLL_SECONDS = 0.05
 # A lease outlives the endpoint's hard timeout by this much before Redis drops it.
@@ -75,91 +73,6 @@ RATE_HEADROOM = 0.98
 RESERVE_AHEAD_SECONDS = 0.25
 _REDIS_RETRY_MIN = 0.5
 _REDIS_RETRY_MAX = 10.0
-_REDIS_ERRORS = REDIS_ERRORS
-
-# GCRA with reservations. Each key holds a "theoretical arrival time" (tat); a request's slot is
-# the latest of (tat - tolerance) over its keys, or now. A slot within ARGV[6] us is granted
-# (reserved: tat moves past the slot, never back to "now" because we are late); a later one is
-# refused. KEYS: n GCRA keys, then the concurrency lease set when ARGV[2] > 0.
-# ARGV: n, concurrency max, lease id, lease us, poll us, ahead us, then per key:
-#       interval us, tolerance us, cost.
-# Returns {allowed, us until the slot (refused: until the earliest slot, or the poll), index of
-# the refusing key (1-based; n+1 = concurrency)}.
-_ACQUIRE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = tonumber(ARGV[1])
-local cmax = tonumber(ARGV[2])
-local slot, idx = now, 0
-local tats = {}
-for i = 1, n do
-  local b = 6 + (i - 1) * 3
-  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
-  tats[i] = tat
-  if tat - tonumber(ARGV[b + 2]) > slot then slot, idx = tat - tonumber(ARGV[b + 2]), i end
-end
-if slot - now > tonumber(ARGV[6]) then return {0, string.format('%.0f', slot - now), idx} end
-if cmax > 0 then
-  local ck = KEYS[n + 1]
-  redis.call('ZREMRANGEBYSCORE', ck, '-inf', now)
-  if redis.call('ZCARD', ck) >= cmax then return {0, ARGV[5], n + 1} end
-  redis.call('ZADD', ck, now + tonumber(ARGV[4]), ARGV[3])
-  redis.call('PEXPIRE', ck, math.ceil(tonumber(ARGV[4]) / 1000) + 1000)
-end
-for i = 1, n do
-  local b = 6 + (i - 1) * 3
-  local tat = math.max(tats[i], slot) + tonumber(ARGV[b + 1]) * tonumber(ARGV[b + 3])
-  redis.call('SET', KEYS[i], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-end
-return {1, string.format('%.0f', slot - now), 0}
-"""
-
-# KEYS[1] a GCRA key; ARGV[1] microseconds to add (negative: give back).
-_ADJUST_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-tat = tat + tonumber(ARGV[1])
-if tat > now then
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-else
-  redis.call('DEL', KEYS[1])
-end
-return 1
-"""
-
-
-def _sha(src: str) -> str:
-    return hashlib.sha1(src.encode()).hexdigest()
-
-
-def estimate_tokens(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> int:
-    """Offline token estimate: ~4 characters per token over the prompt, plus the completion.
-
-    No tokenizer is downloaded; the tpm charge is corrected from the response's usage.
-    """
-    chars = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            for part in content:
-                text = part.get("text") if isinstance(part, dict) else None
-                chars += len(text) if isinstance(text, str) else 0
-    prompt = chars // 4 + 4 * len(messages) + 3  # per-message framing, as OpenAI counts it
-    completion = DEFAULT_COMPLETION_TOKENS
-    for key in ("max_completion_tokens", "max_tokens"):
-        value = params.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            completion = value
-            break
-    choices = params.get("n")
-    if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
-        completion *= choices
-    return prompt + completion
-
 
 @dataclass(slots=True)
 class Permit:
@@ -240,10 +153,17 @@ class RateLimiter:
         self._inflight: dict[str, int] = {ep.name: 0 for ep in settings.endpoints}
         self._lease_ids = count()
         self._lease_prefix = uuid.uuid4().hex[:12]
-        self._degraded = False
-        self._command_errors = CommandErrorLog(log, "rate limits", clock=clock)
-        self._retry_at = 0.0
-        self._retry_delay = _REDIS_RETRY_MIN
+        self._guard = RedisGuard(
+            clock=clock, retry_seconds=_REDIS_RETRY_MIN, max_retry_seconds=_REDIS_RETRY_MAX,
+            on_down=lambda exc: log.warning(
+                "redis unreachable for rate limits (%s); falling back to this worker's "
+                "local limiter at %.0f%% of each limit", type(exc).__name__, self._fraction * 100,
+            ),
+            on_up=lambda: log.warning(
+                "redis reachable again; rate limits are shared across workers again"
+            ),
+            commands=CommandErrorLog(log, "rate limits", clock=clock),
+        )
         self._tasks: set[asyncio.Task[None]] = set()
 
     def on_release(self, callback: Callable[[str, bool], None]) -> None:
@@ -259,7 +179,7 @@ class RateLimiter:
     @property
     def degraded(self) -> bool:
         """True while Redis is unreachable and limits are enforced per worker."""
-        return self._degraded
+        return self._guard.degraded
 
     def inflight(self, endpoint: EndpointConfig) -> int:
         return self._inflight[endpoint.name]
@@ -285,11 +205,9 @@ class RateLimiter:
         if self._use_redis():
             try:
                 return await self._acquire_shared(endpoint, tokens)
-            except _REDIS_ERRORS as exc:
-                if not is_outage(exc):  # this request's command only: limited locally
-                    self._command_errors.note(exc)
+            except REDIS_ERRORS as exc:
+                if not self._guard.failed("acquire", exc):  # this request's command only
                     return self._acquire_local(endpoint, tokens)
-                self._mark_down(exc)
                 if not self.has_capacity(endpoint):  # the local cap is lower
                     return Decision(None, 0.0, "concurrency")
         return self._acquire_local(endpoint, tokens)
@@ -347,33 +265,13 @@ class RateLimiter:
         return max(1, math.floor(cap * self._fraction))
 
     def _use_redis(self) -> bool:
-        if self._redis is None:
-            return False
-        return not self._degraded or self._clock() >= self._retry_at
-
-    def _mark_down(self, exc: BaseException) -> None:
-        if not self._degraded:
-            log.warning(
-                "redis unreachable for rate limits (%s); falling back to this worker's "
-                "local limiter at %.0f%% of each limit",
-                type(exc).__name__,
-                self._fraction * 100,
-            )
-        self._degraded = True
-        self._retry_at = self._clock() + self._retry_delay
-        self._retry_delay = min(self._retry_delay * 2, _REDIS_RETRY_MAX)
-
-    def _mark_up(self) -> None:
-        if self._degraded:
-            log.warning("redis reachable again; rate limits are shared across workers again")
-        self._degraded = False
-        self._retry_delay = _REDIS_RETRY_MIN
+        return self._redis is not None and self._guard.available()
 
     async def _eval(self, src: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         assert self._redis is not None
         async with asyncio.timeout(self._timeout):
             try:
-                return await self._redis.evalsha(_sha(src), len(keys), *keys, *args)
+                return await self._redis.evalsha(sha(src), len(keys), *keys, *args)
             except NoScriptError:
                 return await self._redis.eval(src, len(keys), *keys, *args)
 
@@ -404,8 +302,8 @@ class RateLimiter:
         args: list[Any] = [len(rates), cap, lease or "", lease_us, poll_us, round(ahead * 1e6)]
         for r in rates:
             args += [r.interval * 1e6, r.tolerance * 1e6, tokens if r.per_token else 1]
-        allowed, delay_us, index = await self._eval(_ACQUIRE_LUA, keys, args)
-        self._mark_up()
+        allowed, delay_us, index = await self._eval(ACQUIRE_LUA, keys, args)
+        self._guard.succeeded()
         delay = float(delay_us) / 1e6
         if int(allowed) != 1:
             index = int(index)
@@ -416,7 +314,7 @@ class RateLimiter:
         return Decision(Permit(endpoint, tokens, shared=True, lease=lease), delay)
 
     def _acquire_local(self, endpoint: EndpointConfig, tokens: int) -> Decision:
-        """The same reservations as ``_ACQUIRE_LUA``, on this worker's share of each limit."""
+        """The same reservations as ``ACQUIRE_LUA``, on this worker's share of each limit."""
         now = self._clock()
         rates = self._rates[endpoint.name]
         ahead = self._ahead(rates, tokens, self._fraction)
@@ -441,8 +339,8 @@ class RateLimiter:
                 async with asyncio.timeout(self._timeout):
                     await self._redis.zrem(key, permit.lease)  # type: ignore[union-attr]
             if delta and tpm is not None:
-                await self._eval(_ADJUST_LUA, [tpm.key], [delta * tpm.interval * 1e6])
-        except _REDIS_ERRORS as exc:
+                await self._eval(ADJUST_LUA, [tpm.key], [delta * tpm.interval * 1e6])
+        except REDIS_ERRORS as exc:
             # The lease expires by itself; a missed tpm correction only errs for a minute.
             log.debug("rate limit release not written to redis: %s", type(exc).__name__)
         self._released(permit.endpoint.name, delta < 0)

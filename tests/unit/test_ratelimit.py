@@ -8,7 +8,8 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streams.config import EndpointConfig, Settings
-from streams.dispatch.ratelimit import RATE_HEADROOM, RESERVE_AHEAD_SECONDS, RateLimiter, estimate_tokens
+from streams.dispatch.ratelimit import RATE_HEADROOM, RESERVE_AHEAD_SECONDS, RateLimiter
+from streams.dispatch.tokens import estimate_tokens
 
 
 class Clock:

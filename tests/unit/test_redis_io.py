@@ -12,7 +12,8 @@ from redis.exceptions import DataError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streams.config import load_settings
-from streams.redis_io import CommandErrorLog, check_redis, is_outage, redis_answers
+from streams.redis_guard import CommandErrorLog, is_outage
+from streams.redis_io import check_redis, redis_answers
 
 COMMAND_ERRORS = [
     "ERR invalid expire time in 'set' command",
