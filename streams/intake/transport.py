@@ -290,3 +290,37 @@ def new_transport(app: AppT, isolation_level: str | None = None) -> TransportT:
     transport = DirectDeliveryTransport(app.conf.broker_consumer, app)
     transport.isolation_level = isolation_level
     return transport
+
+
+def is_stale(app: Any, msg: Any) -> bool:
+    """faust's own test for a record fetched before the current rebalance generation."""
+    return bool(msg.generation_id != app.consumer_generation_id
+                or not app.flow_control.is_active())
+
+
+def committed_offsets(consumer: Any) -> dict[Any, int | None]:
+    """faust's own record of what it committed (next offset to read), per partition."""
+    return dict(getattr(consumer, "_committed_offset", {}))
+
+
+def consumer_state(app: Any) -> dict[str, Any]:
+    """A snapshot of faust's and aiokafka's consumer state for the state dump ({} before start)."""
+    if app is None or app._consumer is None:
+        return {}
+    consumer: Any = app.consumer
+    return dict(
+        generation=app.consumer_generation_id,
+        flow_control_active=app.flow_control.is_active(),
+        consumer_flow_active=consumer.flow_active,
+        suspend_flow=consumer.suspend_flow.is_set(),
+        active=sorted(str(tp.partition) for tp in consumer._active_partitions or ()),
+        paused=sorted(str(tp.partition) for tp in consumer._paused_partitions),
+        buffered=sorted(str(tp.partition) for tp in consumer._buffered_partitions),
+        read={tp.partition: off for tp, off in consumer._read_offset.items()},
+        committed={tp.partition: off for tp, off in consumer._committed_offset.items()},
+        # (queued events, pending pressure-drop callbacks) of the agent's channel
+        queue=next((
+            (chan.queue.qsize(), len(chan.queue._pending_pressure_drop_callbacks))
+            for chans in getattr(app.topics, "_tp_index", {}).values() for chan in chans
+        ), None),
+    )

@@ -10,7 +10,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from streams.intake.worker import STOP_MARGIN_SECONDS
+from streams.intake.stopping import STOP_MARGIN_SECONDS
 from tests.faults.stack import PrivateStack
 from tests.faults.trial import APPEND_TIME, Fleet, Trial, configure, keep_polling, metric, pick, stop_all
 from tests.integration.harness import Mock, Stack, encode, produce, request

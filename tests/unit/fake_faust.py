@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from streams.cache.responses import ResponseCache
 from streams.config import Settings
 from streams.intake.processor import Answerer, Processor
-from streams.intake.worker import Runtime
+from streams.intake.runtime import Runtime
 from streams.output.records import Publisher
 from tests.unit.fake_redis import FakeRedis
 

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from streams.config import load_settings
 from streams.intake import transport as faust_io
+from streams.intake.agent import build_app
+from streams.intake.runtime import Runtime
 from streams.intake.transport import DirectDeliveryConsumer, DirectDeliveryTransport
-from streams.intake.worker import Runtime, build_app
 
 
 def test_copied_drain_matches_the_installed_faust() -> None:

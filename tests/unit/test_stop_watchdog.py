@@ -8,7 +8,7 @@ import sys
 
 CHILD = """
 import asyncio, logging
-from streams.intake.worker import _StopWatchdog
+from streams.intake.stopping import _StopWatchdog
 
 logging.basicConfig(level=logging.INFO)
 
@@ -30,7 +30,7 @@ def test_a_hanging_stop_exits_1_with_the_tasks_logged() -> None:
 
 DRAINED = """
 import asyncio, logging
-from streams.intake.worker import _StopWatchdog
+from streams.intake.stopping import _StopWatchdog
 
 logging.basicConfig(level=logging.INFO)
 
@@ -52,7 +52,7 @@ def test_a_stop_left_waiting_on_kafka_after_our_drain_exits_0_in_one_line() -> N
 
 def test_the_state_dump_names_what_the_worker_holds() -> None:
     from streams.config import load_settings
-    from streams.intake.worker import Runtime
+    from streams.intake.runtime import Runtime
 
     settings = load_settings(environ={})
     state = Runtime(settings).state()  # no app yet: our own side only
@@ -67,7 +67,7 @@ async def test_a_stop_step_stuck_on_kafka_is_left_behind_not_awaited() -> None:
     import asyncio
     import time
 
-    from streams.intake.worker import _within
+    from streams.intake.stopping import _within
 
     release = asyncio.Event()
 
