@@ -185,10 +185,6 @@ class ResponseCache:
         """The output record remembered for this request, with its kind, or None."""
         return await self.idempotency.recall_outcome(ref)
 
-    async def recall_many(self, refs: list[IdemRef]) -> list[Recalled | None]:
-        """``recall_outcome`` of each request; one round trip for all of them."""
-        return list(await asyncio.gather(*(self.recall_outcome(ref) for ref in refs)))
-
     async def remember(
         self, ref: IdemRef, value: bytes, kind: Kind = "response", ttl: int | None = None
     ) -> None:

@@ -133,12 +133,6 @@ class AckTracker(Generic[T]):
             for entry in part.entries.values():
                 entry.token = None
 
-    def in_flight(self, tp: TP | None = None) -> int:
-        if tp is not None:
-            part = self._parts.get(tp)
-            return 0 if part is None else sum(not e.done for e in part.entries.values())
-        return sum(self.in_flight(t) for t in self._parts)
-
     def describe(self) -> dict[str, tuple[int, int | None, int]]:
         """Per partition: tracked offsets, the lowest one, how many of them are finished."""
         return {
@@ -146,7 +140,3 @@ class AckTracker(Generic[T]):
                       sum(e.done for e in p.entries.values()))
             for tp, p in self._parts.items()
         }
-
-    def tracked(self, tp: TP) -> list[int]:
-        part = self._parts.get(tp)
-        return list(part.offsets) if part is not None else []

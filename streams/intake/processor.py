@@ -1,7 +1,7 @@
 """Turns each consumed record into exactly one published output record.
 
-The worker calls ``process_batch`` (one Redis round trip per batch, hits published
-together); ``process`` is the same for one record. Neither raises (except on cancellation):
+The runtime calls ``process_batch`` (one Redis round trip per batch, hits published
+together; each miss goes on as a task of its own). It never raises (except on cancellation):
 every failure becomes a dead letter, so nothing a record contains can crash the agent or
 skip its offset (faust-streaming #315/#527). A record is done only once its output is
 acknowledged by the broker; the caller acks the offset after that.
@@ -10,7 +10,6 @@ Usage::
 
     processor = Processor(settings, publisher, dispatcher, cache, metrics)
     await processor.process_batch(records, done=lambda rec, outcome: ack(rec))
-    await processor.process(InRecord(source, key, value))
 """
 
 from __future__ import annotations
@@ -29,8 +28,6 @@ from streams.contract import (
     Completion,
     Request,
     Source,
-    dead_letter_record,
-    minimal_dead_letter,
     parse_request,
     peek_id,
     response_record,
@@ -39,12 +36,12 @@ from streams.errors import (
     DispatchFailed,
     InternalError,
     OutputTooLarge,
-    StreamsError,
     ValidationFailed,
 )
 from streams.logs import request_extra
 from streams.metrics import PipelineMetrics
-from streams.output.records import Headers, OutRecord, Publisher
+from streams.output.deadletters import DeadLetters
+from streams.output.records import OutRecord, Publisher
 from streams.redact import Redactor
 
 log = logging.getLogger("streams.processor")
@@ -64,17 +61,14 @@ class Answerer(Protocol):
 class Cache(Protocol):
     """The response cache and idempotency store (``streams.cache.ResponseCache``)."""
 
+    def key(self, req: Request) -> str:
+        """The request's cache key."""
     def ref(self, req: Request, topic: str) -> IdemRef:
         """Where the request's output is remembered (tenant and id) and its content's print."""
-    async def recall(self, ref: IdemRef) -> bytes | None: ...
-    async def answer(
-        self, req: Request, compute: Callable[[], Awaitable[Completion]]
-    ) -> Completion:
-        """A cached answer, or the one computed once for all identical requests in flight."""
     async def remember(self, ref: IdemRef, value: bytes) -> None: ...
     def note_replay(self) -> None: ...
     async def prefetch(self, reqs: list[Request], topics: list[str]) -> list[Prefetched]:
-        """recall and lookup of many requests in one round trip."""
+        """The remembered output and the cached answer of many requests in one round trip."""
     async def coalesce(
         self, req: Request, key: str, compute: Callable[[], Awaitable[Completion]]
     ) -> Completion: ...
@@ -100,14 +94,7 @@ class Processor:
         self._clock = clock
         self._topics = settings.topics
         self._redact = Redactor(settings.secret_values())
-
-    async def process(self, rec: InRecord) -> str:
-        """Answer or dead-letter one record; return the outcome label."""
-        try:
-            req = self._parse(rec)
-        except ValidationFailed as exc:
-            return await self._dead_letter(rec, exc, None, peek_id(rec.value), 0, [])
-        return await self._guarded(rec, req, self._answer(rec, req))
+        self._letters = DeadLetters(settings, publisher, metrics)
 
     async def process_batch(
         self,
@@ -119,7 +106,7 @@ class Processor:
 
         The hot path of a worker: one Redis round trip recalls and looks up every request of
         the batch, and the cache hits and replays are published together without a task each.
-        Misses go on as one task each (``Processor.process`` semantics); ``fast_done()`` is
+        Misses go on as one task each (``_miss``); ``fast_done()`` is
         called once they are started and the rest is published. ``done`` is called exactly
         once per record: a record's failure (even inside its error handling) becomes its own
         ``internal`` dead letter and never cancels the others. Never raises except on
@@ -169,11 +156,11 @@ class Processor:
             try:
                 parsed.append((rec, self._parse(rec)))
             except ValidationFailed as exc:
-                later(rec, self._dead_letter(rec, exc, None, peek_id(rec.value), 0, []))
+                later(rec, self._letters.write(rec, exc, None, peek_id(rec.value), 0, []))
         cache = self._cache
         if cache is None or not parsed:
             for rec, req in parsed:
-                later(rec, self._guarded(rec, req, self._answer(rec, req)))
+                later(rec, self._guarded(rec, req, self._miss(None, rec, req, None)))
         else:
             await self._fast(cache, parsed, later, finish)
 
@@ -188,10 +175,10 @@ class Processor:
             found = await cache.prefetch(
                 [req for _, req in parsed], [rec.source.topic for rec, _ in parsed]
             )
-        except Exception:  # a bug in the batch path: each record takes the one-by-one path
-            log.exception("batch prefetch failed; processing %d records one by one", len(parsed))
+        except Exception:  # a bug in the batch path: each record goes on as a miss
+            log.exception("batch prefetch failed; processing %d records as misses", len(parsed))
             for rec, req in parsed:
-                later(rec, self._guarded(rec, req, self._answer(rec, req)))
+                later(rec, self._guarded(rec, req, self._miss(cache, rec, req, None)))
             return
         ready: list[tuple[InRecord, Request, Completion | None]] = []
         out: list[OutRecord] = []
@@ -215,7 +202,7 @@ class Processor:
         refused = await self._publisher.publish_many(out)
         for (rec, req, comp), too_large in zip(ready, refused, strict=True):
             if too_large is not None:
-                later(rec, self._dead_letter(rec, too_large, req, req.id, 0, []))
+                later(rec, self._letters.write(rec, too_large, req, req.id, 0, []))
             elif comp is None:
                 cache.note_replay()
                 self._metrics.outputs.labels("replayed").inc()
@@ -223,14 +210,24 @@ class Processor:
             else:
                 done(rec, self._count(rec, comp))
 
-    async def _miss(self, cache: Cache, rec: InRecord, req: Request, got: Prefetched) -> str:
+    async def _miss(
+        self, cache: Cache | None, rec: InRecord, req: Request, got: Prefetched | None
+    ) -> str:
+        """A request not answered from Redis: dispatched once for all identical ones in flight
+        (``cache.coalesce``), remembered, published. ``got`` is None when the prefetch failed."""
+        ref = None
         try:
-            comp = await cache.coalesce(req, got.key, lambda: self._dispatcher.dispatch(req))
+            if cache is None:
+                comp = await self._dispatcher.dispatch(req)
+            else:
+                key, ref = (got.key, got.ref) if got is not None else (
+                    cache.key(req), cache.ref(req, rec.source.topic))
+                comp = await cache.coalesce(req, key, lambda: self._dispatcher.dispatch(req))
         except DispatchFailed as failed:
-            return await self._dead_letter(
+            return await self._letters.write(
                 rec, failed.error, req, req.id, failed.attempts, failed.endpoints
             )
-        return await self._respond(rec, req, comp, got.ref)
+        return await self._respond(rec, req, comp, ref)
 
     async def _then(
         self, rec: InRecord, work: Coroutine[None, None, str], done: Callable[[InRecord, str], None]
@@ -250,7 +247,7 @@ class Processor:
         """
         rid = req.id if req is not None else peek_id(rec.value)
         log.error("internal error", exc_info=exc, extra=request_extra(rid))
-        return await self._dead_letter(rec, self._internal(exc), req, rid, 0, [])
+        return await self._letters.write(rec, self._internal(exc), req, rid, 0, [])
 
     def _internal(self, exc: BaseException) -> InternalError:
         try:
@@ -279,28 +276,6 @@ class Processor:
     def _latency_ms(self, rec: InRecord) -> int:
         return max(0, int(self._clock() * 1000) - rec.source.timestamp)
 
-    async def _answer(self, rec: InRecord, req: Request) -> str:
-        cache = self._cache
-        ref = None
-        if cache is not None:
-            ref = cache.ref(req, rec.source.topic)
-            stored = await cache.recall(ref)
-            if stored is not None:
-                cache.note_replay()
-                await self._publish(self._topics.responses, rec.key, stored)
-                self._metrics.outputs.labels("replayed").inc()
-                return "replayed"
-        try:
-            if cache is None:
-                comp = await self._dispatcher.dispatch(req)
-            else:
-                comp = await cache.answer(req, lambda: self._dispatcher.dispatch(req))
-        except DispatchFailed as failed:
-            return await self._dead_letter(
-                rec, failed.error, req, req.id, failed.attempts, failed.endpoints
-            )
-        return await self._respond(rec, req, comp, ref)
-
     async def _respond(
         self, rec: InRecord, req: Request, comp: Completion, ref: IdemRef | None
     ) -> str:
@@ -311,9 +286,9 @@ class Processor:
                 # Remembered before it is published (and so before its offset is committed):
                 # whoever saw this answer, a redelivery of the id never pays for it again.
                 await cache.remember(ref, value)
-            await self._publish(self._topics.responses, rec.key, value)
+            await self._publisher.publish(self._topics.responses, rec.key, value)
         except OutputTooLarge as exc:
-            return await self._dead_letter(rec, exc, req, req.id, comp.attempts, comp.endpoints)
+            return await self._letters.write(rec, exc, req, req.id, comp.attempts, comp.endpoints)
         return self._count(rec, comp)
 
     def _count(self, rec: InRecord, comp: Completion) -> str:
@@ -324,59 +299,3 @@ class Processor:
         if not comp.cached:
             self._metrics.count_tokens(comp.model, comp.usage)
         return outcome
-
-    async def _publish(self, topic: str, key: bytes | None, value: bytes,
-                       headers: Headers | None = None) -> None:
-        await self._publisher.publish(topic, key, value, headers)
-
-    async def _dead_letter(
-        self,
-        rec: InRecord,
-        error: StreamsError,
-        req: Request | None,
-        request_id: str | None,
-        attempts: int,
-        endpoints: list[str],
-    ) -> str:
-        """Publish the record's dead letter; never raises (except on cancellation).
-
-        The full record first; if the broker refuses its size, or publishing it fails
-        unexpectedly, the minimal one (``minimal_dead_letter``), with less of the raw value each
-        time, and last without its key and headers. (Kafka errors never get here: the publisher
-        retries those until it is cancelled.) Only if even that cannot be published is the
-        record given up (logged, counted as ``unpublished``) rather than stall its partition.
-        """
-        kind = error.dlq_type
-        rid = req.id if req is not None else request_id
-        raw_limit = self._settings.worker.dlq_raw_limit_bytes
-        value, full_headers = dead_letter_record(
-            error=error, source=rec.source, value=rec.value, request=req, request_id=request_id,
-            attempts=attempts, endpoints=endpoints, raw_limit=raw_limit,
-        )
-        headers: Headers | None = full_headers
-        key: bytes | None = rec.key
-        for limit in (None, min(raw_limit, 1024), 0, -1):
-            if limit is not None:
-                value = minimal_dead_letter(error, rec.source, rec.value, rid, max(limit, 0))
-            if limit == -1:  # the bare record: no key and no headers either (one may be the cause)
-                key, headers = None, None
-            try:
-                await self._publish(self._topics.dead_letter, key, value, headers)
-                break
-            except asyncio.CancelledError:
-                raise
-            except OutputTooLarge:  # even the dead letter is too big: keep what identifies it
-                continue
-            except Exception:
-                log.exception("dead letter of %s:%d@%d not published", rec.source.topic,
-                              rec.source.partition, rec.source.offset)
-        else:
-            self._metrics.outputs.labels("unpublished").inc()
-            return "unpublished"
-        self._metrics.dead_letters.labels(kind).inc()
-        self._metrics.outputs.labels(f"dead_letter_{kind}").inc()
-        if kind == "validation":  # the sender's fault, maybe thousands: not worth a warning
-            log.debug("dead letter validation: %s", error, extra=request_extra(request_id))
-        else:
-            log.warning("dead letter %s: %s", kind, error, extra=request_extra(request_id))
-        return f"dead_letter_{kind}"

@@ -166,7 +166,7 @@ async def test_remember_recall_kinds_and_replay_metric() -> None:
     a, b, c = ref(cache, "a"), ref(cache, "secret-id-b"), ref(cache, "c")
     await cache.remember(a, record)
     await cache.remember(b, b'{"id":"b"}', kind="dead_letter", ttl=5)
-    assert await cache.recall_many([a, b, c]) == [
+    assert [await cache.recall_outcome(x) for x in (a, b, c)] == [
         Recalled("response", record),
         Recalled("dead_letter", b'{"id":"b"}'),
         None,

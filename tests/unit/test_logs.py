@@ -113,7 +113,7 @@ async def test_every_line_of_a_failing_request_carries_its_id(
     async def run(processor: Processor, rid: str, doc: object) -> None:
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="streams"):
-            await processor.process(_rec(len(seen), doc))
+            await processor.process_batch([_rec(len(seen), doc)], lambda rec, outcome: None)
         mine = [r for r in caplog.records if r.name.startswith("streams")]
         seen[rid] = len(mine)
         for record in mine:

@@ -152,7 +152,7 @@ async def test_a_batch_task_failing_unexpectedly_dead_letters_and_finishes_its_r
     monkeypatch.setattr(proc, "process_batch", dies)
     await rt.submit_batch(events([orjson.dumps({"id": f"r{i}", "input": "q"}) for i in range(4)]))
     await _settle(rt)
-    assert len(rt._tracker) == 0 and rt._tracker.tracked(("llm.requests", 0)) == []
+    assert len(rt._tracker) == 0 and rt._tracker.describe() == {str(("llm.requests", 0)): (0, None, 0)}
     assert [off for _, off in app.consumer.acked] == [0, 1, 2, 3]
     kinds = [doc["error"]["type"] for topic, _, doc in pub.out if topic == DLQ]
     assert kinds == ["internal"] * 3

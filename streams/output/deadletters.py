@@ -1,0 +1,95 @@
+"""Dead letters: the one output record of a request that could not be answered, always published.
+
+Usage::
+
+    letters = DeadLetters(settings, publisher, metrics)
+    outcome = await letters.write(rec, error, req, request_id, attempts, endpoints)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from streams.config import Settings
+from streams.contract import Request, Source, dead_letter_record, minimal_dead_letter
+from streams.errors import OutputTooLarge, StreamsError
+from streams.logs import request_extra
+from streams.metrics import PipelineMetrics
+from streams.output.records import Headers, Publisher
+
+log = logging.getLogger("streams.processor")
+
+
+class Received(Protocol):
+    """The consumed record a dead letter speaks of."""
+
+    @property
+    def source(self) -> Source: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+class DeadLetters:
+    """Publishes dead letters to ``topics.dead_letter``, smaller and smaller if refused."""
+
+    def __init__(self, settings: Settings, publisher: Publisher, metrics: PipelineMetrics) -> None:
+        self._publisher = publisher
+        self._metrics = metrics
+        self._topic = settings.topics.dead_letter
+        self._raw_limit = settings.worker.dlq_raw_limit_bytes
+
+    async def write(
+        self,
+        rec: Received,
+        error: StreamsError,
+        req: Request | None,
+        request_id: str | None,
+        attempts: int,
+        endpoints: list[str],
+    ) -> str:
+        """Publish the record's dead letter; never raises (except on cancellation).
+
+        The full record first; if the broker refuses its size, or publishing it fails
+        unexpectedly, the minimal one (``minimal_dead_letter``), with less of the raw value each
+        time, and last without its key and headers. (Kafka errors never get here: the publisher
+        retries those until it is cancelled.) Only if even that cannot be published is the
+        record given up (logged, counted as ``unpublished``) rather than stall its partition.
+        """
+        kind = error.dlq_type
+        rid = req.id if req is not None else request_id
+        raw_limit = self._raw_limit
+        value, full_headers = dead_letter_record(
+            error=error, source=rec.source, value=rec.value, request=req, request_id=request_id,
+            attempts=attempts, endpoints=endpoints, raw_limit=raw_limit,
+        )
+        headers: Headers | None = full_headers
+        key: bytes | None = rec.key
+        for limit in (None, min(raw_limit, 1024), 0, -1):
+            if limit is not None:
+                value = minimal_dead_letter(error, rec.source, rec.value, rid, max(limit, 0))
+            if limit == -1:  # the bare record: no key and no headers either (one may be the cause)
+                key, headers = None, None
+            try:
+                await self._publisher.publish(self._topic, key, value, headers)
+                break
+            except asyncio.CancelledError:
+                raise
+            except OutputTooLarge:  # even the dead letter is too big: keep what identifies it
+                continue
+            except Exception:
+                log.exception("dead letter of %s:%d@%d not published", rec.source.topic,
+                              rec.source.partition, rec.source.offset)
+        else:
+            self._metrics.outputs.labels("unpublished").inc()
+            return "unpublished"
+        self._metrics.dead_letters.labels(kind).inc()
+        self._metrics.outputs.labels(f"dead_letter_{kind}").inc()
+        if kind == "validation":  # the sender's fault, maybe thousands: not worth a warning
+            log.debug("dead letter validation: %s", error, extra=request_extra(request_id))
+        else:
+            log.warning("dead letter %s: %s", kind, error, extra=request_extra(request_id))
+        return f"dead_letter_{kind}"
