@@ -36,8 +36,9 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from streams.config_errors import format_error, yaml_problem
 from streams.errors import ConfigError
-from streams.redact import Redactor, url_secrets
+from streams.redact import url_secrets
 
 ENV_PREFIX = "LLM_STREAMS__"
 
@@ -45,11 +46,6 @@ ENV_PREFIX = "LLM_STREAMS__"
 # conventional upper-case form (a password pasted into ``*_env`` by mistake stays unprinted).
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _SHOWN_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
-# Keys whose values may be secrets: masked in any error text, just in case.
-_SECRET_KEY = re.compile(r"pass|secret|token|key", re.IGNORECASE)
-# A quoted token in a PyYAML problem ('found undefined alias %r'): a value starting with
-# '*', '&' or '!' would be printed whole; one or two characters say enough.
-_QUOTED = re.compile(r"'[^'\s]{3,}'|\"[^\"\s]{3,}\"")
 
 
 def env_name(value: str | None) -> str | None:
@@ -311,45 +307,6 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
 
-def _suspects(data: Any, budget: int = 100_000) -> list[str]:
-    """Strings in raw config data that may be secrets: values of secret-looking keys and
-    passwords in URLs (and their query parameters). Only used to mask error text; the walk
-    is bounded (YAML aliases can make a small file a huge tree)."""
-    found: list[str] = []
-    stack: list[tuple[str, Any]] = [("", data)]
-    while stack and budget > 0:
-        budget -= 1
-        key, node = stack.pop()
-        if isinstance(node, Mapping):
-            stack += [(str(k), v) for k, v in node.items()]
-        elif isinstance(node, list | tuple):
-            stack += [(key, v) for v in node]
-        elif isinstance(node, str):
-            if _SECRET_KEY.search(key):
-                found.append(node)
-            found += url_secrets(node)
-    return found
-
-
-def _format_error(exc: ValidationError, data: Any) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p)[:64] for p in err["loc"]) or "(root)"
-    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    # pydantic's messages do not quote the input (its str() does: never used), but a
-    # validator's own message might: mask whatever in the input could be a secret.
-    return Redactor(_suspects(data))(f"invalid config key {loc}: {err['msg']}{more}")
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """Where and what is wrong, never the text there: PyYAML's str() quotes the lines
-    around the error, and a password may sit on them."""
-    mark = getattr(exc, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    problem = getattr(exc, "problem", None) or getattr(exc, "reason", None)
-    what = _QUOTED.sub("'...'", str(problem)) if problem else type(exc).__name__
-    return f"{where}: {what}"
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -358,7 +315,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML{_yaml_problem(exc)}") from None
+        raise ConfigError(f"config file {path} is not valid YAML{yaml_problem(exc)}") from None
     if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise ConfigError(f"config file {path} must hold a mapping of sections by name")
     return data
@@ -404,7 +361,7 @@ def load_settings(
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, [data, dict(os.environ), dict(environ or {})])
+        raise ConfigError(format_error(exc, [data, dict(os.environ), dict(environ or {})])
                           ) from None
     except SettingsError as exc:  # names the field and the source, never the value
         raise ConfigError(f"invalid config from the environment: {exc} (sections and "
