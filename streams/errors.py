@@ -1,4 +1,9 @@
-"""Exceptions of llm-streams. Every class says whether a retry may help (``retryable``).
+"""Exceptions of llm-streams: the one error tree. Every class says whether a retry may help.
+
+Two flags, two questions: ``retry_now`` (the dispatcher may make another attempt at once:
+``dispatch/retry.py`` reads it) and ``retryable`` (a replay of the request later may succeed:
+the dead letter's ``error.retryable``). They differ for ``AttemptsExhausted``: no attempt is
+left now, but a replay may well succeed.
 
 ::
 
@@ -39,7 +44,8 @@ RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 class StreamsError(Exception):
     """Base of every llm-streams exception."""
 
-    retryable: bool = False
+    retry_now: bool = False  # another attempt now may succeed (the dispatcher retries)
+    retryable: bool = False  # a replay later may succeed (the dead letter says so)
     dlq_type: str = "internal"
     status: int | None = None
 
@@ -47,20 +53,26 @@ class StreamsError(Exception):
 class ConfigError(StreamsError):
     """The configuration is invalid; the message names the key."""
 
+    retry_now = retryable = False
+
 
 class StartupError(StreamsError):
     """A dependency refused the worker at start; the message names it, never a secret."""
+
+    retry_now = retryable = False
 
 
 class ValidationFailed(StreamsError):
     """A request record does not satisfy the contract."""
 
+    retry_now = retryable = False
     dlq_type = "validation"
 
 
 class UpstreamError(StreamsError):
     """An upstream endpoint call failed."""
 
+    retry_now = retryable = False
     dlq_type = "upstream"
 
     def __init__(
@@ -82,43 +94,50 @@ class UpstreamStatusError(UpstreamError):
 
     def __init__(self, message: str, **kw: Any) -> None:
         super().__init__(message, **kw)
-        self.retryable = self.status in RETRYABLE_STATUS
+        self.retry_now = self.retryable = self.status in RETRYABLE_STATUS
 
 
 class UpstreamTimeout(UpstreamError):
-    retryable = True
+    retry_now = retryable = True
 
 
 class UpstreamConnectionError(UpstreamError):
-    retryable = True
+    retry_now = retryable = True
 
 
 class UpstreamBadResponse(UpstreamError):
     """A 2xx answer that is not a chat completion."""
 
+    retry_now = retryable = False
+
 
 class AttemptsExhausted(StreamsError):
     dlq_type = "exhausted"
+    retry_now = False  # the attempts are spent
+    retryable = True  # but a replay later may succeed
 
     def __init__(self, message: str, last: StreamsError | None = None) -> None:
         super().__init__(message)
         self.last = last
         self.status = last.status if last is not None else None
-        self.retryable = True
 
 
 class DeadlineExpired(StreamsError):
+    retry_now = retryable = False
     dlq_type = "expired"
 
 
 class NoEndpoint(StreamsError):
     """No configured endpoint serves the request's model."""
 
+    retry_now = retryable = False
     dlq_type = "upstream"
 
 
 class DispatchFailed(StreamsError):
     """A request could not be answered; carries what the dead letter reports."""
+
+    retry_now = retryable = False
 
     def __init__(self, error: StreamsError, attempts: int, endpoints: list[str]) -> None:
         super().__init__(str(error))
@@ -130,10 +149,16 @@ class DispatchFailed(StreamsError):
 class DispatcherStopped(StreamsError, RuntimeError):
     """``dispatch()`` was called after ``stop()`` (a bug in the caller; not retryable)."""
 
+    retry_now = retryable = False
+
 
 class OutputTooLarge(StreamsError):
     """The broker refuses an output record because of its size (not retryable)."""
 
+    retry_now = retryable = False
+
 
 class InternalError(StreamsError):
     """A bug or an unexpected failure while handling a request (dead letter "internal")."""
+
+    retry_now = retryable = False

@@ -1,7 +1,7 @@
 """Retry policy: which failures to retry, and how long to wait before the next attempt.
 
 Retryable: connection errors, timeouts, HTTP 408, 429, 500, 502, 503, 504 (the
-``retryable`` flag of each ``StreamsError``). Everything else is terminal.
+``retry_now`` flag of each ``StreamsError``). Everything else is terminal.
 
 The delay is exponential with full jitter: uniform in ``[base, min(max, base * 2**n)]``
 after the n-th failed attempt, so it stays between ``retry.base_delay_ms`` and
@@ -47,7 +47,7 @@ def bounded_wait(seconds: float | None, cap: float) -> float | None:
 
 def is_retryable(exc: BaseException) -> bool:
     """True when another attempt may succeed (the error class says so)."""
-    return isinstance(exc, StreamsError) and bool(exc.retryable)
+    return isinstance(exc, StreamsError) and bool(exc.retry_now)
 
 
 def error_class(exc: BaseException) -> str:

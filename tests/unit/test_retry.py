@@ -44,7 +44,8 @@ def test_other_classes() -> None:
     assert error_class(UpstreamStatusError("x", status=429)) == "rate_limited"
     assert error_class(UpstreamStatusError("x", status=503)) == "server_error"
     assert error_class(UpstreamStatusError("x", status=400)) == "client_error"
-    assert is_retryable(AttemptsExhausted("gave up"))  # flagged, though never retried itself
+    exhausted = AttemptsExhausted("gave up")  # no attempt now, but a replay may succeed
+    assert not is_retryable(exhausted) and exhausted.retryable
 
 
 def test_full_jitter_bounds_and_growth() -> None:
