@@ -32,12 +32,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
 from streams.config import Settings
-from streams.kafka_io import consumer_options, open_producer
+from streams.kafka_io import consumer_options, open_producer, topic_partitions
 
 REPLAY_HEADER = "llm-streams.replay-of"
 CONNECT_PREFIX = "__connect.errors."
@@ -224,9 +224,7 @@ async def read_dead_letters(
     await consumer.start()
     out: list[DeadLetter] = []
     try:
-        # consumer.topics() fetches metadata but does not keep it: read the snapshot it reads
-        metadata = await consumer._client.fetch_all_metadata()
-        tps = [TopicPartition(topic, p) for p in sorted(metadata.partitions_for_topic(topic) or ())]
+        tps = await topic_partitions(consumer, topic)
         if not tps:
             return out
         consumer.assign(tps)
