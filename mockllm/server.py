@@ -142,7 +142,7 @@ class MockStats:
             "by_fault": dict(self.by_fault),
             "distinct_prompts": len(self.prompts),
             "duplicate_calls": dup,
-            "max_per_second": _max_window(list(self.times), 1.0),
+            "max_per_second": max_in_window(list(self.times), 1.0),
             "first_call": self.times[0] if self.times else None,
             "last_call": self.times[-1] if self.times else None,
             "stalls": len(self.stalls),
@@ -154,7 +154,8 @@ class MockStats:
         }
 
 
-def _max_window(times: list[float], width: float) -> int:
+def max_in_window(times: list[float], width: float) -> int:
+    """The most of the sorted ``times`` within any window of ``width`` seconds."""
     best, lo = 0, 0
     for hi, t in enumerate(times):
         while t - times[lo] >= width:

@@ -12,16 +12,10 @@ from redis.backoff import NoBackoff
 
 from streams.config import EndpointConfig, RetryConfig
 from streams.dispatch.cooldown import Cooldowns, EndpointState
+from tests.fakes.clock import Clock
 
 pytestmark = pytest.mark.integration
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from mockllm.server import max_in_window
 from streams.config import EndpointConfig, Settings
 from streams.contract import Request
 from streams.dispatch.parts import build_dispatcher
@@ -39,14 +40,6 @@ async def clients(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator
             await c.aclose()
 
 
-def _max_in_window(times: list[float], width: float) -> int:
-    best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while t - times[lo] >= width:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
-
 
 async def test_rpm_holds_across_three_limiters(clients: list[Any]) -> None:
     settings = _settings(rpm=600)
@@ -67,7 +60,7 @@ async def test_rpm_holds_across_three_limiters(clients: list[Any]) -> None:
     await asyncio.gather(*(worker(lim) for lim in limiters))
     grants.sort()
     assert not any(lim.degraded for lim in limiters)
-    assert _max_in_window(grants, 1.0) <= 10  # 600 rpm = 10/s, smooth, never a burst
+    assert max_in_window(grants, 1.0) <= 10  # 600 rpm = 10/s, smooth, never a burst
     assert len(grants) >= 14  # and yet the budget is used (~9.8/s for 1.4 s, + reserved)
 
 
@@ -198,4 +191,4 @@ async def test_three_dispatchers_share_an_rpm_limit(clients: list[Any]) -> None:
         for d in dispatchers:
             await d.stop()
     assert len(done) == 30 and all(c.endpoint == "ep" for c in done)
-    assert _max_in_window(sorted(upstream.times), 1.0) <= 20
+    assert max_in_window(sorted(upstream.times), 1.0) <= 20

@@ -15,7 +15,7 @@ from streams.config import Settings
 from streams.dispatch.parts import build_dispatcher
 from streams.metrics import PipelineMetrics
 from streams.tools.cli import build_parser
-from tests.unit.fake_redis import FakeRedis
+from tests.fakes.fake_redis import FakeRedis
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"

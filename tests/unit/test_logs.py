@@ -20,8 +20,8 @@ from streams.dispatch.upstream import UpstreamClient
 from streams.intake.processor import InRecord, Processor
 from streams.logs import JsonFormatter, TextFormatter, request_extra
 from streams.metrics import PipelineMetrics
-from streams.output.records import Headers
 from streams.redact import Redactor
+from tests.fakes.publisher import FakePublisher
 
 KEY = "sk-live-secret-4b1c9e"
 
@@ -61,15 +61,6 @@ def test_text_line_shows_request_id_and_quotes_odd_ones() -> None:
     assert KEY not in out and "with ***" in out and "failed with ***" in out
 
 
-class Published:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, dict[str, Any]]] = []
-
-    async def publish(self, topic: str, key: bytes | None, value: bytes,
-                      headers: Headers | None = None) -> None:
-        self.records.append((topic, orjson.loads(value)))
-
-
 class Exploding:
     """An answerer with a bug whose message quotes a secret."""
 
@@ -106,7 +97,7 @@ async def test_every_line_of_a_failing_request_carries_its_id(
 ) -> None:
     mock, url = llm
     settings = _settings(url)
-    published = Published()
+    published = FakePublisher()
     text, json = TextFormatter(Redactor([KEY])), JsonFormatter(Redactor([KEY]))
     seen: dict[str, int] = {}
 
@@ -137,7 +128,7 @@ async def test_every_line_of_a_failing_request_carries_its_id(
     # two retries and the dead letter; the dead letter; the validation note; the traceback
     # and the dead letter
     assert seen == {"r-exhausted": 3, "r-refused": 1, "r-invalid": 1, "r-bug": 2}
-    kinds = {doc["id"]: doc["error"]["type"] for _, doc in published.records}
+    kinds = {doc["id"]: doc["error"]["type"] for _, _, doc in published.out}
     assert kinds == {"r-exhausted": "exhausted", "r-refused": "upstream",
                      "r-invalid": "validation", "r-bug": "internal"}
-    assert all(KEY not in orjson.dumps(doc).decode() for _, doc in published.records)
+    assert all(KEY not in orjson.dumps(doc).decode() for _, _, doc in published.out)

@@ -16,15 +16,8 @@ from streams.cache.idempotency import IdemRef, Recalled
 from streams.cache.responses import MAX_MODEL_LABELS, ResponseCache
 from streams.config import Settings, load_settings
 from streams.contract import Completion, Request
-from tests.unit.fake_redis import FakeRedis
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes.clock import Clock
+from tests.fakes.fake_redis import FakeRedis
 
 
 def settings(**cache: Any) -> Settings:
@@ -198,7 +191,7 @@ def test_rejects_decoding_client() -> None:
 
 
 async def test_redis_errors_never_raise_and_short_circuit(caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     cache, fake, reg = make(clock=clock, redis_retry_seconds=1.0, error_log_interval_seconds=10)
     fake.fail = True
     caplog.set_level(logging.WARNING, logger="streams.cache")
@@ -220,7 +213,7 @@ async def test_redis_errors_never_raise_and_short_circuit(caplog: pytest.LogCapt
 async def test_the_idempotency_store_is_tried_while_the_circuit_is_open() -> None:
     # one slow command under load opens the circuit; skipping the idempotency store then
     # would let a redelivered, already answered id call the upstream again
-    cache, fake, reg = make(clock=Clock(), redis_retry_seconds=60.0)
+    cache, fake, reg = make(clock=Clock(1000.0), redis_retry_seconds=60.0)
     fake.fail = True
     assert await cache.lookup(req()) is None  # the circuit opens for 60 s
     x = ref(cache, "x")
@@ -381,7 +374,7 @@ async def test_prefetch_is_recall_and_lookup_in_one_round_trip() -> None:
 async def test_an_id_reused_with_other_content_is_answered_afresh_never_replayed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     cache, fake, reg = make(clock=clock, error_log_interval_seconds=10)
     caplog.set_level(logging.WARNING, logger="streams.cache")
     first = ref(cache, "job-1", input="first prompt", metadata={"row": 1})
@@ -465,7 +458,7 @@ async def test_prefetch_of_a_conflicting_id_looks_up_the_cache_in_the_same_round
 async def test_a_set_argument_error_fails_that_write_only_and_keeps_the_circuit_closed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    cache, fake, reg = make(clock=Clock(), redis_retry_seconds=60.0)
+    cache, fake, reg = make(clock=Clock(1000.0), redis_retry_seconds=60.0)
     caplog.set_level(logging.WARNING, logger="streams.cache")
     huge = req("huge ttl", cache={"ttl": 10**16})  # beyond what Redis accepts for EX
     await asyncio.gather(cache.store(huge, comp()), cache.store(req("fine"), comp()))
@@ -486,7 +479,7 @@ async def test_a_set_argument_error_fails_that_write_only_and_keeps_the_circuit_
 async def test_a_command_error_on_a_read_does_not_open_the_circuit() -> None:
     from redis.exceptions import ResponseError
 
-    cache, fake, reg = make(clock=Clock(), redis_retry_seconds=60.0)
+    cache, fake, reg = make(clock=Clock(1000.0), redis_retry_seconds=60.0)
     fake.fail, fake.error = True, ResponseError("WRONGTYPE Operation against a key holding "
                                                 "the wrong kind of value")
     assert await cache.lookup(req()) is None
@@ -502,7 +495,7 @@ async def test_a_command_error_on_a_read_does_not_open_the_circuit() -> None:
 async def test_server_state_errors_still_open_the_circuit(error: str) -> None:
     from redis._parsers.base import BaseParser
 
-    cache, fake, _ = make(clock=Clock(), redis_retry_seconds=60.0)
+    cache, fake, _ = make(clock=Clock(1000.0), redis_retry_seconds=60.0)
     fake.fail, fake.error = True, BaseParser.parse_error(error)
     assert await cache.lookup(req()) is None
     fake.fail = False

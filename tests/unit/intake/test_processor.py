@@ -11,38 +11,14 @@ from prometheus_client import CollectorRegistry
 from streams.cache.responses import ResponseCache
 from streams.config import load_settings
 from streams.contract import Completion, Request, Source
-from streams.errors import DispatchFailed, OutputTooLarge, UpstreamStatusError
+from streams.errors import DispatchFailed, UpstreamStatusError
 from streams.intake.processor import InRecord, Processor
 from streams.metrics import MAX_MODEL_LABELS, PipelineMetrics, configured_models
-from streams.output.records import Headers, OutRecord
-from tests.unit.fake_redis import FakeRedis
+from tests.fakes.fake_redis import FakeRedis
+from tests.fakes.publisher import FakePublisher
 
 BODY = {"id": "x", "choices": [{"message": {"role": "assistant", "content": "fresh"}}],
         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
-
-
-class FakePublisher:
-    def __init__(self, max_bytes: int = 1 << 20) -> None:
-        self.out: list[tuple[str, bytes | None, dict[str, Any]]] = []
-        self.max_bytes = max_bytes
-        self.batches: list[int] = []
-
-    async def publish(self, topic: str, key: bytes | None, value: bytes,
-                      headers: Headers | None = None) -> None:
-        if len(value) > self.max_bytes:
-            raise OutputTooLarge(f"output record of {len(value)} bytes refused")
-        self.out.append((topic, key, orjson.loads(value)))
-
-    async def publish_many(self, records: list[OutRecord]) -> list[OutputTooLarge | None]:
-        self.batches.append(len(records))
-        res: list[OutputTooLarge | None] = []
-        for r in records:
-            try:
-                await self.publish(r.topic, r.key, r.value, r.headers)
-                res.append(None)
-            except OutputTooLarge as exc:
-                res.append(exc)
-        return res
 
 
 class FakeDispatcher:

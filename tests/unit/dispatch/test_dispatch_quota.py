@@ -11,8 +11,8 @@ import pytest
 from streams.config import EndpointConfig, Settings
 from streams.dispatch.ratelimit import RateLimiter
 from streams.errors import DispatchFailed, ValidationFailed
-from tests.unit.test_dispatcher import _ep, _make, _req, _status
-from tests.unit.vtime import VirtualClock, run
+from tests.fakes.vtime import VirtualClock, run
+from tests.unit.dispatch.test_dispatcher import _ep, _make, _req, _status
 
 
 def test_a_request_larger_than_every_tpm_is_a_validation_dead_letter() -> None:

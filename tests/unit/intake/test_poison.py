@@ -13,8 +13,9 @@ from streams.contract import Completion, Request
 from streams.errors import OutputTooLarge
 from streams.intake.processor import InRecord, Processor
 from streams.output.records import Headers, OutRecord
-from tests.unit.fake_faust import events, runtime
-from tests.unit.test_processor import BODY, FakeDispatcher, FakePublisher, make, rec, run
+from tests.fakes.fake_faust import events, runtime
+from tests.fakes.publisher import FakePublisher
+from tests.unit.intake.test_processor import BODY, FakeDispatcher, make, rec, run
 
 DLQ = "llm.requests.dlq"
 BIG = 2**64 + 1

@@ -24,7 +24,7 @@ from streams.errors import (
     UpstreamConnectionError,
     UpstreamStatusError,
 )
-from tests.unit.vtime import VirtualClock, run
+from tests.fakes.vtime import VirtualClock, run
 
 Failure = Callable[[float], StreamsError | None]
 

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from streams.config import load_settings
 from streams.contract import Completion, Request
-from tests.unit.fake_faust import events, runtime
-from tests.unit.test_processor import FakeDispatcher, FakePublisher
+from tests.fakes.fake_faust import events, runtime
+from tests.fakes.publisher import FakePublisher
+from tests.unit.intake.test_processor import FakeDispatcher
 
 Frag = str  # a JSON text fragment
 

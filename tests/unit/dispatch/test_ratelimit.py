@@ -7,17 +7,11 @@ from typing import Any
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from mockllm.server import max_in_window
 from streams.config import EndpointConfig, Settings
 from streams.dispatch.ratelimit import RATE_HEADROOM, RESERVE_AHEAD_SECONDS, RateLimiter
 from streams.dispatch.tokens import estimate_tokens
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes.clock import Clock
 
 
 def _settings(**limits: Any) -> Settings:
@@ -46,14 +40,6 @@ async def _greedy(limiter: RateLimiter, ep: EndpointConfig, clock: Clock, until:
     return slots
 
 
-def _max_in_window(times: list[float], width: float) -> int:
-    best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while t - times[lo] >= width:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
-
 
 def test_estimate_tokens() -> None:
     msgs = [{"role": "system", "content": "x" * 400}, {"role": "user", "content": "y" * 40}]
@@ -64,11 +50,11 @@ def test_estimate_tokens() -> None:
 
 
 async def test_rpm_is_smooth_not_a_minute_bucket() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     ep = _ep(rpm=600)
     limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock)
     slots = await _greedy(limiter, ep, clock, clock.now + 10)
-    assert _max_in_window(slots, 1.0) <= 10
+    assert max_in_window(slots, 1.0) <= 10
     assert len(slots) >= 98  # 98% of 10 s x 10/s, plus the slots reserved ahead
     gaps = {round(b - a, 6) for a, b in zip(slots, slots[1:], strict=False)}
     assert gaps == {round(0.1 / RATE_HEADROOM, 6)}
@@ -77,7 +63,7 @@ async def test_rpm_is_smooth_not_a_minute_bucket() -> None:
 async def test_late_workers_lose_no_slot() -> None:
     """A worker that asks again up to half the horizon late still gets every slot: the
     schedule never restarts from "now" because of our lateness (it did: 58% served)."""
-    clock = Clock()
+    clock = Clock(1000.0)
     ep = _ep(rpm=600)
     limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock)
     start = clock.now
@@ -85,11 +71,11 @@ async def test_late_workers_lose_no_slot() -> None:
     slots = await _greedy(limiter, ep, clock, start + 30, late=ahead / 2 * 0.9)
     slots = [t for t in slots if t < start + 30]
     assert len(slots) == pytest.approx(30 * 10 * RATE_HEADROOM, abs=1)
-    assert _max_in_window(slots, 1.0) <= 10
+    assert max_in_window(slots, 1.0) <= 10
 
 
 async def test_a_reservation_is_granted_ahead_and_slots_follow_each_other() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     ep = _ep(rpm=600)  # a slot every ~0.102 s; reservations up to ~0.41 s ahead
     limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock)
     interval = 0.1 / RATE_HEADROOM
@@ -106,7 +92,7 @@ async def test_a_reservation_is_granted_ahead_and_slots_follow_each_other() -> N
 
 
 async def test_an_idle_schedule_starts_from_now() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     ep = _ep(rpm=600)
     limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock)
     assert (await limiter.acquire(ep, 1)).wait == 0
@@ -116,7 +102,7 @@ async def test_an_idle_schedule_starts_from_now() -> None:
 
 
 async def test_burst_setting() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     ep = _ep(rpm=600)
     limiter = RateLimiter(_settings(endpoints=[ep], rate_burst=5), None, clock=clock)
     first = [await limiter.acquire(ep, 1) for _ in range(6)]
@@ -126,7 +112,7 @@ async def test_burst_setting() -> None:
 
 
 async def test_global_rps_binds_every_endpoint() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     a, b = _ep("a"), _ep("b")
     limiter = RateLimiter(
         _settings(endpoints=[a, b], max_requests_per_second=2), None, clock=clock
@@ -150,7 +136,7 @@ async def test_unlimited_endpoint_is_free() -> None:
 
 
 async def test_tpm_reserves_the_estimate_and_corrects_it() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     ep = _ep(tpm=60_000)  # ~1000 tokens per second
     limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock)
     big = await limiter.acquire(ep, 2000)
@@ -170,7 +156,7 @@ async def test_tpm_reserves_the_estimate_and_corrects_it() -> None:
 
 
 async def test_released_callback_reports_refunds() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     ep = _ep(tpm=60_000)
     seen: list[tuple[str, bool]] = []
     limiter = RateLimiter(_settings(endpoints=[ep]), None, clock=clock,
@@ -218,7 +204,7 @@ class FlakyRedis:
 
 
 async def test_falls_back_to_local_and_recovers() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     ep = _ep(rpm=60)
     redis = FlakyRedis()
     settings = _settings(endpoints=[ep], local_fallback_fraction=0.5)
@@ -240,7 +226,7 @@ async def test_falls_back_to_local_and_recovers() -> None:
 
 
 async def test_fallback_retry_backs_off() -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     ep = _ep(rpm=6000)
     redis = FlakyRedis()
     limiter = RateLimiter(_settings(endpoints=[ep]), redis, clock=clock)
@@ -268,7 +254,7 @@ async def test_a_command_error_limits_that_request_locally_without_an_outage(
                 raise ResponseError("value is not an integer or out of range")
             return [1, b"0", 0]
 
-    clock = Clock()
+    clock = Clock(1000.0)
     ep = _ep(rpm=6000)
     redis = RefusingRedis()
     limiter = RateLimiter(_settings(endpoints=[ep]), redis, clock=clock)

@@ -12,14 +12,7 @@ from redis.exceptions import ResponseError
 
 from streams.config import EndpointConfig, RetryConfig
 from streams.dispatch.cooldown import Cooldowns, EndpointState
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes.clock import Clock
 
 
 def _cooldowns(clock: Clock, **retry: float) -> Cooldowns:

@@ -12,7 +12,7 @@ from streams.config import Settings
 from streams.intake.processor import Answerer, Processor
 from streams.intake.runtime import Runtime
 from streams.output.records import Publisher
-from tests.unit.fake_redis import FakeRedis
+from tests.fakes.fake_redis import FakeRedis
 
 TOPIC = "llm.requests"
 

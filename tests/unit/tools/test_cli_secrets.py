@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 REDIS_PW = "redis-pw-5ecret"
 KAFKA_PW = "kafka-pw-5ecret"
