@@ -1,0 +1,122 @@
+"""The coalescer's state machine on an in-memory lock backend: one compute per key."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from streams.cache.coalesce import Coalescer
+from streams.cache.codec import Body
+from streams.cache.locks import LockState
+from streams.contract import Completion
+
+BODY: Body = {"choices": [{"message": {"role": "assistant", "content": "hi"}}]}
+
+
+class MemoryLocks:
+    """A LockBackend in memory: ``state`` says what ``try_lock`` answers."""
+
+    def __init__(self, state: LockState = LockState.ACQUIRED) -> None:
+        self.state = state
+        self.bodies: dict[str, Body] = {}
+        self.held: set[str] = set()
+        self.finished: list[tuple[str, str | None, Completion | None, int | None]] = []
+
+    async def try_lock(self, key: str, token: str, ttl_ms: int) -> tuple[LockState, Body | None]:
+        if self.state is LockState.ACQUIRED:
+            self.held.add(key)
+        return self.state, self.bodies.get(key)
+
+    async def peek(self, key: str) -> tuple[Body | None, bool] | None:
+        if self.state is LockState.UNAVAILABLE:
+            return None
+        return self.bodies.get(key), key in self.held
+
+    async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
+        return key in self.held
+
+    async def finish(self, key: str, token: str | None, comp: Completion | None,
+                     ttl: int | None) -> None:
+        self.finished.append((key, token, comp, ttl))
+        if comp is not None and ttl is not None:
+            self.bodies[key] = comp.body
+        self.held.discard(key)
+
+
+def coalescer(locks: MemoryLocks, events: Counter[str]) -> Coalescer:
+    return Coalescer(
+        locks, wait_seconds=1.0, lock_seconds=1.0, poll_seconds=0.01,
+        on_coalesced=lambda scope: events.update([f"coalesced:{scope}"]),
+        on_fallback=lambda reason: events.update([f"fallback:{reason}"]),
+    )
+
+
+def computing(calls: list[int], *, fail_first: bool = False,
+              delay: float = 0.01) -> Callable[[], Awaitable[Completion]]:
+    async def compute() -> Completion:
+        calls.append(1)
+        await asyncio.sleep(delay)
+        if fail_first and len(calls) == 1:
+            raise RuntimeError("leader failed")
+        return Completion(model="m", body=BODY, endpoint="a", attempts=1)
+
+    return compute
+
+
+async def test_concurrent_callers_of_a_key_share_one_compute() -> None:
+    locks, events, calls = MemoryLocks(), Counter[str](), list[int]()
+    c = coalescer(locks, events)
+    out = await asyncio.gather(*(c.run("k", "m", computing(calls), remote=True, ttl=60)
+                                 for _ in range(10)))
+    assert len(calls) == 1
+    assert [o.cached for o in out].count(False) == 1 and events["coalesced:local"] == 9
+    assert all(o.cached and o.endpoint is None and o.attempts == 0 for o in out if o.cached)
+    ((key, token, comp, ttl),) = locks.finished  # stored and released once, by the leader
+    assert key == "k" and token is not None and comp is not None and ttl == 60
+    assert c.inflight == 0 and not locks.held
+
+
+async def test_a_failing_leader_lets_each_waiter_compute_itself() -> None:
+    locks, events, calls = MemoryLocks(), Counter[str](), list[int]()
+    c = coalescer(locks, events)
+    out = await asyncio.gather(
+        *(c.run("k", "m", computing(calls, fail_first=True), remote=True, ttl=60)
+          for _ in range(3)), return_exceptions=True)
+    assert sum(isinstance(o, RuntimeError) for o in out) == 1
+    assert sum(isinstance(o, Completion) and not o.cached for o in out) == 2
+    assert events["fallback:leader_failed"] == 2 and len(calls) == 3
+
+
+async def test_an_answer_found_under_the_lock_is_served_without_compute() -> None:
+    locks, events, calls = MemoryLocks(), Counter[str](), list[int]()
+    locks.bodies["k"] = BODY
+    got = await coalescer(locks, events).run("k", "m", computing(calls), remote=True, ttl=60)
+    assert got.cached and got.body == BODY and not calls
+    assert events["coalesced:remote"] == 1
+    assert locks.finished == [("k", locks.finished[0][1], None, None)]  # our lock released
+
+
+async def test_a_lock_held_elsewhere_is_polled_until_its_answer_appears() -> None:
+    locks, events, calls = MemoryLocks(LockState.HELD), Counter[str](), list[int]()
+    locks.held.add("k")
+
+    async def other_process() -> None:
+        await asyncio.sleep(0.05)
+        locks.bodies["k"] = BODY
+        locks.held.discard("k")
+
+    task = asyncio.ensure_future(other_process())
+    got = await coalescer(locks, events).run("k", "m", computing(calls), remote=True, ttl=60)
+    await task
+    assert got.cached and not calls and events["coalesced:remote"] == 1
+
+
+@pytest.mark.parametrize("remote", [True, False])
+async def test_without_redis_or_remote_each_process_computes_alone(remote: bool) -> None:
+    locks, events, calls = MemoryLocks(LockState.UNAVAILABLE), Counter[str](), list[int]()
+    got = await coalescer(locks, events).run("k", "m", computing(calls), remote=remote, ttl=None)
+    assert not got.cached and len(calls) == 1
+    assert locks.finished == [("k", None, got, None)]  # no lock was taken; nothing to store
