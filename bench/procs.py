@@ -99,12 +99,13 @@ class Procs:
 
     def spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None,
               stdout_pipe: bool = False) -> subprocess.Popen[bytes]:
-        log = (self.tmp / log_name).open("wb")
-        proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE if stdout_pipe else log, stderr=log if stdout_pipe else subprocess.STDOUT,
-            cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
-            preexec_fn=_raise_nofile,
-        )
+        with (self.tmp / log_name).open("wb") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                args, stdout=subprocess.PIPE if stdout_pipe else log,
+                stderr=log if stdout_pipe else subprocess.STDOUT,
+                cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
+                preexec_fn=_raise_nofile,
+            )
         self._procs.append(proc)
         return proc
 

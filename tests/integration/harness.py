@@ -176,11 +176,12 @@ def start_worker(stack: Stack, env: dict[str, str] | None = None, **extra: Any) 
     port = free_port()
     cfg = stack.write_config(metrics__port=port, **extra)
     log = stack.tmp / f"worker-{port}.log"
-    proc = subprocess.Popen(
-        [PY, "-m", "streams.tools.cli", "worker", "--config", str(cfg)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
+    with log.open("wb") as out:  # the worker has its own copy of the handle
+        proc = subprocess.Popen(
+            [PY, "-m", "streams.tools.cli", "worker", "--config", str(cfg)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, **(env or {})},
+        )
     return Worker(proc, port, log)
 
 
