@@ -31,6 +31,9 @@ from streams.errors import StreamsError, ValidationFailed
 
 log = logging.getLogger("streams.contract")
 
+ChatMessages = list[dict[str, Any]]  # OpenAI chat messages, as sent upstream
+Params = Mapping[str, Any]  # the request's other chat-completion parameters
+
 # Parameters that would change the shape of the exchange: we send them ourselves or
 # cannot honour them in a request/response stream.
 _RESERVED_PARAMS = frozenset({"model", "messages", "stream"})
@@ -82,7 +85,7 @@ class Request(BaseModel):
             raise ValueError(f"params may not set {sorted(reserved)}")
         return self
 
-    def chat_messages(self) -> list[dict[str, Any]]:
+    def chat_messages(self) -> ChatMessages:
         if self.messages is None:
             return [{"role": "user", "content": self.input}]
         return [m.model_dump(exclude_none=False) for m in self.messages]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -87,3 +87,29 @@ def setup_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> None:
     root.setLevel(level)
     for noisy in ("aiokafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+class LogThrottle:
+    """Counts events and says when to log them: at most once per ``interval``, with the count.
+
+    Usage::
+
+        throttle = LogThrottle(10.0, time.monotonic)
+        if n := throttle.due():
+            log.warning("... (%d since last report)", n)
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last = float("-inf")
+        self._unreported = 0
+
+    def due(self) -> int:
+        """Count one event; the number to report now, or 0 within the interval of the last."""
+        self._unreported += 1
+        now = self._clock()
+        if now - self._last < self._interval:
+            return 0
+        count, self._unreported, self._last = self._unreported, 0, now
+        return count

@@ -40,6 +40,8 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from streams.logs import LogThrottle
+
 T = TypeVar("T")
 
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
@@ -96,23 +98,15 @@ class CommandErrorLog:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._log = logger
         self._what = what
-        self._interval = interval
-        self._clock = clock
-        self._last = float("-inf")
-        self._unreported = 0
+        self._throttle = LogThrottle(interval, clock)
 
     def note(self, exc: BaseException) -> None:
-        self._unreported += 1
-        now = self._clock()
-        if now - self._last < self._interval:
-            return
-        self._log.warning(
-            "redis refused a command for %s (%s); that command failed, redis stays in use "
-            "(%d such errors since last report)",
-            self._what, command_error_text(exc), self._unreported,
-        )
-        self._last = now
-        self._unreported = 0
+        if count := self._throttle.due():
+            self._log.warning(
+                "redis refused a command for %s (%s); that command failed, redis stays in use "
+                "(%d such errors since last report)",
+                self._what, command_error_text(exc), count,
+            )
 
 
 class _Down(enum.Enum):

@@ -31,6 +31,8 @@ from streams.contract import Completion
 
 log = logging.getLogger("streams.coalesce")
 
+Compute = Callable[[], Awaitable[Completion]]  # one upstream call: the dispatch of a request
+
 class _Outcome(enum.Enum):
     GONE = "gone"  # the lock vanished without an answer: its holder failed or died
     TIMEOUT = "timeout"
@@ -66,15 +68,8 @@ class Coalescer:
     def inflight(self) -> int:
         return len(self._inflight)
 
-    async def run(
-        self,
-        key: str,
-        model: str,
-        compute: Callable[[], Awaitable[Completion]],
-        *,
-        remote: bool,
-        ttl: int | None,
-    ) -> Completion:
+    async def run(self, key: str, model: str, compute: Compute, *, remote: bool, ttl: int | None
+                  ) -> Completion:
         """One answer for all concurrent callers of ``key``; the leader's is stored for ``ttl``.
 
         ``remote=False`` coalesces within this process only (e.g. for no_store requests,
@@ -117,15 +112,8 @@ class Coalescer:
         self._on_coalesced("local")
         return cached_completion(comp.body, model)
 
-    async def _lead(
-        self,
-        key: str,
-        model: str,
-        compute: Callable[[], Awaitable[Completion]],
-        *,
-        remote: bool,
-        ttl: int | None,
-    ) -> Completion:
+    async def _lead(self, key: str, model: str, compute: Compute, *, remote: bool, ttl: int | None
+                    ) -> Completion:
         if not remote:
             return await self._compute(key, None, compute, ttl)
         deadline = self._clock() + self._wait

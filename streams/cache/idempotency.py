@@ -27,7 +27,7 @@ from streams.cache.keys import FINGERPRINT_SIZE, fingerprint, idem_key
 from streams.cache.store import RedisStore
 from streams.config import Settings
 from streams.contract import Request
-from streams.logs import request_extra
+from streams.logs import LogThrottle, request_extra
 
 log = logging.getLogger("streams.cache")
 
@@ -72,9 +72,7 @@ class IdempotencyStore:
     def __init__(self, settings: Settings, store: RedisStore, clock: Callable[[], float]) -> None:
         self._cfg = settings.cache
         self._store = store
-        self._clock = clock
-        self._conflicts_logged = float("-inf")
-        self._conflicts_unreported = 0
+        self._conflicts = LogThrottle(settings.cache.error_log_interval_seconds, clock)
 
     def ref(self, req: Request, topic: str) -> IdemRef:
         """Where ``req`` (read from ``topic``) is remembered: its tenant and id, its content.
@@ -117,14 +115,9 @@ class IdempotencyStore:
         if got is not False:
             return got
         self._store.metrics.conflicts.inc()
-        self._conflicts_unreported += 1
-        now = self._clock()
-        if now - self._conflicts_logged >= self._cfg.error_log_interval_seconds:
+        if count := self._conflicts.due():
             log.warning(
                 "request id reused with other content: answered afresh, not replayed "
-                "(%d such since last report)", self._conflicts_unreported,
-                extra=request_extra(ref.request_id),
+                "(%d such since last report)", count, extra=request_extra(ref.request_id),
             )
-            self._conflicts_logged = now
-            self._conflicts_unreported = 0
         return None

@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter
 from streams.cache.batching import Batcher
 from streams.cache.codec import Body, Read, encode_value
 from streams.config import Settings
+from streams.logs import LogThrottle
 from streams.redis_guard import DOWN, RedisGuard, _Down, command_error_text
 
 log = logging.getLogger("streams.cache")
@@ -72,32 +73,25 @@ class _ErrorReport:
     def __init__(self, metrics: CacheMetrics, clock: Callable[[], float], *, retry_seconds: float,
                  log_interval: float) -> None:
         self._metrics = metrics
-        self._clock = clock
         self._retry = retry_seconds
-        self._log_interval = log_interval
-        self._last_log = float("-inf")
-        self._unreported = 0
+        self._throttle = LogThrottle(log_interval, clock)
 
     def __call__(self, op: str, exc: BaseException, outage: bool) -> None:
         self._metrics.errors.labels(op).inc()
-        now = self._clock()
-        self._unreported += 1
-        if now - self._last_log < self._log_interval:
+        if not (count := self._throttle.due()):
             return
         if outage:
             log.warning(
                 "redis error during %s (%s: %s); cache bypassed, retry every %.1fs "
                 "(%d errors since last report)",
-                op, type(exc).__name__, exc, self._retry, self._unreported,
+                op, type(exc).__name__, exc, self._retry, count,
             )
         else:
             log.warning(
                 "redis refused a command during %s (%s); that command failed, the cache "
                 "stays in use (%d errors since last report)",
-                op, command_error_text(exc), self._unreported,
+                op, command_error_text(exc), count,
             )
-        self._last_log = now
-        self._unreported = 0
 
 
 class RedisStore:

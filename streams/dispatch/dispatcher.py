@@ -25,13 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
 from streams.config import EndpointConfig, Settings
-from streams.contract import Completion, Request, upstream_usage
+from streams.contract import ChatMessages, Completion, Params, Request, upstream_usage
 from streams.dispatch.admission import Admission, Grant, Ticket, fits
 from streams.dispatch.cooldown import EndpointState
 from streams.dispatch.retry import error_class, hurts_health, is_rate_limited, is_retryable
@@ -63,13 +62,8 @@ SYNC_INTERVAL_SECONDS = 0.25
 class CompletionClient(Protocol):
     """What the dispatcher calls: one attempt, no retries (see ``upstream.UpstreamClient``)."""
 
-    async def complete(
-        self,
-        endpoint: EndpointConfig,
-        model: str,
-        messages: list[dict[str, Any]],
-        params: Mapping[str, Any],
-    ) -> dict[str, Any]: ...
+    async def complete(self, endpoint: EndpointConfig, model: str, messages: ChatMessages,
+                       params: Params) -> dict[str, Any]: ...
 
 
 def _used_tokens(body: Mapping[str, Any]) -> int | None:
@@ -134,12 +128,7 @@ class Dispatcher:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
     async def start(self) -> None:
@@ -278,13 +267,8 @@ class Dispatcher:
 
     # ---- one attempt -------------------------------------------------------------------------
 
-    async def _attempt(
-        self,
-        grant: Grant,
-        model: str,
-        messages: list[dict[str, Any]],
-        params: Mapping[str, Any],
-    ) -> dict[str, Any]:
+    async def _attempt(self, grant: Grant, model: str, messages: ChatMessages, params: Params
+                       ) -> dict[str, Any]:
         name = grant.endpoint.name
         self._metrics.requests_by[name].inc()
         used: int | None = None

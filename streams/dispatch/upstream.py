@@ -32,7 +32,7 @@ import aiohttp
 import orjson
 
 from streams.config import EndpointConfig
-from streams.contract import usage_is_invalid
+from streams.contract import ChatMessages, Params, usage_is_invalid
 from streams.dispatch.retry import bounded_wait
 from streams.errors import (
     UpstreamBadResponse,
@@ -173,13 +173,8 @@ class UpstreamClient:
         self._clock = clock
         self._usage_logged: dict[str, float] = {}  # endpoint -> when last logged
 
-    async def complete(
-        self,
-        endpoint: EndpointConfig,
-        model: str,
-        messages: list[dict[str, Any]],
-        params: Mapping[str, Any],
-    ) -> dict[str, Any]:
+    async def complete(self, endpoint: EndpointConfig, model: str, messages: ChatMessages,
+                       params: Params) -> dict[str, Any]:
         payload = orjson.dumps({**params, "model": model, "messages": messages})
         url, query, headers = request_target(endpoint)
         name = endpoint.name
