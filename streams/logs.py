@@ -1,4 +1,4 @@
-"""Log lines: human-readable text, or one JSON object per line; request ids; no secrets.
+"""Log lines: human-readable text, or one JSON object per line; request ids; no secrets; throttling.
 
 A line about a request carries its id, as the structured field ``request_id`` (JSON) and as
 ``[id]`` after the logger name (text)::

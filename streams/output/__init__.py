@@ -1,1 +1,1 @@
-"""Output: the records a request produces and the publisher that writes them to Kafka."""
+"""Output: the records a request produces (responses, dead letters) and the publisher that writes them."""

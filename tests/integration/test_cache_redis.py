@@ -186,7 +186,7 @@ async def test_500_identical_requests_on_two_workers_call_upstream_once(
     assert len(out) == 500 and all(c.output == "shared" for c in out)
     assert sum(not c.cached for c in out) == 1
     assert time.monotonic() - started < 1.5
-    assert await clients[0].exists(a._lkey(a.key(r))) == 0  # lock released
+    assert await clients[0].exists(a.redis_store.lkey(a.key(r))) == 0  # lock released
 
 
 async def test_leader_failure_waiters_compute_themselves(
