@@ -21,7 +21,7 @@ when a rebalance begins. That costs more than our whole cache-hit path (BENCHMAR
 flow is not suspended, flow control is active and every channel of the record's partition
 has room in its queue. Otherwise (a rebalance, a full buffer) it takes faust's own path,
 unchanged. The rest of ``_drain_messages`` is faust-streaming 0.15.3's, line for line;
-``tests/unit/test_faust_io.py`` fails when the installed faust's own ``_drain_messages``
+``tests/unit/intake/test_transport.py`` fails when the installed faust's own ``_drain_messages``
 differs from the one this copy was made from, so an upgrade is reviewed.
 
 Usage::

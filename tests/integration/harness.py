@@ -189,7 +189,7 @@ def window_sums(times: list[float], costs: list[int], width: float,
                  stalls: list[tuple[float, float]]) -> tuple[int, int, float]:
     """(max, min) of the units in any half-open window [t, t + width) starting at a call or just
     after one, among windows that lie within the calls' span and touch no stall of the mock
-    (calls queued while it could not run are stamped together: see ``mock_llm``); and the
+    (calls queued while it could not run are stamped together: see ``mockllm.server``); and the
     share of windows judged."""
     hi_best, lo_best = 0, None
     n = len(times)
