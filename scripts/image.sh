@@ -4,6 +4,7 @@
 #   scripts/image.sh base    python:3.11-slim: a stand-in built from Debian bookworm's packages
 #                            (this machine cannot pull images), cached in $IMAGE_CACHE
 #   scripts/image.sh build   setup, base, then the image; prints its size and build time
+#   scripts/image.sh run ARGS...      podman run with the flags containers need on this machine
 #   scripts/image.sh podman ARGS...   podman with the flags that work on this machine
 # Environment: IMAGE_TAG (default llm-streams:test), IMAGE_CACHE (default .stack/image),
 # IMAGE_STANDIN_REBUILD=1 rebuilds the stand-in from scratch.
@@ -86,7 +87,7 @@ base() {
   pm import --change "LABEL $standin_label=debootstrap-bookworm" \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' \
-    "$standin_tar" "$base" >/dev/null
+    "$standin_tar" "$base" >"$cache/import.log" 2>&1 || { cat "$cache/import.log" >&2; exit 1; }
 }
 
 build() {
@@ -107,6 +108,8 @@ case "${1:-build}" in
   setup) setup ;;
   base) setup; base ;;
   build) build ;;
+  # The default rlimits of the runtime are above what this sandbox lets a process set.
+  run) shift; pm run --network host --ulimit nofile=20000:20000 --ulimit nproc=4096:4096 "$@" ;;
   podman) shift; pm "$@" ;;
-  *) echo "usage: $0 setup|base|build|podman ARGS..." >&2; exit 2 ;;
+  *) echo "usage: $0 setup|base|build|run|podman ARGS..." >&2; exit 2 ;;
 esac

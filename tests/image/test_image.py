@@ -37,6 +37,7 @@ TAG = os.environ.get("IMAGE_TAG", "llm-streams:test")
 SCRIPT = ROOT / "scripts" / "image.sh"
 GRACE = 5  # the worker's shutdown_grace_seconds in the test's config
 SECRET = "sk-image-test-never-logged"
+SECRET_ENV = {**os.environ, "MOCK_API_KEY": SECRET}
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
@@ -75,16 +76,15 @@ class Container:
         cfg.chmod(0o644)
         self.log = stack.tmp / "container.log"
         self.proc = subprocess.Popen(
-            [str(SCRIPT), "podman", "run", "--name", self.name, "--network", "host",
-             "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096",
+            [str(SCRIPT), "run", "--name", self.name,  # --network host and the ulimits
              "--read-only", "--tmpfs", "/tmp", "--tmpfs", "/home/llm",
              "-v", f"{cfg}:/etc/llm-streams/test.yaml:ro",
              # environment over the file, as on Kubernetes: the listener and the key
              "-e", "LLM_STREAMS__METRICS__HOST=0.0.0.0",
              "-e", f"LLM_STREAMS__METRICS__PORT={self.port}",
-             "-e", f"MOCK_API_KEY={SECRET}",
+             "-e", "MOCK_API_KEY",  # its value from our environment, not the command line
              image, "worker", "--config", "/etc/llm-streams/test.yaml"],
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, env=SECRET_ENV,
         )
 
     def url(self, path: str) -> str:
@@ -128,10 +128,12 @@ def run_batch(image: str, stack: Stack, n: int) -> tuple[subprocess.CompletedPro
         b"".join(orjson.dumps(request(i, input=f"batch prompt {i}")) + b"\n" for i in range(n)))
     cfg = stack.write_config()
     cfg.chmod(0o644)
-    out = podman("run", "--rm", "--network", "host", "--read-only", "--tmpfs", "/tmp",
-                 "-v", f"{data}:/data", "-v", f"{cfg}:/etc/llm-streams/test.yaml:ro",
-                 image, "batch", "/data/requests.jsonl", "--save", "/data/answers.jsonl",
-                 "--config", "/etc/llm-streams/test.yaml", "--timeout", "120", timeout=200)
+    out = subprocess.run(
+        [str(SCRIPT), "run", "--rm", "--read-only", "--tmpfs", "/tmp",
+         "-v", f"{data}:/data", "-v", f"{cfg}:/etc/llm-streams/test.yaml:ro", "-e", "MOCK_API_KEY",
+         image, "batch", "/data/requests.jsonl", "--save", "/data/answers.jsonl",
+         "--config", "/etc/llm-streams/test.yaml", "--timeout", "120"],
+        capture_output=True, text=True, check=False, timeout=200, env=SECRET_ENV)
     return out, data / "answers.jsonl"
 
 
