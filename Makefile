@@ -58,7 +58,7 @@ image-test: setup
 	scripts/image.sh build
 	IMAGE_BUILT=1 scripts/with-stack.sh $(BIN)/pytest -q -p no:cacheprovider -rf tests/image
 
-# helm (built from the Go module proxy once, cached in .stack/tools/bin/), then `helm lint` and
+# helm (built from the Go module proxy once, cached in GOPATH/opt/helm-v3.22.0/), then `helm lint` and
 # the rendered manifests' checks over deploy/helm/llm-streams (tests/deploy; part of `make test`).
 helm:
 	scripts/helm.sh
