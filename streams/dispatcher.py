@@ -52,7 +52,7 @@ from streams.errors import (
     ValidationFailed,
 )
 from streams.logs import request_extra
-from streams.ratelimit import Permit, RateLimiter, estimate_tokens
+from streams.ratelimit import LATE_SLOT_SECONDS, Permit, RateLimiter, estimate_tokens
 from streams.retry import Backoff, error_class, hurts_health, is_rate_limited, is_retryable
 from streams.scheduler import Scheduler
 
@@ -97,6 +97,7 @@ class _Ticket:
     tried: list[str] = field(default_factory=list)
     since: float = 0.0  # start of the current wait, for the wait metric
     future: asyncio.Future[_Grant] | None = None
+    late: bool = False  # once woke too late for a reserved slot (the next one is taken anyway)
 
 
 @dataclass(eq=False, slots=True)
@@ -350,8 +351,8 @@ class Dispatcher:
             if grant is None:  # the deadline came while waiting
                 self._check_deadline(req.deadline, attempts, ticket.tried)
                 continue
-            if grant.at and not await self._until_slot(grant):
-                continue  # the endpoint began cooling down while we waited for the slot
+            if grant.at and not await self._until_slot(grant, ticket):
+                continue  # cooling down since, or woke too late for the slot: ask again
             if self._expired(req.deadline):
                 self._release(grant, None)
                 self._check_deadline(req.deadline, attempts, ticket.tried)
@@ -401,10 +402,12 @@ class Dispatcher:
         )
         raise DispatchFailed(error, 0, [])
 
-    async def _until_slot(self, grant: _Grant) -> bool:
+    async def _until_slot(self, grant: _Grant, ticket: _Ticket) -> bool:
         """Sleep until the grant's reserved slot (the limiter granted it ahead of time), and
         after a late wake-up until the pacer lets it go (``RateLimiter.pace``). False, with
-        the slot given up, if the endpoint began cooling down meanwhile (a 429 told us to)."""
+        the slot given up, if the endpoint began cooling down meanwhile (a 429 told us to), or
+        if we woke more than ``LATE_SLOT_SECONDS`` after the slot (once per request: see
+        ``ratelimit.LATE_SLOT_SECONDS``)."""
         try:
             if (delay := grant.at - self._clock()) > 0:
                 await self._sleep(delay)
@@ -412,6 +415,10 @@ class Dispatcher:
                 if not grant.probe and self._cooldowns.state(name) is not EndpointState.HEALTHY:
                     self._release(grant, None)
                     return False
+            if not ticket.late and self._clock() - grant.at > LATE_SLOT_SECONDS:
+                ticket.late = True
+                self._release(grant, None)
+                return False
             if (delay := self._limiter.pace(grant.permit) - self._clock()) > 0:
                 await self._sleep(delay)
         except BaseException:
