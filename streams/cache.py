@@ -39,7 +39,7 @@ from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.exceptions import RedisError
 
 from streams.cachekey import cache_key, id_key
@@ -155,6 +155,11 @@ class CacheMetrics:
             "coalesce_fallbacks", "Coalesced waiters that computed themselves", "reason"
         )
         self.replays = counter("idempotent_replays", "Redelivered ids republished", "kind")
+        self.circuit_open = Gauge(
+            "llm_streams_cache_circuit_open",
+            "1 from a Redis error until a call succeeds again (the cache is bypassed meanwhile)",
+            registry=registry,
+        )
 
 
 class _Guard:
@@ -194,6 +199,7 @@ class _Guard:
             return DOWN
         if self._down:
             self._down = False
+            self._metrics.circuit_open.set(0)
             log.info("redis is reachable again; cache back in use")
         return result
 
@@ -202,6 +208,7 @@ class _Guard:
         now = self._clock()
         self._open_until = now + self._retry
         self._down = True
+        self._metrics.circuit_open.set(1)
         self._unreported += 1
         if now - self._last_log >= self._log_interval:  # at most one line per interval
             log.warning(
