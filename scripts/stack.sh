@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The local stack: a real single-node Apache Kafka broker (KRaft, from Maven Central) and
 # Redis (Debian's redis-server), both bound to 127.0.0.1.
-#   scripts/stack.sh setup   fetch/install what is missing (idempotent)
-#   scripts/stack.sh setup-prometheus   install Debian's prometheus (the dashboard and alert tests)
+#   scripts/stack.sh setup   fetch/install what is missing (idempotent; Prometheus too)
+#   scripts/stack.sh setup-prometheus   only Debian's prometheus (the dashboard and alert tests)
 #   scripts/stack.sh up      setup, then start both (idempotent) and wait until they answer
 #   scripts/stack.sh down    stop what `up` started
 #   scripts/stack.sh status
@@ -204,9 +204,9 @@ redis_stop() {
 }
 
 case "${1:-}" in
-  setup) setup_kafka; setup_redis ;;
+  setup) setup_kafka; setup_redis; setup_prometheus ;;
   setup-prometheus) setup_prometheus ;;
-  up) setup_kafka; setup_redis; kafka_start; redis_start; log "stack is up" ;;
+  up) setup_kafka; setup_redis; setup_prometheus; kafka_start; redis_start; log "stack is up" ;;
   down) kafka_stop; redis_stop; log "stack is down" ;;
   reset) kafka_stop; redis_stop; rm -rf "$state/kafka/data" "$state/redis" ;;
   kafka-start) kafka_start ;;
