@@ -6,14 +6,13 @@ that signed nothing the broker shows.
 
 from __future__ import annotations
 
-import os
 import ssl
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tests.integration.servers import ROOT, STACK_SH, Sasl, free_port
+from tests.integration.servers import PrivateKafka, Sasl
 
 STORE_PASSWORD = "store-Pw-0d4c7a"  # the keystores' password: never in a worker's output
 
@@ -128,43 +127,31 @@ class KafkaTls(Sasl):
 
 
 @dataclass
-class TlsKafka:
-    """scripts/stack.sh in TLS mode (SASL_SSL with ``user``) on free ports of 127.0.0.1.
+class TlsKafka(PrivateKafka):
+    """scripts/stack.sh in TLS mode (SASL_SSL when ``sasl.user`` is set) on free ports.
 
     Never the shared broker: its state lives under ``state`` and stop() stops only its pid.
     """
 
-    state: Path
-    files: KafkaTlsFiles
-    user: str = ""
-    password: str = ""
-    client_auth: str = "required"
-    port: int = field(default_factory=free_port)
-    controller_port: int = field(default_factory=free_port)
+    sasl: KafkaTls = field(default_factory=lambda: KafkaTls("", ""))
+    client_auth: str = "required"  # the broker's ssl.client.auth
 
     @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+    def files(self) -> KafkaTlsFiles:
+        assert self.sasl.files is not None
+        return self.sasl.files
 
     def client(self, **changes: Any) -> KafkaTls:
-        return KafkaTls(self.user, self.password, files=self.files, **changes)
+        """The broker's client settings, e.g. with ``cafile`` or ``certfile`` changed."""
+        return replace(self.sasl, **changes)
 
     def _env(self) -> dict[str, str]:
-        shared_state = Path(os.environ.get("STACK_DIR", ROOT / ".stack"))
-        env = {**os.environ, "STACK_DIR": str(self.state), "KAFKA_PORT": str(self.port),
-               "KAFKA_CONTROLLER_PORT": str(self.controller_port),
-               "KAFKA_LIBS": str(shared_state / "kafka" / "libs"), "KAFKA_HEAP": "384m",
-               "KAFKA_SSL_KEYSTORE": str(self.files.keystore),
-               "KAFKA_SSL_TRUSTSTORE": str(self.files.truststore),
-               "KAFKA_SSL_PASSWORD": STORE_PASSWORD, "KAFKA_SSL_CLIENT_AUTH": self.client_auth}
-        if self.user:
-            env.update(KAFKA_SASL_USER=self.user, KAFKA_SASL_PASSWORD=self.password)
-        return env
+        return {**super()._env(), "KAFKA_SSL_KEYSTORE": str(self.files.keystore),
+                "KAFKA_SSL_TRUSTSTORE": str(self.files.truststore),
+                "KAFKA_SSL_PASSWORD": STORE_PASSWORD, "KAFKA_SSL_CLIENT_AUTH": self.client_auth,
+                "KAFKA_HEAP": "384m"}
 
-    def start(self) -> None:
-        subprocess.run([str(STACK_SH), "kafka-start"], env=self._env(), check=True, timeout=300,
-                       stdout=subprocess.DEVNULL)
 
-    def stop(self) -> None:
-        subprocess.run([str(STACK_SH), "kafka-stop"], env=self._env(), check=True, timeout=60,
-                       stdout=subprocess.DEVNULL)
+def tls_kafka(state: Path, files: KafkaTlsFiles, user: str = "", password: str = "",
+              client_auth: str = "required") -> TlsKafka:
+    return TlsKafka(state, KafkaTls(user, password, files=files), client_auth=client_auth)

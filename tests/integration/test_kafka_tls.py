@@ -18,6 +18,7 @@ from tests.integration.kafka_tls import (
     KafkaTlsFiles,
     TlsKafka,
     make_kafka_tls_files,
+    tls_kafka,
 )
 from tests.integration.test_security import _answers_all, _single_line_failure, _stack
 
@@ -32,7 +33,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> KafkaTlsFiles:
 @pytest.fixture(scope="module")
 def ssl_broker(tmp_path_factory: pytest.TempPathFactory, tls_files: KafkaTlsFiles
                ) -> Iterator[TlsKafka]:
-    kafka = TlsKafka(tmp_path_factory.mktemp("ssl-kafka"), tls_files)
+    kafka = tls_kafka(tmp_path_factory.mktemp("ssl-kafka"), tls_files)
     kafka.start()
     try:
         yield kafka
@@ -43,8 +44,8 @@ def ssl_broker(tmp_path_factory: pytest.TempPathFactory, tls_files: KafkaTlsFile
 @pytest.fixture
 def sasl_ssl_broker(tmp_path: Path, tls_files: KafkaTlsFiles) -> Iterator[TlsKafka]:
     """SCRAM over TLS that authenticates the broker only (no client certificates)."""
-    kafka = TlsKafka(tmp_path / "sasl-ssl-kafka", tls_files, user="alice",
-                     password=SCRAM_PASSWORD, client_auth="none")
+    kafka = tls_kafka(tmp_path / "sasl-ssl-kafka", tls_files, user="alice",
+                      password=SCRAM_PASSWORD, client_auth="none")
     kafka.start()
     try:
         yield kafka
