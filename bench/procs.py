@@ -25,7 +25,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-KAFKA = os.environ.get("BENCH_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+KAFKA = os.environ.get("BENCH_KAFKA_BOOTSTRAP", os.environ.get("TEST_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+REDIS_PORT = int(os.environ.get("BENCH_REDIS_PORT", os.environ.get("TEST_REDIS_PORT", "6379")))
 REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "13"))
 NGINX = os.environ.get("BENCH_NGINX", shutil.which("nginx") or "/usr/sbin/nginx")
 CLK_TCK = os.sysconf("SC_CLK_TCK")

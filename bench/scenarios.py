@@ -15,7 +15,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from bench import kafka_load as kl
-from bench.procs import KAFKA, PY, REDIS_DB, Procs, RssSampler, cpu_seconds, free_port
+from bench.procs import KAFKA, PY, REDIS_DB, REDIS_PORT, Procs, RssSampler, cpu_seconds, free_port
 from bench.stats import peak_overlap, percentile
 
 
@@ -74,7 +74,7 @@ def worker_config(topics: kl.Topics, eps: list[dict[str, Any]], *, cache: bool, 
         "kafka": {"bootstrap_servers": KAFKA, "group_id": topics.name, "partitions": kl.PARTITIONS,
                   "commit_interval_seconds": 1.0, "session_timeout_seconds": 10},
         "topics": {"requests": topics.requests, "responses": topics.responses, "dead_letter": topics.dlq},
-        "redis": {"url": f"redis://127.0.0.1:6379/{REDIS_DB}", "key_prefix": topics.name},
+        "redis": {"url": f"redis://127.0.0.1:{REDIS_PORT}/{REDIS_DB}", "key_prefix": topics.name},
         "cache": {"enabled": cache, "ttl_seconds": 900, "idempotency_ttl_seconds": 900},
         "limits": {"max_inflight": max_inflight, **limits},
         "endpoints": eps,
@@ -83,7 +83,7 @@ def worker_config(topics: kl.Topics, eps: list[dict[str, Any]], *, cache: bool, 
 
 
 async def _clean_redis(prefix: str) -> None:
-    r = aioredis.Redis.from_url(f"redis://127.0.0.1:6379/{REDIS_DB}")
+    r = aioredis.Redis.from_url(f"redis://127.0.0.1:{REDIS_PORT}/{REDIS_DB}")
     try:
         batch = []
         async for key in r.scan_iter(match=f"{prefix}*", count=1000):
