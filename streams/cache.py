@@ -51,7 +51,7 @@ from typing import Any, Generic, Literal, NamedTuple, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from streams.cachekey import FINGERPRINT_SIZE, cache_key, fingerprint, idem_key
 from streams.coalesce import Body, Coalescer, LockState
@@ -191,6 +191,11 @@ class CacheMetrics:
             "Request ids reused with other content: answered afresh, not replayed",
             registry=registry,
         )
+        self.circuit_open = Gauge(
+            "llm_streams_cache_circuit_open",
+            "1 from a Redis outage until a call succeeds again (the cache is bypassed meanwhile)",
+            registry=registry,
+        )
 
 
 class _Guard:
@@ -230,6 +235,7 @@ class _Guard:
             return DOWN
         if self._down:
             self._down = False
+            self._metrics.circuit_open.set(0)
             log.info("redis is reachable again; cache back in use")
         return result
 
@@ -254,6 +260,7 @@ class _Guard:
         if outage:
             self._open_until = now + self._retry
             self._down = True
+            self._metrics.circuit_open.set(1)
         self._unreported += 1
         if now - self._last_log >= self._log_interval:  # at most one line per interval
             if outage:
