@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup stack-up stack-down demo test unit integration faults faults-small lint bench bench-smoke clean
+.PHONY: setup stack-up stack-down demo test unit integration faults faults-small lint bench bench-smoke clean \
+	image image-test helm helm-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +47,24 @@ faults: setup
 	mkdir -p out
 	FAULTS_SIZE=full FAULTS_RESULTS=out/faults.json $(BIN)/pytest -q -p no:cacheprovider tests/faults
 	$(BIN)/python -m tests.faults.report out/faults.json README.md
+
+# The worker image from docker/Dockerfile with podman, on a stand-in for python:3.11-slim built
+# from Debian's packages (cached in .stack/image/), then run against the local stack:
+# answers, /metrics, /healthz, /readyz, SIGTERM, `llm-streams batch` (tests/image).
+image:
+	scripts/image.sh build
+
+image-test: setup
+	scripts/image.sh build
+	IMAGE_BUILT=1 scripts/with-stack.sh $(BIN)/pytest -q -p no:cacheprovider -rf tests/image
+
+# helm (built from the Go module proxy once, cached in GOPATH/opt/helm-v3.22.0/), then `helm lint` and
+# the rendered manifests' checks over deploy/helm/llm-streams (tests/deploy; part of `make test`).
+helm:
+	scripts/helm.sh
+
+helm-check: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider -rf tests/deploy
 
 lint: $(STAMP)
 	$(BIN)/ruff check streams mockllm tests $(wildcard bench)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The local stack: a real single-node Apache Kafka broker (KRaft, from Maven Central) and
 # Redis (Debian's redis-server), both bound to 127.0.0.1.
-#   scripts/stack.sh setup   fetch/install what is missing (idempotent)
+#   scripts/stack.sh setup   fetch/install what is missing (idempotent; Prometheus too)
+#   scripts/stack.sh setup-prometheus   only Debian's prometheus (the dashboard and alert tests)
 #   scripts/stack.sh up      setup, then start both (idempotent) and wait until they answer
 #   scripts/stack.sh down    stop what `up` started
 #   scripts/stack.sh status
@@ -11,6 +12,10 @@
 # SASL mode (tests of secure connections): with KAFKA_SASL_USER and KAFKA_SASL_PASSWORD set,
 # the broker's only client listener is SASL_PLAINTEXT with SCRAM-SHA-256, and that user is
 # created when the storage is formatted (a fresh STACK_DIR is needed to change it).
+# TLS mode: with KAFKA_SSL_KEYSTORE (PKCS12 with the broker's key and certificate),
+# KAFKA_SSL_TRUSTSTORE (PKCS12 with the CA that signs client certificates) and
+# KAFKA_SSL_PASSWORD (both stores' password), the client listener is SSL (SASL_SSL with SASL
+# mode) and clients must present a certificate (KAFKA_SSL_CLIENT_AUTH: required, requested, none).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 state=${STACK_DIR:-$root/.stack}
@@ -20,6 +25,10 @@ redis_port=${REDIS_PORT:-6379}
 libs=${KAFKA_LIBS:-$state/kafka/libs}
 sasl_user=${KAFKA_SASL_USER:-}
 sasl_password=${KAFKA_SASL_PASSWORD:-}
+ssl_keystore=${KAFKA_SSL_KEYSTORE:-}
+ssl_truststore=${KAFKA_SSL_TRUSTSTORE:-}
+ssl_password=${KAFKA_SSL_PASSWORD:-}
+ssl_client_auth=${KAFKA_SSL_CLIENT_AUTH:-required}
 mkdir -p "$state"
 
 log() { echo "[stack] $*" >&2; }
@@ -51,10 +60,30 @@ setup_redis() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >&2
 }
 
-# The client listener: PLAINTEXT, or SASL_PLAINTEXT + SCRAM-SHA-256 in SASL mode.
-listener_properties() {
+# Only the binaries are used (the tests start Prometheus on 127.0.0.1 themselves); the package's
+# service is not started (policy-rc.d in containers, and it is stopped below if it was).
+setup_prometheus() {
+  if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then return; fi
+  log "installing prometheus from Debian's packages"
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    -o DPkg::Lock::Timeout=600 prometheus >&2
+}
+
+# The client listener: PLAINTEXT, SASL_PLAINTEXT + SCRAM-SHA-256 in SASL mode, SSL in TLS mode,
+# SASL_SSL in both.
+listener_name() {
   local name=PLAINTEXT
-  if [ -n "$sasl_user" ]; then name=SASL_PLAINTEXT; fi
+  if [ -n "$sasl_user" ] && [ -n "$ssl_keystore" ]; then name=SASL_SSL
+  elif [ -n "$sasl_user" ]; then name=SASL_PLAINTEXT
+  elif [ -n "$ssl_keystore" ]; then name=SSL; fi
+  echo "$name"
+}
+
+listener_properties() {
+  local name; name=$(listener_name)
+  local lower; lower=$(echo "$name" | tr '[:upper:]' '[:lower:]')
   cat <<PROPS
 listeners=$name://127.0.0.1:$kafka_port,CONTROLLER://127.0.0.1:$controller_port
 advertised.listeners=$name://127.0.0.1:$kafka_port
@@ -65,7 +94,19 @@ PROPS
     cat <<PROPS
 sasl.enabled.mechanisms=SCRAM-SHA-256
 sasl.mechanism.inter.broker.protocol=SCRAM-SHA-256
-listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="$sasl_user" password="$sasl_password";
+listener.name.$lower.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="$sasl_user" password="$sasl_password";
+PROPS
+  fi
+  if [ -n "$ssl_keystore" ]; then
+    cat <<PROPS
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$ssl_keystore
+ssl.keystore.password=$ssl_password
+ssl.key.password=$ssl_password
+ssl.truststore.type=PKCS12
+ssl.truststore.location=$ssl_truststore
+ssl.truststore.password=$ssl_password
+ssl.client.auth=$ssl_client_auth
 PROPS
   fi
 }
@@ -74,6 +115,9 @@ kafka_start() {
   if port_open "$kafka_port"; then log "kafka already up on $kafka_port"; return; fi
   if [ -n "$sasl_user" ] && [ -z "$sasl_password" ]; then
     log "KAFKA_SASL_USER needs KAFKA_SASL_PASSWORD"; exit 2
+  fi
+  if [ -n "$ssl_keystore" ] && { [ -z "$ssl_truststore" ] || [ -z "$ssl_password" ]; }; then
+    log "KAFKA_SSL_KEYSTORE needs KAFKA_SSL_TRUSTSTORE and KAFKA_SSL_PASSWORD"; exit 2
   fi
   setup_kafka
   local dir=$state/kafka
@@ -112,7 +156,7 @@ PROPS
     "${java[@]}" kafka.tools.StorageTool format -t "$(cat /proc/sys/kernel/random/uuid | tr -d - | head -c 22)" \
       -c "$dir/server.properties" "${scram[@]}" >/dev/null
   fi
-  log "starting kafka on 127.0.0.1:$kafka_port${sasl_user:+ (SASL_PLAINTEXT, SCRAM-SHA-256)}"
+  log "starting kafka on 127.0.0.1:$kafka_port ($(listener_name)${sasl_user:+, SCRAM-SHA-256})"
   nohup "${java[@]}" kafka.Kafka "$dir/server.properties" >"$dir/stdout.log" 2>&1 &
   echo $! > "$dir/pid"
   wait_port "$kafka_port" 90 kafka || { tail -20 "$dir/stdout.log" "$dir/server.log" >&2; exit 1; }
@@ -160,8 +204,9 @@ redis_stop() {
 }
 
 case "${1:-}" in
-  setup) setup_kafka; setup_redis ;;
-  up) setup_kafka; setup_redis; kafka_start; redis_start; log "stack is up" ;;
+  setup) setup_kafka; setup_redis; setup_prometheus ;;
+  setup-prometheus) setup_prometheus ;;
+  up) setup_kafka; setup_redis; setup_prometheus; kafka_start; redis_start; log "stack is up" ;;
   down) kafka_stop; redis_stop; log "stack is down" ;;
   reset) kafka_stop; redis_stop; rm -rf "$state/kafka/data" "$state/redis" ;;
   kafka-start) kafka_start ;;
@@ -171,5 +216,5 @@ case "${1:-}" in
   status)
     port_open "$kafka_port" && echo "kafka: up ($kafka_port)" || echo "kafka: down"
     port_open "$redis_port" && echo "redis: up ($redis_port)" || echo "redis: down" ;;
-  *) echo "usage: $0 setup|up|down|reset|status|kafka-start|kafka-stop|redis-start|redis-stop" >&2; exit 2 ;;
+  *) echo "usage: $0 setup|setup-prometheus|up|down|reset|status|kafka-start|kafka-stop|redis-start|redis-stop" >&2; exit 2 ;;
 esac

@@ -93,11 +93,26 @@ async def check_kafka(settings: Settings, timeout: float = 10.0) -> None:
         except ssl.SSLError as exc:
             raise StartupError(f"kafka TLS handshake failed at {host}:{port}: {exc.reason}") from None
         except (KafkaError, OSError, TimeoutError, ValueError) as exc:
+            refused = _ssl_cause(exc)  # TLS 1.3: a refused client certificate shows up here
+            if refused is not None:
+                raise StartupError(
+                    f"kafka TLS handshake failed at {host}:{port}: {refused.reason}"
+                ) from None
             failures.append(f"{host}:{port} ({type(exc).__name__})")
             continue
         conn.close()
         return
     raise StartupError(f"kafka not reachable at {', '.join(failures)}")
+
+
+def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind aiokafka's "connection closed", if one is."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 async def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:

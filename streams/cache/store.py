@@ -28,7 +28,7 @@ from typing import Any, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from streams.cache.batching import Batcher
 from streams.cache.codec import Body, Read, encode_value
@@ -63,6 +63,11 @@ class CacheMetrics:
         self.conflicts = Counter(
             "llm_streams_cache_idempotency_conflicts",
             "Request ids reused with other content: answered afresh, not replayed",
+            registry=registry,
+        )
+        self.circuit_open = Gauge(
+            "llm_streams_cache_circuit_open",
+            "1 from a Redis outage until a call succeeds again (the cache is bypassed meanwhile)",
             registry=registry,
         )
 
@@ -117,7 +122,8 @@ class RedisStore:
         self.guard = RedisGuard(
             clock=clock,
             retry_seconds=cfg.redis_retry_seconds,
-            on_up=lambda: log.info("redis is reachable again; cache back in use"),
+            on_down=lambda exc: metrics.circuit_open.set(1),
+            on_up=self._back,
             on_error=_ErrorReport(metrics, clock, retry_seconds=cfg.redis_retry_seconds,
                                   log_interval=cfg.error_log_interval_seconds),
         )
@@ -127,6 +133,10 @@ class RedisStore:
         self._writes: Batcher[tuple[str, bytes, int, bool], bool] = Batcher(
             self._pipeline_set, cfg.batch_max_keys, self.tasks
         )
+
+    def _back(self) -> None:
+        self.metrics.circuit_open.set(0)
+        log.info("redis is reachable again; cache back in use")
 
     async def call(self, op: str, fn: Callable[[], Awaitable[T]], force: bool = False) -> T | _Down:
         """``fn()`` through the guard (DOWN: Redis did not answer or is left alone)."""

@@ -50,6 +50,7 @@ class Ticket:
     tried: list[str] = field(default_factory=list)
     since: float = 0.0  # start of the current wait, for the wait metric
     future: asyncio.Future[Grant] | None = None
+    late: bool = False  # once woke too late for a reserved slot (the next one is taken anyway)
 
 
 @dataclass(eq=False, slots=True)

@@ -33,6 +33,7 @@ from streams.config import EndpointConfig, Settings
 from streams.contract import ChatMessages, Completion, Params, Request, upstream_usage
 from streams.dispatch.admission import Admission, Grant, Ticket, fits
 from streams.dispatch.cooldown import EndpointState
+from streams.dispatch.ratelimit import LATE_SLOT_SECONDS
 from streams.dispatch.retry import error_class, hurts_health, is_rate_limited, is_retryable
 from streams.dispatch.telemetry import DispatchMetrics, DispatchSnapshot, StateCollector
 from streams.dispatch.tokens import estimate_tokens
@@ -186,8 +187,8 @@ class Dispatcher:
             if grant is None:  # the deadline came while waiting
                 self._check_deadline(req.deadline, attempts, ticket.tried)
                 continue
-            if grant.at and not await self._until_slot(grant):
-                continue  # the endpoint began cooling down while we waited for the slot
+            if grant.at and not await self._until_slot(grant, ticket):
+                continue  # cooling down since, or woke too late for the slot: ask again
             if self._expired(req.deadline):
                 self._admission.release(grant, None)
                 self._check_deadline(req.deadline, attempts, ticket.tried)
@@ -224,10 +225,12 @@ class Dispatcher:
                 endpoints=list(ticket.tried),
             )
 
-    async def _until_slot(self, grant: Grant) -> bool:
+    async def _until_slot(self, grant: Grant, ticket: Ticket) -> bool:
         """Sleep until the grant's reserved slot (the limiter granted it ahead of time), and
         after a late wake-up until the pacer lets it go (``RateLimiter.pace``). False, with
-        the slot given up, if the endpoint began cooling down meanwhile (a 429 told us to)."""
+        the slot given up, if the endpoint began cooling down meanwhile (a 429 told us to), or
+        if we woke more than ``LATE_SLOT_SECONDS`` after the slot (once per request: see
+        ``ratelimit.LATE_SLOT_SECONDS``)."""
         try:
             if (delay := grant.at - self._clock()) > 0:
                 await self._sleep(delay)
@@ -235,6 +238,10 @@ class Dispatcher:
                 if not grant.probe and self._cooldowns.state(name) is not EndpointState.HEALTHY:
                     self._admission.release(grant, None)
                     return False
+            if not ticket.late and self._clock() - grant.at > LATE_SLOT_SECONDS:
+                ticket.late = True
+                self._admission.release(grant, None)
+                return False
             if (delay := self.parts.limiter.pace(grant.permit) - self._clock()) > 0:
                 await self._sleep(delay)
         except BaseException:

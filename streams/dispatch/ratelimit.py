@@ -68,6 +68,13 @@ LEASE_MARGIN_SECONDS = 10.0
 # of it in any one-second window (rpm 600: 11 slots span 1.02 s), so the endpoint never sees
 # one request too many.
 RATE_HEADROOM = 0.98
+# A worker's own sends are paced at 99 % of each limit (not 100 %): a train of sends at the
+# pacer's spacing then absorbs up to 10 ms of network and endpoint jitter per window.
+PACE_SHARE = 0.99
+# A request that wakes this long after its reserved slot does not take it: sent now, it could
+# meet the next second's slots of other workers in one window (the 98 % schedule leaves 20 ms
+# per second). It asks for a new slot instead, once; the late slot is not given back.
+LATE_SLOT_SECONDS = 0.010
 # A grant reserves a slot up to this far ahead (at least 4 slots): the request sleeps until its
 # slot, so the time we take between "allowed" and "sent" never costs the schedule a slot.
 RESERVE_AHEAD_SECONDS = 0.25
@@ -241,7 +248,7 @@ class RateLimiter:
 
     def pace(self, permit: Permit) -> float:
         """When to send a granted request, called once at (or after) its slot: now, or later
-        if this worker's recent sends leave no room at 100 % of the limits (the shared
+        if this worker's recent sends leave no room at ``PACE_SHARE`` of the limits (the shared
         schedule runs at ``RATE_HEADROOM``). A worker that woke late so catches up within the
         headroom instead of sending what fell due at once, a burst the endpoint would count
         above the limit. Clock seconds."""
@@ -250,7 +257,7 @@ class RateLimiter:
         for r in rates:
             send = max(send, self._paced.get(r.key, send) - r.tolerance)
         for r in rates:
-            step = r.interval * RATE_HEADROOM * (permit.tokens if r.per_token else 1)
+            step = r.interval * RATE_HEADROOM / PACE_SHARE * (permit.tokens if r.per_token else 1)
             self._paced[r.key] = max(self._paced.get(r.key, send), send) + step
         return send
 

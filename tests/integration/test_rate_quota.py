@@ -6,11 +6,12 @@ group saturated; then, over the 30 s after the first second of calls:
 
 - served >= 97 % of the limit (``max_requests_per_second``, ``rpm``, ``tpm`` counted from the
   mock's ``usage``, with ``max_tokens`` chosen so the worker's estimate is exact);
-- never above it: at most ``limit`` requests in any 1 s window (``rate_burst: 1``), and for
+- never above it: at most ``limit`` requests in any 1 s window (``rate_burst: 1``) from the
+  first quarter second on (a worker's first call opens its connection and arrives late), and for
   ``tpm`` at most ``tpm / 60`` tokens per second plus one request in any window;
 - steady: no 1 s window below 80 % of a request-count limit.
 
-The three limits run side by side (one group and one mock each), with 1 and with 3 workers.
+The three limits run one after another (one group and one mock each), with 1 and with 3 workers.
 
 The mock stamps a call when its loop gets to it; on a machine starved of CPU, calls that
 arrived while the mock could not run are stamped together when it runs again. The mock logs
@@ -42,7 +43,8 @@ from tests.integration.harness import (
 
 pytestmark = pytest.mark.integration
 
-SETTLE = 1.0  # the first second of calls is not judged (workers warming up)
+SETTLE = 1.0  # the first second of calls is not judged for the share (workers warming up)
+CONNECT_WARMUP = 0.25  # windows starting this soon after the first call are not judged
 WINDOW = 30.0
 SHARE = 0.97
 STEADY = 0.80
@@ -125,7 +127,12 @@ async def _run(tmp: Path, variant: Variant, workers: int) -> dict[str, Any]:
     t_span = [t for t, _ in span]
     c_span = [c for _, c in span]
     _, least_1s, _ = window_sums(t_span, c_span, 1.0, stalls)
-    most_all, _, judged = window_sums(times, costs, 1.0, stalls)
+    # Every window from the first quarter second on (a window reaches forward, so dropping
+    # earlier calls only drops windows that start there): a worker's first call to the endpoint
+    # opens its connection and reaches the mock ~30 ms after it was sent, so the window starting
+    # at it also holds the next second's slots.
+    warm = [(t, c) for t, c in zip(times, costs, strict=True) if t >= times[0] + CONNECT_WARMUP]
+    most_all, _, judged = window_sums([t for t, _ in warm], [c for _, c in warm], 1.0, stalls)
     most_raw, least_raw, _ = window_sums(t_span, c_span, 1.0, [])
     return {"variant": variant.name, "workers": workers, "limit": variant.per_second,
             "served": served, "share": served / variant.per_second,
@@ -135,7 +142,10 @@ async def _run(tmp: Path, variant: Variant, workers: int) -> dict[str, Any]:
 
 @pytest.mark.parametrize("workers", [1, 3])
 async def test_limits_deliver_the_quota_and_never_more(tmp_path: Path, workers: int) -> None:
-    results = await asyncio.gather(*(_run(tmp_path, v, workers) for v in VARIANTS))
+    # One limit at a time: run side by side, the three groups' workers and mocks starve each
+    # other's event loops on two cores, and the mock's arrival stamps then measure our CPU
+    # contention (tens of ms between a send and its stamp), not the limiter.
+    results = [await _run(tmp_path, v, workers) for v in VARIANTS]
     for r in results:
         print(f"\n{r['variant']} x{workers}: served {r['served']:.1f}/s = {r['share']:.1%} of "
               f"{r['limit']:.0f}/s; 1 s windows: max {r['max_1s']}, min {r['min_1s']} "

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from streams.config import EndpointConfig, Settings
-from streams.dispatch.ratelimit import RateLimiter
+from streams.dispatch.ratelimit import PACE_SHARE, RateLimiter
 from streams.errors import DispatchFailed, ValidationFailed
 from tests.fakes.vtime import VirtualClock, run
 from tests.unit.dispatch.test_dispatcher import _ep, _make, _req, _status
@@ -60,7 +60,7 @@ def _limiter(clock: list[float], **ep: Any) -> tuple[RateLimiter, EndpointConfig
 
 async def test_pace_lets_on_time_sends_go_and_spreads_late_ones() -> None:
     now = [100.0]
-    limiter, ep = _limiter(now, rpm=600)  # slots ~0.102 s apart; sends >= 0.1 s apart
+    limiter, ep = _limiter(now, rpm=600)  # slots ~0.102 s apart; sends >= 0.101 s apart
     decisions = [await limiter.acquire(ep, 1) for _ in range(4)]
     permits = [d.permit for d in decisions if d.permit is not None]
     assert len(permits) == 4
@@ -68,7 +68,8 @@ async def test_pace_lets_on_time_sends_go_and_spreads_late_ones() -> None:
     assert limiter.pace(permits[0]) == pytest.approx(100.0)  # on time: now
     now[0] = 100.5  # the worker stalled; three slots fell due meanwhile
     sends = [limiter.pace(p) for p in permits[1:]]
-    assert sends == pytest.approx([100.5, 100.6, 100.7])  # not all at once
+    step = 0.1 / PACE_SHARE
+    assert sends == pytest.approx([100.5, 100.5 + step, 100.5 + 2 * step])  # not all at once
 
 
 def test_served_rate_is_the_limit_even_when_every_grant_is_late() -> None:
@@ -143,5 +144,34 @@ def test_a_reserved_slot_is_given_up_when_its_endpoint_starts_cooling() -> None:
         async with d:
             await asyncio.gather(*(d.dispatch(_req(i)) for i in range(4)))
         assert len(up.to("a")) == 1  # only the first: the others' slots on a came after the 429
+
+    run(main)
+
+
+def test_a_request_that_wakes_too_late_for_its_slot_asks_again() -> None:
+    """Sent late, a reserved slot lands next to the following slots (of this worker's or any
+    other's, which this worker's pacer cannot see): the endpoint would see two requests closer
+    than the limit allows. It takes a new slot instead (once), after the ones reserved."""
+
+    async def main(clock: VirtualClock) -> None:
+        d, up, _ = _make(clock, [_ep("a")], latency=0.01,
+                         limits={"max_requests_per_second": 10})
+        sleep = d._sleep
+        woke: list[float] = []
+
+        async def late_once(delay: float) -> None:
+            await sleep(delay)
+            if not woke and delay > 0.05:
+                await sleep(0.06)  # this wake-up comes 60 ms after the slot
+                woke.append(asyncio.get_running_loop().time())
+
+        d._sleep = late_once  # type: ignore[method-assign]
+        async with d:
+            await asyncio.gather(*(d.dispatch(_req(i)) for i in range(6)))
+        times = sorted(t for t, _, _ in up.calls)
+        assert len(times) == 6 and len(woke) == 1
+        assert all(abs(t - woke[0]) > 0.02 for t in times), (woke, times)  # not sent late
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        assert min(gaps) >= 0.1 * 0.98 - 1e-9, gaps
 
     run(main)
