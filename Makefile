@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup stack-up stack-down demo test unit integration faults faults-small lint bench bench-smoke clean \
+.PHONY: setup stack-up stack-down demo test unit integration faults faults-small quota lint bench bench-smoke clean \
 	image image-test helm helm-check
 
 $(STAMP): pyproject.toml
@@ -33,6 +33,11 @@ test: setup lint
 # The fault suite alone at its small size (about 5 minutes, its own private stack).
 faults-small: setup
 	$(BIN)/pytest -q -p no:cacheprovider -rf tests/faults
+
+# The rate-limit quota test with "never above" judged exactly (no measurement slack): run it on a
+# machine doing nothing else (about 5 minutes).
+quota: setup
+	QUOTA_STRICT=1 scripts/with-stack.sh $(BIN)/pytest -q -s -p no:cacheprovider tests/integration/test_rate_quota.py
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
