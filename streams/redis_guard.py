@@ -173,26 +173,38 @@ class RedisGuard:
         return outage
 
     def succeeded(self) -> None:
-        """Redis answered: an outage is over."""
+        """Redis answered (even to a ``force`` call while it was left alone): an outage is over."""
         if self._down:
             self._down = False
             self._on_up()
         self._delay = self._retry_min
+        self._retry_at = float("-inf")
 
     async def call(self, op: str, fn: Callable[[], Awaitable[T]], *, timeout: float,
-                   force: bool = False) -> T | _Down:
+                   force: bool = False, attempts: int = 1, backoff: float = 0.0) -> T | _Down:
         """``fn()`` within ``timeout``, or DOWN on a Redis error or while Redis is left alone
-        (unless ``force``)."""
+        (unless ``force``).
+
+        After an outage error ``fn()`` is tried again, ``attempts`` times in all, sleeping
+        ``backoff`` seconds, doubled each time; a command error is not (it would fail again).
+        """
         if not force and not self.available():
             return DOWN
-        try:
-            async with asyncio.timeout(timeout):
-                result = await fn()
-        except REDIS_ERRORS as exc:
-            self.failed(op, exc)
-            return DOWN
-        self.succeeded()
-        return result
+        delay = backoff
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(delay)
+                delay *= 2
+            try:
+                async with asyncio.timeout(timeout):
+                    result = await fn()
+            except REDIS_ERRORS as exc:
+                if not self.failed(op, exc):
+                    return DOWN
+                continue
+            self.succeeded()
+            return result
+        return DOWN
 
     def replies(self, op: str, results: list[Any]) -> list[bool]:
         """Which replies of a pipeline (run with ``raise_on_error=False``) succeeded; each

@@ -5,8 +5,10 @@ fingerprint of the request's content (``keys.fingerprint``), then an encoded rec
 (``codec``). A record is republished only for a request of the same content. The same id
 with other content is a conflict: answered afresh (its record then replaces the old one),
 counted, never served the other request's record. Its reads and writes are tried even while
-the cache's circuit is open (``force``): one slow command under load would otherwise skip the
-records of a whole second and let their redeliveries call the upstream again.
+the cache's circuit is open, and again after an outage error (``force``): one slow command
+under load would otherwise skip the records of a whole second and let their redeliveries call
+the upstream again. Only a read Redis never answered lets a request go on unchecked (the
+documented outage behaviour: answered, counted in ``..._idempotency_unchecked_total``, logged).
 
 Usage::
 
@@ -28,6 +30,7 @@ from streams.cache.store import RedisStore
 from streams.config import Settings
 from streams.contract import Request
 from streams.logs import LogThrottle, request_extra
+from streams.redis_guard import DOWN
 
 log = logging.getLogger("streams.cache")
 
@@ -73,6 +76,7 @@ class IdempotencyStore:
         self._cfg = settings.cache
         self._store = store
         self._conflicts = LogThrottle(settings.cache.error_log_interval_seconds, clock)
+        self._unchecked = LogThrottle(settings.cache.error_log_interval_seconds, clock)
 
     def ref(self, req: Request, topic: str) -> IdemRef:
         """Where ``req`` (read from ``topic``) is remembered: its tenant and id, its content.
@@ -85,11 +89,6 @@ class IdempotencyStore:
         if req.cache.no_store:
             ttl = min(ttl, cfg.no_store_idempotency_ttl_seconds)
         return IdemRef(self._store.rkey(idem_key(req.tenant, req.id)), fingerprint(req, topic), ttl, req.id)
-
-    async def recall_outcome(self, ref: IdemRef) -> Recalled | None:
-        """The output record remembered for this request, with its kind, or None."""
-        (raw,) = await self._store.read_many([ref.key], force=True)
-        return self.check(raw, ref)
 
     async def remember(
         self, ref: IdemRef, value: bytes, kind: Kind = "response", ttl: int | None = None
@@ -110,7 +109,18 @@ class IdempotencyStore:
         self._store.metrics.replays.labels(kind).inc()
 
     def check(self, raw: Read, ref: IdemRef) -> Recalled | None:
-        """The record ``raw`` holds for ``ref``, or None; a conflict is counted and logged."""
+        """The record ``raw`` holds for ``ref``, or None; a conflict, or a read Redis did not
+        answer (``DOWN``, after its retries), is counted and logged."""
+        if raw is DOWN:
+            self._store.metrics.unchecked.inc()
+            if count := self._unchecked.due():
+                log.warning(
+                    "redis did not answer the idempotency store after %d tries: requests "
+                    "answered without their check (a redelivered one may be answered again; "
+                    "%d such since last report)", self._cfg.redis_attempts, count,
+                    extra=request_extra(ref.request_id),
+                )
+            return None
         got = _recalled(raw, ref)
         if got is not False:
             return got

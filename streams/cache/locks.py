@@ -3,7 +3,9 @@
 A lock is ``SET NX PX`` on ``{prefix}:l:{key}``, released and extended only by its holder's
 token (compare-and-delete / compare-and-extend in Lua). Lock attempts and finishes of one
 loop tick share one pipeline each: a batch of misses costs two round trips, not two per
-request.
+request. Lock attempts, peeks and finishes decide whether the upstream is called (a waiter
+that cannot see the lock or its answer calls it itself), so they are ``force`` calls: tried
+while the cache's circuit is open, and again after an outage error. Renewals follow the circuit.
 
 Usage::
 
@@ -78,8 +80,6 @@ class RedisLocks:
         self._finishes.flush()
 
     async def try_lock(self, key: str, token: str, ttl_ms: int) -> tuple[LockState, Body | None]:
-        if not self._store.guard.available():
-            return LockState.UNAVAILABLE, None
         return await self._locks.submit((key, token, ttl_ms))
 
     async def _try_locks(self, items: list[LockItem]) -> list[tuple[LockState, Body | None]]:
@@ -90,25 +90,29 @@ class RedisLocks:
             for key, token, ttl_ms in items:
                 pipe.set(s.lkey(key), token, nx=True, px=ttl_ms)
                 pipe.get(s.ckey(key))
+                # whose lock it is: a try whose reply was lost took it for us
+                pipe.get(s.lkey(key))
             return await pipe.execute(raise_on_error=False)
 
-        res = await s.call("lock", go)
+        res = await s.call("lock", go, force=True)
         if res is DOWN:
             return [(LockState.UNAVAILABLE, None)] * len(items)
         ok = s.guard.replies("lock", res)
         out: list[tuple[LockState, Body | None]] = []
-        for i in range(len(items)):
-            acquired, raw = res[2 * i], res[2 * i + 1]
+        for i, (_, token, _) in enumerate(items):
+            acquired, raw, holder = res[3 * i: 3 * i + 3]
             body = decode_body(raw) if isinstance(raw, bytes) else None
-            if not ok[2 * i]:  # that lock command failed: proceed as if alone
+            if not ok[3 * i]:  # that lock command failed: proceed as if alone
                 out.append((LockState.UNAVAILABLE, body))
+            elif acquired or holder == token.encode():
+                out.append((LockState.ACQUIRED, body))
             else:
-                out.append(((LockState.ACQUIRED if acquired else LockState.HELD), body))
+                out.append((LockState.HELD, body))
         return out
 
     async def peek(self, key: str) -> tuple[Body | None, bool] | None:
         s = self._store
-        raw, lock = await s.read_many([s.ckey(key), s.lkey(key)])
+        raw, lock = await s.read_many([s.ckey(key), s.lkey(key)], force=True)
         if raw is DOWN or lock is DOWN:
             return None
         return (decode_body(raw) if raw is not None else None), lock is not None
@@ -130,8 +134,7 @@ class RedisLocks:
             if value is not None:
                 await s.write(s.ckey(key), value, ttl or 1, "cache")
             return
-        if s.guard.available():
-            await self._finishes.submit((key, token, value, ttl or 1))
+        await self._finishes.submit((key, token, value, ttl or 1))
 
     async def _finish_many(self, items: list[FinishItem]) -> list[None]:
         s = self._store
@@ -144,7 +147,7 @@ class RedisLocks:
                 pipe.eval(_RELEASE, 1, s.lkey(key), token)
             return await pipe.execute(raise_on_error=False)
 
-        res = await s.call("lock", go)
+        res = await s.call("lock", go, force=True)
         if res is not DOWN:
             ok = iter(s.guard.replies("lock", res))
             stored = 0

@@ -89,13 +89,6 @@ class ResponseCache:
         """The request's cache key (see ``streams.cache.keys.cache_key``)."""
         return cache_key(req, self._cfg.normalize)
 
-    async def lookup(self, req: Request, key: str | None = None) -> Completion | None:
-        """The cached answer as ``cached=True``, or None (miss, no_cache, disabled, Redis down)."""
-        if not self._cfg.enabled or req.cache.no_cache:
-            return None
-        (raw,) = await self.redis_store.read_many([self.redis_store.ckey(key or self.key(req))])
-        return self._hit(req, raw)
-
     def _hit(self, req: Request, raw: Read) -> Completion | None:
         model = req.model or ""
         body = decode_body(raw) if isinstance(raw, bytes) else None
@@ -132,7 +125,8 @@ class ResponseCache:
         return out
 
     async def store(self, req: Request, comp: Completion, key: str | None = None) -> None:
-        """Cache a fresh answer for ``req.cache.ttl`` or ``cache.ttl_seconds``."""
+        """Cache a fresh answer for ``req.cache.ttl`` or ``cache.ttl_seconds`` (an answer
+        computed outside ``coalesce``, which stores its own)."""
         if not self._cfg.enabled or req.cache.no_store or comp.cached:
             return
         value = self.redis_store.encode(comp.body)
@@ -159,30 +153,11 @@ class ResponseCache:
         # no_store answers never reach Redis, so other processes could not read them.
         return await self.coalescer.run(key, req.model or "", compute, remote=not no_store, ttl=ttl)
 
-    async def answer(
-        self, req: Request, compute: Callable[[], Awaitable[Completion]]
-    ) -> Completion:
-        """lookup, else coalesce (which stores): the whole pay-once path in one call."""
-        key = self.key(req)
-        comp = await self.lookup(req, key)
-        return comp if comp is not None else await self.coalesce(req, key, compute)
-
     # -- idempotency store ----------------------------------------------------------
 
     def ref(self, req: Request, topic: str) -> IdemRef:
         """Where ``req`` (read from ``topic``) is remembered (``IdempotencyStore.ref``)."""
         return self.idempotency.ref(req, topic)
-
-    async def recall(self, ref: IdemRef) -> bytes | None:
-        """The response record remembered for this request, or None (also when Redis is down,
-        and on a conflict). Only ``kind="response"``: a dead letter belongs on another topic.
-        """
-        got = await self.idempotency.recall_outcome(ref)
-        return got.value if got is not None and got.kind == "response" else None
-
-    async def recall_outcome(self, ref: IdemRef) -> Recalled | None:
-        """The output record remembered for this request, with its kind, or None."""
-        return await self.idempotency.recall_outcome(ref)
 
     async def remember(
         self, ref: IdemRef, value: bytes, kind: Kind = "response", ttl: int | None = None

@@ -9,8 +9,9 @@ Redis key layout (``prefix`` is ``redis.key_prefix``)::
 Reads are micro-batched: every read of one event-loop tick (or up to ``cache.batch_max_keys``)
 shares one ``MGET``; writes share one pipeline. Redis errors never reach the caller: reads
 answer ``DOWN``, writes are skipped and counted, and after an outage error Redis is left alone
-for ``cache.redis_retry_seconds`` (``redis_guard.RedisGuard``). A ``force`` read or write (the
-idempotency store's) is tried even then.
+for ``cache.redis_retry_seconds`` (``redis_guard.RedisGuard``). A ``force`` read or write (one
+that decides whether the upstream is paid: the idempotency store's, the coalescing locks') is
+tried even then, and again after an outage error.
 
 Usage::
 
@@ -63,6 +64,11 @@ class CacheMetrics:
         self.conflicts = Counter(
             "llm_streams_cache_idempotency_conflicts",
             "Request ids reused with other content: answered afresh, not replayed",
+            registry=registry,
+        )
+        self.unchecked = Counter(
+            "llm_streams_cache_idempotency_unchecked",
+            "Requests answered without their idempotency check: Redis did not answer it",
             registry=registry,
         )
         self.circuit_open = Gauge(
@@ -139,8 +145,17 @@ class RedisStore:
         log.info("redis is reachable again; cache back in use")
 
     async def call(self, op: str, fn: Callable[[], Awaitable[T]], force: bool = False) -> T | _Down:
-        """``fn()`` through the guard (DOWN: Redis did not answer or is left alone)."""
-        return await self.guard.call(op, fn, timeout=self._timeout, force=force)
+        """``fn()`` through the guard (DOWN: Redis did not answer or is left alone).
+
+        ``force``: a call that decides whether the upstream is paid. It is tried even while
+        the circuit is open, and again after an outage error (``cache.redis_attempts``), so
+        one command timed out by a lagging event loop does not pay a redelivery twice.
+        """
+        if not force:
+            return await self.guard.call(op, fn, timeout=self._timeout)
+        return await self.guard.call(op, fn, timeout=self._timeout, force=True,
+                                     attempts=self._cfg.redis_attempts,
+                                     backoff=self._cfg.redis_backoff_seconds)
 
     def ckey(self, key: str) -> str:
         """The Redis key of a cached answer."""

@@ -61,10 +61,6 @@ class Answerer(Protocol):
 class Cache(Protocol):
     """The response cache and idempotency store (``streams.cache.ResponseCache``)."""
 
-    def key(self, req: Request) -> str:
-        """The request's cache key."""
-    def ref(self, req: Request, topic: str) -> IdemRef:
-        """Where the request's output is remembered (tenant and id) and its content's print."""
     async def remember(self, ref: IdemRef, value: bytes) -> None: ...
     def note_replay(self) -> None: ...
     async def prefetch(self, reqs: list[Request], topics: list[str]) -> list[Prefetched]:
@@ -160,7 +156,7 @@ class Processor:
         cache = self._cache
         if cache is None or not parsed:
             for rec, req in parsed:
-                later(rec, self._guarded(rec, req, self._miss(None, rec, req, None)))
+                later(rec, self._guarded(rec, req, self._miss(rec, req, None)))
         else:
             await self._fast(cache, parsed, later, finish)
 
@@ -171,19 +167,10 @@ class Processor:
         later: Callable[[InRecord, Coroutine[None, None, str]], None],
         done: Callable[[InRecord, str], None],
     ) -> None:
-        try:
-            found = await cache.prefetch(
-                [req for _, req in parsed], [rec.source.topic for rec, _ in parsed]
-            )
-        except Exception:  # a bug in the batch path: each record goes on as a miss
-            log.exception("batch prefetch failed; processing %d records as misses", len(parsed))
-            for rec, req in parsed:
-                later(rec, self._guarded(rec, req, self._miss(cache, rec, req, None)))
-            return
         ready: list[tuple[InRecord, Request, Completion | None]] = []
         out: list[OutRecord] = []
         responses = self._topics.responses
-        for (rec, req), got in zip(parsed, found, strict=True):
+        for rec, req, got in await self._prefetch(cache, parsed, later):
             if got.recalled is not None and got.recalled.kind == "response":
                 ready.append((rec, req, None))
                 out.append(OutRecord(responses, rec.key, got.recalled.value))
@@ -196,7 +183,7 @@ class Processor:
                 ready.append((rec, req, got.hit))
                 out.append(OutRecord(responses, rec.key, value))
             else:
-                later(rec, self._guarded(rec, req, self._miss(cache, rec, req, got)))
+                later(rec, self._guarded(rec, req, self._miss(rec, req, got)))
         if not out:
             return
         refused = await self._publisher.publish_many(out)
@@ -210,19 +197,48 @@ class Processor:
             else:
                 done(rec, self._count(rec, comp))
 
-    async def _miss(
-        self, cache: Cache | None, rec: InRecord, req: Request, got: Prefetched | None
-    ) -> str:
+    async def _prefetch(
+        self,
+        cache: Cache,
+        parsed: list[tuple[InRecord, Request]],
+        later: Callable[[InRecord, Coroutine[None, None, str]], None],
+    ) -> list[tuple[InRecord, Request, Prefetched]]:
+        """What Redis knows of each record; a record whose prefetch failed is never dispatched
+        unchecked (it might be a redelivery already paid for): it gets an ``internal`` letter."""
+        try:
+            found = await cache.prefetch(
+                [req for _, req in parsed], [rec.source.topic for rec, _ in parsed]
+            )
+            return [(rec, req, got) for (rec, req), got in zip(parsed, found, strict=True)]
+        except Exception:  # a bug in the batch path: find the records it concerns
+            log.exception("batch prefetch failed; prefetching its %d records one by one",
+                          len(parsed))
+        alone = await asyncio.gather(
+            *(cache.prefetch([req], [rec.source.topic]) for rec, req in parsed),
+            return_exceptions=True,
+        )
+        kept = []
+        for (rec, req), got in zip(parsed, alone, strict=True):
+            if isinstance(got, Exception):
+                later(rec, self.fail(rec, got, req))
+            elif isinstance(got, BaseException):
+                raise got
+            else:
+                kept.append((rec, req, got[0]))
+        return kept
+
+    async def _miss(self, rec: InRecord, req: Request, got: Prefetched | None) -> str:
         """A request not answered from Redis: dispatched once for all identical ones in flight
-        (``cache.coalesce``), remembered, published. ``got`` is None when the prefetch failed."""
+        (``cache.coalesce``), remembered, published. ``got`` is None without a cache."""
         ref = None
         try:
-            if cache is None:
+            if got is None or self._cache is None:
                 comp = await self._dispatcher.dispatch(req)
             else:
-                key, ref = (got.key, got.ref) if got is not None else (
-                    cache.key(req), cache.ref(req, rec.source.topic))
-                comp = await cache.coalesce(req, key, lambda: self._dispatcher.dispatch(req))
+                ref = got.ref
+                comp = await self._cache.coalesce(
+                    req, got.key, lambda: self._dispatcher.dispatch(req)
+                )
         except DispatchFailed as failed:
             return await self._letters.write(
                 rec, failed.error, req, req.id, failed.attempts, failed.endpoints

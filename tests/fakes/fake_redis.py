@@ -1,7 +1,9 @@
 """A tiny in-memory stand-in for redis.asyncio.Redis: just what streams.cache uses.
 
-It counts round trips per command and can be told to fail, so batching and outage
-handling are testable without a server. Like Redis, a SET whose expiry is out of range fails
+It counts round trips per command and can be told to fail, to hang (``hang``: the next n
+round trips never answer, so the caller's timeout ends them, as under a lagging event loop) or
+to lose replies (``lose``: the next n round trips are done, their replies never arrive), so
+batching and outage handling are testable without a server. Like Redis, a SET whose expiry is out of range fails
 that command alone (``ResponseError``); a pipeline raises the first such error unless run
 with ``raise_on_error=False``, which returns it in its place.
 """
@@ -35,6 +37,8 @@ class FakeRedis:
         self.fail = False
         self.error: Exception | None = None  # raised instead of a connection error
         self.delay = 0.0
+        self.hang = 0
+        self.lose = 0
 
     def get_connection_kwargs(self) -> dict[str, Any]:
         return {}
@@ -47,6 +51,14 @@ class FakeRedis:
             raise self.error or RedisConnectionError(
                 "Error 111 connecting to fake. Connection refused."
             )
+        if self.hang:
+            self.hang -= 1
+            await asyncio.sleep(3600)
+
+    async def _reply(self) -> None:
+        if self.lose:
+            self.lose -= 1
+            await asyncio.sleep(3600)
 
     def _get(self, key: Any) -> bytes | None:
         item = self.data.get(_b(key))
@@ -86,7 +98,9 @@ class FakeRedis:
 
     async def mget(self, keys: list[Any]) -> list[bytes | None]:
         await self._trip("mget")
-        return [self._get(k) for k in keys]
+        got = [self._get(k) for k in keys]
+        await self._reply()
+        return got
 
     async def get(self, key: Any) -> bytes | None:
         await self._trip("get")
@@ -130,6 +144,7 @@ class FakePipeline:
                 out.append(fn(*a, **kw))
             except ResponseError as exc:
                 out.append(exc)
+        await self._r._reply()
         errors = [r for r in out if isinstance(r, ResponseError)]
         if errors and raise_on_error:
             raise errors[0]

@@ -1,4 +1,7 @@
-"""ResponseCache against the real Redis (TEST_REDIS_DB, 13 in this project's runs)."""
+"""ResponseCache against the real Redis (TEST_REDIS_DB, 13 in this project's runs).
+
+Reads go through the batch path a worker uses (``prefetch``, then ``coalesce`` for a miss).
+"""
 
 from __future__ import annotations
 
@@ -54,6 +57,24 @@ def prefix() -> str:
     return f"it-cache-{uuid.uuid4().hex[:8]}"
 
 
+async def looked(c: ResponseCache, r: Request) -> Completion | None:
+    """The cached answer the batch path finds for ``r`` (its prefetch)."""
+    (got,) = await c.prefetch([r], ["llm.requests"])
+    return got.hit
+
+
+async def recalled(c: ResponseCache, rid: str, **kw: Any) -> Recalled | None:
+    """The output record the batch path finds for request ``rid`` (as ``ref`` builds it)."""
+    (got,) = await c.prefetch([req(id=rid, **kw)], ["llm.requests"])
+    return got.recalled
+
+
+async def answered(c: ResponseCache, r: Request, compute: Any) -> Completion:
+    """The batch path of one request: its hit, else one coalesced compute (which stores)."""
+    (got,) = await c.prefetch([r], ["llm.requests"])
+    return got.hit if got.hit is not None else await c.coalesce(r, got.key, compute)
+
+
 def settings(prefix: str, **cache: Any) -> Settings:
     return load_settings(environ={}, redis={"key_prefix": prefix}, cache=cache)
 
@@ -75,23 +96,23 @@ def comp(text: str = "answer") -> Completion:
 
 async def test_hit_miss_and_ttl(redis_client: aioredis.Redis, prefix: str) -> None:
     cache = make(redis_client, prefix, ttl_seconds=600)
-    assert await cache.lookup(req()) is None
+    assert await looked(cache, req()) is None
     await cache.store(req(), comp())
     await cache.store(req("short", cache={"ttl": 5}), comp())
-    hit = await cache.lookup(req("  hi "))  # whitespace-normalized: same key
+    hit = await looked(cache, req("  hi "))  # whitespace-normalized: same key
     assert hit is not None and hit.cached and hit.output == "answer"
     assert 590 < await redis_client.ttl(cache.redis_store.ckey(cache.key(req()))) <= 600
     assert 0 < await redis_client.ttl(cache.redis_store.ckey(cache.key(req("short")))) <= 5
     other_tenant = req(tenant="someone-else")
-    assert await cache.lookup(other_tenant) is None
+    assert await looked(cache, other_tenant) is None
 
 
 async def test_no_cache_and_no_store(redis_client: aioredis.Redis, prefix: str) -> None:
     cache = make(redis_client, prefix)
     await cache.store(req(), comp())
-    assert await cache.lookup(req(cache={"no_cache": True})) is None
+    assert await looked(cache, req(cache={"no_cache": True})) is None
     await cache.store(req("x", cache={"no_store": True}), comp())
-    assert await cache.lookup(req("x")) is None
+    assert await looked(cache, req("x")) is None
 
 
 async def test_compression_round_trip(redis_client: aioredis.Redis, prefix: str) -> None:
@@ -100,7 +121,7 @@ async def test_compression_round_trip(redis_client: aioredis.Redis, prefix: str)
     await cache.store(req("long"), comp(text))
     raw = await redis_client.get(cache.redis_store.ckey(cache.key(req("long"))))
     assert raw is not None and raw[:1] == ZLIB and len(raw) < len(text) // 5
-    hit = await cache.lookup(req("long"))
+    hit = await looked(cache, req("long"))
     assert hit is not None and hit.output == text
 
 
@@ -111,12 +132,12 @@ def ref(cache: ResponseCache, rid: str, **kw: Any) -> IdemRef:
 async def test_idempotency_round_trip(redis_client: aioredis.Redis, prefix: str) -> None:
     cache = make(redis_client, prefix)
     dlq = b'{"id":"req-42","error":{}}'
-    r42, r43, r44 = ref(cache, "req-42"), ref(cache, "req-43"), ref(cache, "req-44")
+    r42, r44 = ref(cache, "req-42"), ref(cache, "req-44")
     await cache.remember(r42, dlq, kind="dead_letter", ttl=30)
     await cache.remember(r44, b'{"id":"req-44"}')
-    assert await cache.recall_outcome(r42) == Recalled("dead_letter", dlq)
-    assert await cache.recall(r44) == b'{"id":"req-44"}'
-    assert await cache.recall(r43) is None
+    assert await recalled(cache, "req-42") == Recalled("dead_letter", dlq)
+    assert await recalled(cache, "req-44") == Recalled("response", b'{"id":"req-44"}')
+    assert await recalled(cache, "req-43") is None
     keys = [k async for k in redis_client.scan_iter(match=f"{prefix}:r:*")]
     assert len(keys) == 2 and not any(b"req-4" in k for k in keys)
 
@@ -127,9 +148,10 @@ async def test_ids_are_scoped_by_tenant_and_checked_against_content(
     cache = make(redis_client, prefix)
     a = ref(cache, "job-1", tenant="a", metadata={"owner": "a"})
     await cache.remember(a, b'{"metadata":{"owner":"a"}}')
-    assert await cache.recall(a) == b'{"metadata":{"owner":"a"}}'
-    assert await cache.recall(ref(cache, "job-1", tenant="b", metadata={"owner": "a"})) is None
-    assert await cache.recall(ref(cache, "job-1", tenant="a", metadata={"owner": "x"})) is None
+    assert await recalled(cache, "job-1", tenant="a", metadata={"owner": "a"}) == Recalled(
+        "response", b'{"metadata":{"owner":"a"}}')
+    assert await recalled(cache, "job-1", tenant="b", metadata={"owner": "a"}) is None
+    assert await recalled(cache, "job-1", tenant="a", metadata={"owner": "x"}) is None
     assert cache.metrics.conflicts._value.get() == 1  # only tenant a's own id reuse
     keys = [k async for k in redis_client.scan_iter(match=f"{prefix}:r:{tenant_tag('a')}:*")]
     assert keys == [a.key.encode()]
@@ -142,10 +164,10 @@ async def test_a_set_out_of_redis_range_fails_alone_and_keeps_the_cache_in_use(
     huge = req("huge", cache={"ttl": 10**16})  # Redis refuses this EX
     await asyncio.gather(cache.store(huge, comp()), cache.store(req("fine"), comp()))
     assert cache.metrics.errors.labels("write")._value.get() == 1
-    assert await cache.lookup(huge) is None
-    assert await cache.lookup(req("fine")) is not None  # the circuit did not open
-    hit = await cache.answer(req("next"), _answer("fresh"))
-    assert not hit.cached and await cache.lookup(req("next")) is not None
+    assert await looked(cache, huge) is None
+    assert await looked(cache, req("fine")) is not None  # the circuit did not open
+    hit = await answered(cache, req("next"), _answer("fresh"))
+    assert not hit.cached and await looked(cache, req("next")) is not None
 
 
 def _answer(text: str) -> Any:
@@ -162,9 +184,10 @@ async def test_lookups_are_batched_into_few_mgets(
     cache = make(client, prefix, batch_max_keys=256)
     await asyncio.gather(*(cache.store(req(f"p{i}"), comp()) for i in range(0, 300, 3)))
     client.calls.clear()
-    got = await asyncio.gather(*(cache.lookup(req(f"p{i}")) for i in range(300)))
+    got = await asyncio.gather(*(looked(cache, req(f"p{i}")) for i in range(300)))
     assert sum(g is not None for g in got) == 100
-    assert client.calls["MGET"] == 2 and client.calls["GET"] == 0
+    # 300 idempotency keys and 300 cache keys, 256 per MGET
+    assert client.calls["MGET"] == 3 and client.calls["GET"] == 0
 
 
 async def test_500_identical_requests_on_two_workers_call_upstream_once(
@@ -181,7 +204,7 @@ async def test_500_identical_requests_on_two_workers_call_upstream_once(
 
     r = req("popular question")
     started = time.monotonic()
-    out = await asyncio.gather(*(w.answer(r, compute) for w in (a, b) * 250))
+    out = await asyncio.gather(*(answered(w, r, compute) for w in (a, b) * 250))
     assert calls == 1
     assert len(out) == 500 and all(c.output == "shared" for c in out)
     assert sum(not c.cached for c in out) == 1
@@ -234,24 +257,27 @@ async def test_dead_lock_holder_is_taken_over(redis_client: aioredis.Redis, pref
 async def test_unreachable_redis_is_fast_and_silent(prefix: str) -> None:
     dead = aioredis.Redis.from_url("redis://127.0.0.1:1/13", socket_connect_timeout=0.5)
     try:
-        cache = make(dead, prefix)
+        cache = make(dead, prefix, redis_attempts=3, redis_backoff_seconds=0.05)
         started = time.monotonic()
-        for _ in range(20):
-            assert await cache.lookup(req()) is None
+        assert await looked(cache, req()) is None
         await cache.store(req(), comp())
         await cache.remember(ref(cache, "id"), b"{}")
-        assert await cache.recall(ref(cache, "id")) is None
+        assert await recalled(cache, "id") is None
 
         async def compute() -> Completion:
             await asyncio.sleep(0.01)
             return comp()
 
-        out = await asyncio.gather(*(cache.answer(req(), compute) for _ in range(50)))
+        out = await asyncio.gather(*(answered(cache, req(), compute) for _ in range(50)))
         assert len(out) == 50
-        assert time.monotonic() - started < 0.5
-        errors = cache.metrics.errors.labels("read")._value.get()
-        # the circuit kept every later cache call away from the dead server; only the
-        # idempotency store's recall (and its write) were tried, and refused at once
-        assert errors == 2 and cache.metrics.errors.labels("write")._value.get() == 1
+        # five calls that decide payment (three prefetches, a remember, a lock attempt),
+        # each refused at once three times with 0.05 + 0.1 s between the tries
+        assert time.monotonic() - started < 5 * 0.15 + 0.5
+        errors = cache.metrics.errors.labels
+        # the circuit kept the cache's writes away from the dead server (the store, the
+        # coalesced answer's write); only what decides payment was tried
+        assert errors("read")._value.get() == 3 * 3
+        assert errors("write")._value.get() == 3 and errors("lock")._value.get() == 3
+        assert cache.metrics.unchecked._value.get() == 1 + 1 + 50
     finally:
         await dead.aclose()

@@ -1,4 +1,7 @@
-"""ResponseCache against an in-memory fake Redis: batching, codec, outage, coalescing."""
+"""ResponseCache against an in-memory fake Redis: batching, codec, outage, coalescing.
+
+Reads go through the batch path a worker uses (``prefetch``, then ``coalesce`` for a miss).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from tests.fakes.fake_redis import FakeRedis
 
 
 def settings(**cache: Any) -> Settings:
-    return load_settings(environ={}, cache=cache)
+    # short backoff between the tries of a failed read: the tries are counted, not timed
+    return load_settings(environ={}, cache={"redis_backoff_seconds": 0.001, **cache})
 
 
 def make(
@@ -46,6 +50,25 @@ def comp(text: str = "answer", **kw: Any) -> Completion:
 
 def ref(c: ResponseCache, rid: str = "r1", topic: str = "llm.requests", **kw: Any) -> IdemRef:
     return c.ref(req(id=rid, **kw), topic)
+
+
+async def looked(c: ResponseCache, r: Request, topic: str = "llm.requests") -> Completion | None:
+    """The cached answer the batch path finds for ``r`` (its prefetch)."""
+    (got,) = await c.prefetch([r], [topic])
+    return got.hit
+
+
+async def recalled(c: ResponseCache, rid: str = "r1", topic: str = "llm.requests",
+                   **kw: Any) -> Recalled | None:
+    """The output record the batch path finds for request ``rid`` (as ``ref`` builds it)."""
+    (got,) = await c.prefetch([req(id=rid, **kw)], [topic])
+    return got.recalled
+
+
+async def answered(c: ResponseCache, r: Request, compute: Any) -> Completion:
+    """The batch path of one request: its hit, else one coalesced compute (which stores)."""
+    (got,) = await c.prefetch([r], ["llm.requests"])
+    return got.hit if got.hit is not None else await c.coalesce(r, got.key, compute)
 
 
 def metric(reg: CollectorRegistry, name: str, **labels: str) -> float:
@@ -79,9 +102,9 @@ def test_codec_keeps_incompressible_data_raw_and_rejects_garbage() -> None:
 async def test_miss_store_hit() -> None:
     cache, fake, reg = make()
     r = req()
-    assert await cache.lookup(r) is None
+    assert await looked(cache, r) is None
     await cache.store(r, comp())
-    hit = await cache.lookup(r)
+    hit = await looked(cache, r)
     assert hit is not None
     assert (hit.cached, hit.endpoint, hit.attempts, hit.model) == (True, None, 0, "m")
     assert hit.output == "answer"
@@ -93,24 +116,23 @@ async def test_miss_store_hit() -> None:
 async def test_concurrent_lookups_share_one_mget() -> None:
     cache, fake, _ = make()
     await cache.store(req("p3"), comp())
-    results = await asyncio.gather(*(cache.lookup(req(f"p{i % 10}")) for i in range(200)))
+    # 100 prefetches of one tick: 100 idempotency keys and 100 cache keys, one MGET
+    results = await asyncio.gather(*(looked(cache, req(f"p{i % 10}")) for i in range(100)))
     assert fake.round_trips["mget"] == 1
-    assert sum(r is not None for r in results) == 20
+    assert sum(r is not None for r in results) == 10
 
 
 async def test_batches_are_capped_at_batch_max_keys() -> None:
     cache, fake, _ = make(batch_max_keys=256)
-    await asyncio.gather(*(cache.lookup(req(f"p{i}")) for i in range(600)))
+    await asyncio.gather(*(looked(cache, req(f"p{i}")) for i in range(300)))  # 600 keys
     assert fake.round_trips["mget"] == 3
 
 
 async def test_lookups_and_recalls_of_one_tick_share_a_round_trip() -> None:
     cache, fake, _ = make()
     await cache.remember(ref(cache, "id-1"), b'{"id":"id-1"}')
-    got = await asyncio.gather(
-        cache.lookup(req()), cache.recall(ref(cache, "id-1")), cache.recall(ref(cache, "nope"))
-    )
-    assert got[1] == b'{"id":"id-1"}' and got[2] is None
+    got = await asyncio.gather(looked(cache, req()), recalled(cache, "id-1"), recalled(cache, "nope"))
+    assert got[1] == Recalled("response", b'{"id":"id-1"}') and got[2] is None
     assert fake.round_trips["mget"] == 1
 
 
@@ -133,13 +155,15 @@ async def test_ttl_default_and_per_request() -> None:
 async def test_no_cache_no_store_disabled_and_cached_answers() -> None:
     cache, fake, _ = make()
     await cache.store(req(), comp())
-    assert await cache.lookup(req(cache={"no_cache": True})) is None
+    assert await looked(cache, req(cache={"no_cache": True})) is None
     await cache.store(req("other", cache={"no_store": True}), comp())
     await cache.store(req("again"), comp(cached=True))  # a hit is never written back
     assert len(fake.data) == 1
-    off, fake2, _ = make(enabled=False)
+    off, fake2, reg_off = make(enabled=False)
     await off.store(req(), comp())
-    assert await off.lookup(req()) is None and not fake2.data and not fake2.round_trips
+    assert await looked(off, req()) is None and not fake2.data
+    assert fake2.round_trips == {"mget": 1}  # the idempotency store only: no lookup counted
+    assert metric(reg_off, "misses", model="m") == 0 and metric(reg_off, "hits", model="m") == 0
 
 
 async def test_large_values_compressed_and_too_large_skipped() -> None:
@@ -147,7 +171,7 @@ async def test_large_values_compressed_and_too_large_skipped() -> None:
     await cache.store(req("big"), comp("word " * 1000))  # 5 kB, compresses well
     (value,) = fake.data.values()
     assert value[0][:1] == ZLIB
-    hit = await cache.lookup(req("big"))
+    hit = await looked(cache, req("big"))
     assert hit is not None and hit.output == "word " * 1000
     await cache.store(req("huge"), comp(os.urandom(3000).hex()))
     assert len(fake.data) == 1 and metric(reg, "skipped_writes", reason="too_large") == 1
@@ -156,18 +180,16 @@ async def test_large_values_compressed_and_too_large_skipped() -> None:
 async def test_remember_recall_kinds_and_replay_metric() -> None:
     cache, fake, reg = make(compress_min_bytes=10)
     record = b'{"id":"a","status":"ok","output":"' + b"y" * 200 + b'"}'
-    a, b, c = ref(cache, "a"), ref(cache, "secret-id-b"), ref(cache, "c")
+    a, b = ref(cache, "a"), ref(cache, "secret-id-b")
     await cache.remember(a, record)
     await cache.remember(b, b'{"id":"b"}', kind="dead_letter", ttl=5)
-    assert [await cache.recall_outcome(x) for x in (a, b, c)] == [
+    assert [await recalled(cache, x) for x in ("a", "secret-id-b", "c")] == [
         Recalled("response", record),
-        Recalled("dead_letter", b'{"id":"b"}'),
+        Recalled("dead_letter", b'{"id":"b"}'),  # the processor replays responses only
         None,
     ]
     assert all(k.startswith(b"llmstreams:r:_:") for k in fake.data)
     assert not any(b"secret" in k for k in fake.data)
-    assert await cache.recall(a) == record
-    assert await cache.recall(b) is None  # a dead letter is not a response
     ttl = fake.ttl(b.key)
     assert ttl is not None and 4 < ttl <= 5
     cache.note_replay("response")
@@ -177,7 +199,7 @@ async def test_remember_recall_kinds_and_replay_metric() -> None:
 async def test_model_labels_are_bounded() -> None:
     cache, _, reg = make()
     for i in range(MAX_MODEL_LABELS + 10):
-        await cache.lookup(req(model=f"m{i}"))
+        await looked(cache, req(model=f"m{i}"))
     assert metric(reg, "misses", model="other") == 10
 
 
@@ -195,19 +217,22 @@ async def test_redis_errors_never_raise_and_short_circuit(caplog: pytest.LogCapt
     cache, fake, reg = make(clock=clock, redis_retry_seconds=1.0, error_log_interval_seconds=10)
     fake.fail = True
     caplog.set_level(logging.WARNING, logger="streams.cache")
-    assert await cache.lookup(req()) is None
+    assert await looked(cache, req()) is None  # a prefetch decides payment: tried 3 times
     await cache.store(req(), comp())
-    assert fake.round_trips["mget"] == 1 and fake.round_trips["pipeline"] == 0  # circuit open
-    assert metric(reg, "errors", op="read") == 1
+    assert fake.round_trips["mget"] == 3 and fake.round_trips["pipeline"] == 0  # circuit open
+    assert metric(reg, "errors", op="read") == 3
     assert metric(reg, "skipped_writes", reason="redis_unavailable") == 1
     clock.now += 1.5
-    assert await cache.lookup(req()) is None
-    assert fake.round_trips["mget"] == 2 and metric(reg, "errors", op="read") == 2
+    await cache.store(req(), comp())  # the retry is due: tried once, fails
+    assert fake.round_trips["pipeline"] == 1 and metric(reg, "errors", op="write") == 1
+    clock.now += 0.5
+    await cache.store(req(), comp())  # the next one is not due yet (the delay doubled)
+    assert fake.round_trips["pipeline"] == 1
     assert len([r for r in caplog.records if "redis error" in r.getMessage()]) == 1
     fake.fail = False
     clock.now += 1.5
     await cache.store(req(), comp())
-    assert await cache.lookup(req()) is not None  # back in use at once
+    assert await looked(cache, req()) is not None  # back in use at once
 
 
 async def test_the_idempotency_store_is_tried_while_the_circuit_is_open() -> None:
@@ -215,18 +240,19 @@ async def test_the_idempotency_store_is_tried_while_the_circuit_is_open() -> Non
     # would let a redelivered, already answered id call the upstream again
     cache, fake, reg = make(clock=Clock(1000.0), redis_retry_seconds=60.0)
     fake.fail = True
-    assert await cache.lookup(req()) is None  # the circuit opens for 60 s
+    await cache.store(req(), comp())  # the circuit opens for 60 s
+    assert fake.round_trips["pipeline"] == 1
     x = ref(cache, "x")
-    await cache.remember(x, b'{"id":"x"}')  # tried, failed: counted as skipped
-    assert await cache.recall(x) is None
-    assert fake.round_trips["pipeline"] == 1 and fake.round_trips["mget"] == 2
-    assert metric(reg, "skipped_writes", reason="redis_unavailable") == 1
+    await cache.remember(x, b'{"id":"x"}')  # tried 3 times, failed: counted as skipped
+    assert await recalled(cache, "x") is None  # tried 3 times
+    assert fake.round_trips["pipeline"] == 4 and fake.round_trips["mget"] == 3
+    assert metric(reg, "skipped_writes", reason="redis_unavailable") == 2
     fake.fail = False  # Redis answers again; the circuit is still open
     await cache.store(req(), comp())
-    assert await cache.lookup(req()) is None and fake.round_trips["mget"] == 2  # cache waits
+    assert fake.round_trips["pipeline"] == 4 and not fake.data  # a cache write waits
     await cache.remember(x, b'{"id":"x"}')
-    got = await asyncio.gather(cache.lookup(req()), cache.recall(x))  # only the recall goes
-    assert got == [None, b'{"id":"x"}'] and fake.round_trips["mget"] == 3
+    assert await recalled(cache, "x") == Recalled("response", b'{"id":"x"}')
+    assert fake.round_trips["mget"] == 4
     assert metric(reg, "writes", store="idempotency") == 1
 
 
@@ -250,11 +276,11 @@ async def test_in_process_coalescing_calls_once_and_stores() -> None:
     cache, fake, reg = make()
     compute, calls = counting(comp())
     r = req()
-    out = await asyncio.gather(*(cache.answer(r, compute) for _ in range(100)))
+    out = await asyncio.gather(*(answered(cache, r, compute) for _ in range(100)))
     assert calls["n"] == 1
     assert sum(not c.cached for c in out) == 1 and sum(c.cached for c in out) == 99
     assert metric(reg, "coalesced", scope="local") == 99
-    assert await cache.lookup(r) is not None and cache.coalescer.inflight == 0
+    assert await looked(cache, r) is not None and cache.coalescer.inflight == 0
     assert not any(k.startswith(b"llmstreams:l:") for k in fake.data)  # lock released
 
 
@@ -291,7 +317,7 @@ async def test_two_processes_share_one_compute() -> None:
     b, _, reg_b = make(shared)
     compute, calls = counting(comp(), delay=0.05)
     r = req()
-    out = await asyncio.gather(*(c.answer(r, compute) for c in (a, b) * 20))
+    out = await asyncio.gather(*(answered(c, r, compute) for c in (a, b) * 20))
     assert calls["n"] == 1 and sum(not c.cached for c in out) == 1
     remote = [metric(reg, "coalesced", scope="remote") for reg in (reg_a, reg_b)]
     assert sum(remote) == 1
@@ -338,7 +364,7 @@ async def test_coalescing_survives_redis_outage_in_process() -> None:
     fake.fail = True
     compute, calls = counting(comp())
     r = req()
-    out = await asyncio.gather(*(cache.answer(r, compute) for _ in range(20)))
+    out = await asyncio.gather(*(answered(cache, r, compute) for _ in range(20)))
     assert calls["n"] == 1 and len(out) == 20
     assert metric(reg, "errors", op="read") >= 1
 
@@ -379,27 +405,29 @@ async def test_an_id_reused_with_other_content_is_answered_afresh_never_replayed
     caplog.set_level(logging.WARNING, logger="streams.cache")
     first = ref(cache, "job-1", input="first prompt", metadata={"row": 1})
     await cache.remember(first, b'{"output":"first"}')
-    assert await cache.recall(first) == b'{"output":"first"}'  # a redelivery: replayed
+    assert await recalled(cache, "job-1", input="first prompt", metadata={"row": 1}) == Recalled(
+        "response", b'{"output":"first"}')  # a redelivery: replayed
     assert metric(reg, "idempotency_conflicts") == 0
-    others = [
-        ref(cache, "job-1", input="second prompt", metadata={"row": 1}),
-        ref(cache, "job-1", input="first prompt", metadata={"row": 2}),  # metadata alone
-        ref(cache, "job-1", "other.topic", input="first prompt", metadata={"row": 1}),
+    kinds: list[tuple[str, dict[str, Any]]] = [
+        ("llm.requests", {"input": "second prompt", "metadata": {"row": 1}}),
+        ("llm.requests", {"input": "first prompt", "metadata": {"row": 2}}),  # metadata alone
+        ("other.topic", {"input": "first prompt", "metadata": {"row": 1}}),
     ]
-    for other in others:
+    others = [ref(cache, "job-1", topic, **kw) for topic, kw in kinds]
+    for other, (topic, kw) in zip(others, kinds, strict=True):
         assert other.key == first.key and other.fingerprint != first.fingerprint
-        assert await cache.recall(other) is None
+        assert await recalled(cache, "job-1", topic, **kw) is None
     assert metric(reg, "idempotency_conflicts") == 3
     logged = [r for r in caplog.records if "reused with other content" in r.getMessage()]
     assert len(logged) == 1  # at most one line per interval
     clock.now += 11
-    assert await cache.recall(others[0]) is None
+    assert await recalled(cache, "job-1", **kinds[0][1]) is None
     logged = [r for r in caplog.records if "reused with other content" in r.getMessage()]
     assert len(logged) == 2 and "(3 such since last report)" in logged[1].getMessage()
     # the fresh answer replaces the record: the latest content of an id is the one replayed
     await cache.remember(others[0], b'{"output":"second"}')
-    assert await cache.recall(others[0]) == b'{"output":"second"}'
-    assert await cache.recall(first) is None
+    assert await recalled(cache, "job-1", **kinds[0][1]) == Recalled("response", b'{"output":"second"}')
+    assert await recalled(cache, "job-1", input="first prompt", metadata={"row": 1}) is None
     assert len(fake.data) == 1
 
 
@@ -410,7 +438,7 @@ async def test_no_tenant_can_read_another_tenants_record() -> None:
     for tenant in ("b", None, "", "A", "a "):
         theirs = ref(cache, "job-1", tenant=tenant, metadata={"secret": "a's"})
         assert theirs.key != mine.key  # scoped by the key itself, not a check after reading
-        assert await cache.recall(theirs) is None
+        assert await recalled(cache, "job-1", tenant=tenant, metadata={"secret": "a's"}) is None
     assert metric(reg, "idempotency_conflicts") == 0  # nothing of a's was even read
     assert list(fake.data) == [mine.key.encode()]
     assert mine.key.startswith("llmstreams:r:") and "job-1" not in mine.key
@@ -436,7 +464,6 @@ async def test_idempotency_store_works_with_the_response_cache_disabled() -> Non
     (got,) = await cache.prefetch([r], ["t"])
     assert got.recalled == Recalled("response", b"stored") and got.hit is None
     assert fake.round_trips == {"mget": 1}
-    assert await cache.recall(cache.ref(r, "t")) == b"stored"
     assert metric(reg, "misses", model="m") == 0  # no cache lookup at all
 
 
@@ -466,10 +493,10 @@ async def test_a_set_argument_error_fails_that_write_only_and_keeps_the_circuit_
     assert metric(reg, "errors", op="write") == 1
     assert metric(reg, "writes", store="cache") == 1  # the other write of the pipeline counts
     assert metric(reg, "skipped_writes", reason="redis_unavailable") == 1
-    hit = await cache.lookup(req("fine"))  # the circuit stayed closed: Redis still in use
+    hit = await looked(cache, req("fine"))  # the circuit stayed closed: Redis still in use
     assert hit is not None and fake.round_trips["mget"] == 1
     compute, calls = counting(comp())
-    await cache.answer(req("locked"), compute)
+    await answered(cache, req("locked"), compute)
     assert fake.round_trips["pipeline"] >= 2  # coalescing locks still go to Redis
     (line,) = [r.getMessage() for r in caplog.records if "redis" in r.getMessage()]
     assert "refused a command" in line and "invalid expire time" in line
@@ -482,10 +509,10 @@ async def test_a_command_error_on_a_read_does_not_open_the_circuit() -> None:
     cache, fake, reg = make(clock=Clock(1000.0), redis_retry_seconds=60.0)
     fake.fail, fake.error = True, ResponseError("WRONGTYPE Operation against a key holding "
                                                 "the wrong kind of value")
-    assert await cache.lookup(req()) is None
+    assert await looked(cache, req()) is None
     fake.fail = False
     await cache.store(req(), comp())
-    assert await cache.lookup(req()) is not None
+    assert await looked(cache, req()) is not None
     assert fake.round_trips["mget"] == 2 and metric(reg, "errors", op="read") == 1
 
 
@@ -497,6 +524,8 @@ async def test_server_state_errors_still_open_the_circuit(error: str) -> None:
 
     cache, fake, _ = make(clock=Clock(1000.0), redis_retry_seconds=60.0)
     fake.fail, fake.error = True, BaseParser.parse_error(error)
-    assert await cache.lookup(req()) is None
+    assert await looked(cache, req()) is None
+    assert fake.round_trips["mget"] == 3  # an outage: tried again, unlike a command error
     fake.fail = False
-    assert await cache.lookup(req()) is None and fake.round_trips["mget"] == 1  # bypassed
+    await cache.store(req(), comp())
+    assert cache.redis_store.guard.degraded and fake.round_trips["pipeline"] == 0  # bypassed

@@ -120,16 +120,27 @@ async def test_failed_dispatch_and_no_cache_path() -> None:
 
 
 async def test_prefetch_failure_falls_back_to_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    proc, pub, disp, cache, _ = make()
+    # A bug that fails the batch's prefetch for one request: the others are still checked
+    # (a redelivery replayed, not paid again), and that one is never dispatched unchecked.
+    proc, pub, disp, cache, fake = make()
     assert cache is not None
+    seen = Request.model_validate({"id": "r0", "input": "p0", "model": "gpt-4o-mini"})
+    await cache.remember(cache.ref(seen, "req"), b'{"id": "r0", "replayed": true}')
+    real = cache.prefetch
 
     async def broken(reqs: list[Request], topics: list[str]) -> list[Any]:
-        raise RuntimeError("bug")
+        if any(r.id == "r1" for r in reqs):
+            raise RuntimeError("bug")
+        return await real(reqs, topics)
 
     monkeypatch.setattr(cache, "prefetch", broken)
+    fake.round_trips.clear()
     done = await run(proc, [rec(i, {"id": f"r{i}", "input": f"p{i}"}) for i in range(3)])
-    assert done == {0: "ok", 1: "ok", 2: "ok"}
-    assert sorted(disp.calls) == ["r0", "r1", "r2"]
+    assert done == {0: "replayed", 1: "dead_letter_internal", 2: "ok"}
+    assert disp.calls == ["r2"]
+    assert fake.round_trips["mget"] == 1  # the records alone still share one round trip
+    (letter,) = [d for t, _, d in pub.out if t == "llm.requests.dlq"]
+    assert letter["id"] == "r1" and "RuntimeError: bug" in letter["error"]["message"]
 
 
 def make_with(**cache: Any) -> tuple[Processor, FakePublisher, FakeDispatcher, ResponseCache]:

@@ -1,0 +1,113 @@
+"""A redelivered record is never paid twice because a Redis read timed out or failed once.
+
+Under load a starved event loop times out Redis commands that Redis answered in time. Every
+read that decides whether the upstream is called (the idempotency store's, the coalescing
+lock's) is tried again; only a Redis that never answers lets a request go on unchecked (the
+documented outage behaviour), and then it is counted and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streams.cache.responses import ResponseCache
+from streams.config import load_settings
+from streams.contract import Completion, Request
+from streams.intake.processor import Processor
+from streams.metrics import PipelineMetrics
+from tests.fakes.clock import Clock
+from tests.fakes.fake_redis import FakeRedis
+from tests.fakes.publisher import FakePublisher
+from tests.unit.intake.test_processor import BODY, FakeDispatcher, rec, run
+
+SEEN = {"id": "seen", "input": "answered before the rebalance", "model": "gpt-4o-mini"}
+RECORD = b'{"id":"seen","status":"ok","output":"paid once"}'
+
+
+def make(**cache: Any) -> tuple[Processor, FakePublisher, FakeDispatcher, ResponseCache, FakeRedis]:
+    s = load_settings(environ={}, redis={"socket_timeout_seconds": 0.05},
+                      cache={"redis_backoff_seconds": 0.01, **cache})
+    fake = FakeRedis()
+    clock = Clock(1000.0)
+    c = ResponseCache(s, fake, CollectorRegistry(), clock=clock)  # type: ignore[arg-type]
+    pub, disp = FakePublisher(), FakeDispatcher()
+    return Processor(s, pub, disp, c, PipelineMetrics(CollectorRegistry())), pub, disp, c, fake
+
+
+def unchecked(cache: ResponseCache) -> float:
+    return cache.metrics.unchecked.collect()[0].samples[0].value
+
+
+async def test_an_idempotency_read_that_times_out_once_is_tried_again_not_paid_again() -> None:
+    proc, pub, disp, cache, fake = make()
+    await cache.remember(cache.ref(Request.model_validate(SEEN), "req"), RECORD)
+    fake.hang = 1  # the batch's MGET times out, as it does when the event loop lags
+    assert await run(proc, [rec(0, SEEN)]) == {0: "replayed"}
+    assert disp.calls == []
+    assert [d for _, _, d in pub.out] == [{"id": "seen", "status": "ok", "output": "paid once"}]
+    assert fake.round_trips["mget"] == 2 and unchecked(cache) == 0
+
+
+async def test_a_redis_that_never_answers_is_the_outage_path_counted_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proc, pub, disp, cache, fake = make(redis_attempts=3)
+    caplog.set_level(logging.WARNING, logger="streams.cache")
+    fake.fail = True
+    assert await run(proc, [rec(0, SEEN), rec(1, {"id": "new", "input": "x"})]) == {0: "ok", 1: "ok"}
+    assert sorted(disp.calls) == ["new", "seen"]  # answered, as the README promises for outages
+    assert fake.round_trips["mget"] == 3  # the batch's read, tried three times
+    assert unchecked(cache) == 2
+    (line,) = [r.getMessage() for r in caplog.records if "idempotency store" in r.getMessage()]
+    assert "after 3 tries" in line
+
+
+async def test_a_record_in_flight_elsewhere_is_waited_for_while_the_circuit_is_open() -> None:
+    # A leaving worker still calls the upstream for a record the rebalance redelivered here.
+    # A timed-out command opened this worker's circuit: skipping the coalescing lock now
+    # would call the upstream a second time for the same record.
+    proc, pub, disp, cache, fake = make(redis_retry_seconds=60.0)
+    store = cache.redis_store
+    req = Request.model_validate(SEEN)
+    key = cache.key(req)
+    fake._set(store.lkey(key), b"the-leaving-worker", px=10_000)
+    fake.fail = True
+    await cache.store(Request.model_validate({"id": "o", "input": "o"}), proc_comp())
+    assert store.guard.degraded and not store.guard.available()  # open for 60 s
+    fake.fail = False
+
+    async def leaving_worker_answers() -> None:
+        await asyncio.sleep(0.1)
+        value = store.encode(BODY)
+        assert value is not None
+        fake._set(store.ckey(key), value, ex=60)
+        del fake.data[store.lkey(key).encode()]
+
+    answer = asyncio.ensure_future(leaving_worker_answers())
+    done = await asyncio.wait_for(run(proc, [rec(0, SEEN)]), 5.0)
+    await answer
+    assert done == {0: "cached"} and disp.calls == []
+
+
+async def test_a_lock_whose_reply_was_lost_is_ours_on_the_next_try() -> None:
+    _, _, _, cache, fake = make()
+    req = Request.model_validate({"id": "r", "input": "lock me"})
+    calls = []
+
+    async def compute() -> Completion:
+        calls.append(1)
+        return proc_comp()
+
+    fake.lose = 1  # SET NX done, its reply lost: the retry finds the lock taken by our token
+    await asyncio.wait_for(cache.coalesce(req, cache.key(req), compute), 1.0)
+    assert calls == [1] and fake.round_trips["pipeline"] >= 2
+    assert fake._get(cache.redis_store.lkey(cache.key(req))) is None  # released, not left to expire
+
+
+def proc_comp() -> Completion:
+    return Completion(model="m", body=BODY, endpoint="a", attempts=1)
