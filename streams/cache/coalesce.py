@@ -64,10 +64,6 @@ class Coalescer:
         self._inflight: dict[str, asyncio.Future[Completion | None]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)
-
     async def run(self, key: str, model: str, compute: Compute, *, remote: bool, ttl: int | None
                   ) -> Completion:
         """One answer for all concurrent callers of ``key``; the leader's is stored for ``ttl``.

@@ -36,6 +36,7 @@ from streams.dispatch.parts import build_dispatcher
 from streams.dispatch.upstream import UpstreamClient
 from streams.intake.acks import AckTracker
 from streams.intake.processor import InRecord, Processor
+from streams.intake.slots import Slots
 from streams.intake.stopping import task_lines
 from streams.intake.transport import committed_offsets, consumer_state, is_stale, unreadable_partitions
 from streams.kafka_io import start_producer
@@ -57,7 +58,7 @@ class Runtime:
         self.metrics = PipelineMetrics(self.registry, configured_models(settings))
         self.app: faust.App | None = None
         self._tracker: AckTracker[Any] = AckTracker()
-        self._slots = asyncio.Semaphore(settings.limits.max_inflight)
+        self._slots = Slots(settings.limits.max_inflight)
         self._max_tracked = settings.limits.max_tracked
         self._room = asyncio.Event()  # set when the tracker is under max_tracked
         self._tasks: set[asyncio.Task[None]] = set()
@@ -71,7 +72,7 @@ class Runtime:
         self.assigned: int | None = None  # partitions of the last assignment; None: rebalancing
         self._lag_labels: set[tuple[str, str]] = set()
         self._consumed = self.metrics.consumed.labels(settings.topics.requests)
-        self._gate = asyncio.Semaphore(BATCHES_AHEAD)
+        self._gate = Slots(BATCHES_AHEAD)
 
     async def start(self) -> None:
         s = self.settings
@@ -145,8 +146,8 @@ class Runtime:
     def state(self) -> dict[str, Any]:
         """What the worker holds and why it may not be taking more (``kill -USR1 <pid>``)."""
         out: dict[str, Any] = {
-            "in_flight_slots_free": self._slots._value,
-            "batches_ahead_free": self._gate._value,
+            "in_flight_slots_free": self._slots.free,
+            "batches_ahead_free": self._gate.free,
             "tasks": len(self._tasks),
             "stopping": self._stopping,
             "assigned": self.assigned,

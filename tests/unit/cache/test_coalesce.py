@@ -76,7 +76,10 @@ async def test_concurrent_callers_of_a_key_share_one_compute() -> None:
     assert all(o.cached and o.endpoint is None and o.attempts == 0 for o in out if o.cached)
     ((key, token, comp, ttl),) = locks.finished  # stored and released once, by the leader
     assert key == "k" and token is not None and comp is not None and ttl == 60
-    assert c.inflight == 0 and not locks.held
+    assert not locks.held
+    # nothing of the finished run is left in the process: the next caller computes afresh
+    again = await c.run("k", "m", computing(calls), remote=False, ttl=None)
+    assert len(calls) == 2 and not again.cached
 
 
 async def test_a_failing_leader_lets_each_waiter_compute_itself() -> None:

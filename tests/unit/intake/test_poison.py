@@ -157,7 +157,7 @@ async def test_a_batch_task_failing_unexpectedly_dead_letters_and_finishes_its_r
     assert [off for _, off in app.consumer.acked] == [0, 1, 2, 3]
     kinds = [doc["error"]["type"] for topic, _, doc in pub.out if topic == DLQ]
     assert kinds == ["internal"] * 3
-    assert rt._slots._value == rt.settings.limits.max_inflight
+    assert rt._slots.free == rt.settings.limits.max_inflight
 
 
 async def test_the_tracker_cap_pauses_taking_records_until_the_head_finishes() -> None:
