@@ -3,9 +3,11 @@
 A lock is ``SET NX PX`` on ``{prefix}:l:{key}``, released and extended only by its holder's
 token (compare-and-delete / compare-and-extend in Lua). Lock attempts and finishes of one
 loop tick share one pipeline each: a batch of misses costs two round trips, not two per
-request. Lock attempts, peeks and finishes decide whether the upstream is called (a waiter
-that cannot see the lock or its answer calls it itself), so they are ``force`` calls: tried
-while the cache's circuit is open, and again after an outage error. Renewals follow the circuit.
+request; the renewals of one tick share one pipeline too (thousands of leaders renew every
+few seconds). A finish is a ``force`` call (tried while the cache's circuit is open, and again
+after an outage error): a lock left held without its answer would make the waiters of other
+workers call the upstream again once it expires. Lock attempts, peeks and renewals follow the
+circuit: under overload, trying them anyway only adds to what times out.
 
 Usage::
 
@@ -33,7 +35,7 @@ _EXTEND = (
     "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 )
 
-LockItem = tuple[str, str, int]  # key, token, ttl_ms
+LockItem = tuple[str, str, int]  # key, token, ttl_ms (a lock attempt or a renewal)
 FinishItem = tuple[str, str, bytes | None, int]  # key, token, value to store, ttl
 
 
@@ -74,12 +76,16 @@ class RedisLocks:
             self._try_locks, max_items, store.tasks
         )
         self._finishes: Batcher[FinishItem, None] = Batcher(self._finish_many, max_items, store.tasks)
+        self._extends: Batcher[LockItem, bool] = Batcher(self._extend_many, max_items, store.tasks)
 
     def flush(self) -> None:
         self._locks.flush()
         self._finishes.flush()
+        self._extends.flush()
 
     async def try_lock(self, key: str, token: str, ttl_ms: int) -> tuple[LockState, Body | None]:
+        if not self._store.guard.available():
+            return LockState.UNAVAILABLE, None
         return await self._locks.submit((key, token, ttl_ms))
 
     async def _try_locks(self, items: list[LockItem]) -> list[tuple[LockState, Body | None]]:
@@ -90,38 +96,48 @@ class RedisLocks:
             for key, token, ttl_ms in items:
                 pipe.set(s.lkey(key), token, nx=True, px=ttl_ms)
                 pipe.get(s.ckey(key))
-                # whose lock it is: a try whose reply was lost took it for us
-                pipe.get(s.lkey(key))
             return await pipe.execute(raise_on_error=False)
 
-        res = await s.call("lock", go, force=True)
+        res = await s.call("lock", go)
         if res is DOWN:
             return [(LockState.UNAVAILABLE, None)] * len(items)
         ok = s.guard.replies("lock", res)
         out: list[tuple[LockState, Body | None]] = []
-        for i, (_, token, _) in enumerate(items):
-            acquired, raw, holder = res[3 * i: 3 * i + 3]
+        for i in range(len(items)):
+            acquired, raw = res[2 * i], res[2 * i + 1]
             body = decode_body(raw) if isinstance(raw, bytes) else None
-            if not ok[3 * i]:  # that lock command failed: proceed as if alone
+            if not ok[2 * i]:  # that lock command failed: proceed as if alone
                 out.append((LockState.UNAVAILABLE, body))
-            elif acquired or holder == token.encode():
-                out.append((LockState.ACQUIRED, body))
             else:
-                out.append((LockState.HELD, body))
+                out.append(((LockState.ACQUIRED if acquired else LockState.HELD), body))
         return out
 
     async def peek(self, key: str) -> tuple[Body | None, bool] | None:
         s = self._store
-        raw, lock = await s.read_many([s.ckey(key), s.lkey(key)], force=True)
+        raw, lock = await s.read_many([s.ckey(key), s.lkey(key)])
         if raw is DOWN or lock is DOWN:
             return None
         return (decode_body(raw) if raw is not None else None), lock is not None
 
     async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
+        if not self._store.guard.available():
+            return True  # Redis left alone: keep beating, it may come back
+        return await self._extends.submit((key, token, ttl_ms))
+
+    async def _extend_many(self, items: list[LockItem]) -> list[bool]:
         s = self._store
-        lkey = s.lkey(key)
-        res = await s.call("lock", lambda: s.redis.eval(_EXTEND, 1, lkey, token, ttl_ms))
-        return res is DOWN or bool(res)  # Redis down: keep beating, it may come back
+
+        async def go() -> list[Any]:
+            pipe = s.redis.pipeline(transaction=False)
+            for key, token, ttl_ms in items:
+                pipe.eval(_EXTEND, 1, s.lkey(key), token, ttl_ms)
+            return await pipe.execute(raise_on_error=False)
+
+        res = await s.call("lock", go)
+        if res is DOWN:
+            return [True] * len(items)  # keep beating, Redis may come back
+        ok = s.guard.replies("lock", res)
+        return [not done or bool(r) for r, done in zip(res, ok, strict=True)]
 
     async def finish(
         self, key: str, token: str | None, comp: Completion | None, ttl: int | None

@@ -348,19 +348,38 @@ async def test_waiter_gives_up_after_coalesce_wait_seconds() -> None:
 
 
 async def test_heartbeat_keeps_a_slow_leaders_lock() -> None:
-    cache, fake, _ = make(coalesce_lock_seconds=0.06)
+    cache, fake, _ = make(coalesce_lock_seconds=0.3)  # renewed every 100 ms
     r = req()
     key = cache.key(r)
     seen: list[bool] = []
 
     async def slow() -> Completion:
         for _ in range(4):
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.25)
             seen.append(fake._get(cache.redis_store.lkey(key)) is not None)
         return comp()
 
     await cache.coalesce(r, key, slow)
     assert all(seen) and fake._get(cache.redis_store.lkey(key)) is None
+
+
+async def test_the_renewals_of_many_leaders_share_pipelines() -> None:
+    cache, fake, _ = make(coalesce_lock_seconds=0.3)  # renewed every 100 ms
+    held: list[bool] = []
+
+    def slow(key: str) -> Any:
+        async def compute() -> Completion:
+            await asyncio.sleep(0.5)
+            held.append(fake._get(cache.redis_store.lkey(key)) is not None)
+            return comp()
+
+        return compute
+
+    rs = [req(f"p{i}") for i in range(50)]
+    await asyncio.gather(*(cache.coalesce(r, cache.key(r), slow(cache.key(r))) for r in rs))
+    assert held == [True] * 50  # every lock outlived its 300 ms expiry
+    assert fake.round_trips["eval"] == 0  # no renewal on its own round trip
+    assert fake.round_trips["pipeline"] < 20  # 50 locks, ~4 renewals each: a pipeline per tick
 
 
 async def test_coalescing_survives_redis_outage_in_process() -> None:

@@ -67,46 +67,29 @@ async def test_a_redis_that_never_answers_is_the_outage_path_counted_and_logged(
     assert "after 3 tries" in line
 
 
-async def test_a_record_in_flight_elsewhere_is_waited_for_while_the_circuit_is_open() -> None:
+async def test_a_record_in_flight_elsewhere_is_waited_for_after_a_timed_out_read() -> None:
     # A leaving worker still calls the upstream for a record the rebalance redelivered here.
-    # A timed-out command opened this worker's circuit: skipping the coalescing lock now
-    # would call the upstream a second time for the same record.
+    # The batch's read timed out once (a lagging loop) and opened the circuit: the lock must
+    # still be tried (the read's retry answered, so Redis is in use again), or this worker
+    # calls the upstream a second time for the same record.
     proc, pub, disp, cache, fake = make(redis_retry_seconds=60.0)
     store = cache.redis_store
-    req = Request.model_validate(SEEN)
-    key = cache.key(req)
+    key = cache.key(Request.model_validate(SEEN))
     fake._set(store.lkey(key), b"the-leaving-worker", px=10_000)
-    fake.fail = True
-    await cache.store(Request.model_validate({"id": "o", "input": "o"}), proc_comp())
-    assert store.guard.degraded and not store.guard.available()  # open for 60 s
-    fake.fail = False
 
     async def leaving_worker_answers() -> None:
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.2)
         value = store.encode(BODY)
         assert value is not None
         fake._set(store.ckey(key), value, ex=60)
         del fake.data[store.lkey(key).encode()]
 
     answer = asyncio.ensure_future(leaving_worker_answers())
+    fake.hang = 1
     done = await asyncio.wait_for(run(proc, [rec(0, SEEN)]), 5.0)
     await answer
     assert done == {0: "cached"} and disp.calls == []
-
-
-async def test_a_lock_whose_reply_was_lost_is_ours_on_the_next_try() -> None:
-    _, _, _, cache, fake = make()
-    req = Request.model_validate({"id": "r", "input": "lock me"})
-    calls = []
-
-    async def compute() -> Completion:
-        calls.append(1)
-        return proc_comp()
-
-    fake.lose = 1  # SET NX done, its reply lost: the retry finds the lock taken by our token
-    await asyncio.wait_for(cache.coalesce(req, cache.key(req), compute), 1.0)
-    assert calls == [1] and fake.round_trips["pipeline"] >= 2
-    assert fake._get(cache.redis_store.lkey(cache.key(req))) is None  # released, not left to expire
+    assert not store.guard.degraded
 
 
 def proc_comp() -> Completion:
