@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
@@ -169,8 +169,19 @@ async def open_producer(settings: Settings, **overrides: Any) -> AsyncIterator[A
         await producer.stop()
 
 
-async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """The partitions of ``topic``, from a fresh metadata snapshot of a started consumer."""
-    # consumer.topics() fetches metadata but does not keep it: read the snapshot it reads
-    metadata = await consumer._client.fetch_all_metadata()
-    return [TopicPartition(topic, p) for p in sorted(metadata.partitions_for_topic(topic) or ())]
+async def topic_partitions(settings: Settings, topic: str,
+                           timeout: float = 30.0) -> list[TopicPartition]:
+    """The partitions of ``topic`` now (none if it does not exist), through the admin API."""
+    admin = AIOKafkaAdminClient(
+        client_id=f"{settings.kafka.client_id}-admin", request_timeout_ms=int(timeout * 1000),
+        **connection_options(settings),
+    )
+    await admin.start()
+    try:
+        if topic not in set(await admin.list_topics()):  # describing it could create it
+            return []
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    found = [p["partition"] for t in described if t["topic"] == topic for p in t["partitions"]]
+    return [TopicPartition(topic, p) for p in sorted(found)]

@@ -224,7 +224,7 @@ async def read_dead_letters(
     await consumer.start()
     out: list[DeadLetter] = []
     try:
-        tps = await topic_partitions(consumer, topic)
+        tps = await topic_partitions(settings, topic)
         if not tps:
             return out
         consumer.assign(tps)
