@@ -175,7 +175,7 @@ class CacheConfig(_Section):
     redis_retry_seconds: float = Field(1.0, ge=0)
     error_log_interval_seconds: float = Field(10.0, ge=0)
     # Tries of a Redis call that decides whether the upstream is paid (idempotency reads and
-    # writes, lock releases) after an outage error, sleeping redis_backoff_seconds, doubled.
+    # writes, coalesced answers' writes) after an outage error, sleeping redis_backoff_seconds, doubled.
     redis_attempts: int = Field(3, ge=1, le=10)
     redis_backoff_seconds: float = Field(0.1, ge=0, le=10)
 

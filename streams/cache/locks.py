@@ -4,9 +4,10 @@ A lock is ``SET NX PX`` on ``{prefix}:l:{key}``, released and extended only by i
 token (compare-and-delete / compare-and-extend in Lua). Lock attempts and finishes of one
 loop tick share one pipeline each: a batch of misses costs two round trips, not two per
 request; the renewals of one tick share one pipeline too (thousands of leaders renew every
-few seconds). A finish is a ``force`` call (tried while the cache's circuit is open, and again
-after an outage error): a lock left held without its answer would make the waiters of other
-workers call the upstream again once it expires. Lock attempts, peeks and renewals follow the
+few seconds). A finish (the answer stored, the lock released) is a ``force`` call, with a lock
+or without one (tried while the cache's circuit is open, and again after an outage error): an
+answer missing from Redis, or a lock left held without it, makes another worker's redelivery
+of the same record call the upstream again. Lock attempts, peeks and renewals follow the
 circuit: under overload, trying them anyway only adds to what times out.
 
 Usage::
@@ -17,6 +18,7 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from typing import Any, Protocol
 
@@ -76,12 +78,18 @@ class RedisLocks:
             self._try_locks, max_items, store.tasks
         )
         self._finishes: Batcher[FinishItem, None] = Batcher(self._finish_many, max_items, store.tasks)
-        self._extends: Batcher[LockItem, bool] = Batcher(self._extend_many, max_items, store.tasks)
+        # renewals are not the store's pending work: a stop does not wait for them
+        self._renewals: set[asyncio.Task[None]] = set()
+        self._extends: Batcher[LockItem, bool] = Batcher(self._extend_many, max_items, self._renewals)
 
     def flush(self) -> None:
         self._locks.flush()
         self._finishes.flush()
-        self._extends.flush()
+
+    def stop_renewals(self) -> None:
+        """Drop the renewals under way (at a stop: the locks then expire by themselves)."""
+        for task in self._renewals:
+            task.cancel()
 
     async def try_lock(self, key: str, token: str, ttl_ms: int) -> tuple[LockState, Body | None]:
         if not self._store.guard.available():
@@ -148,7 +156,8 @@ class RedisLocks:
             value = s.encode(comp.body)
         if token is None:
             if value is not None:
-                await s.write(s.ckey(key), value, ttl or 1, "cache")
+                # computed without a lock: the answer is all that stops another worker's redelivery
+                await s.write(s.ckey(key), value, ttl or 1, "cache", force=True)
             return
         await self._finishes.submit((key, token, value, ttl or 1))
 

@@ -181,6 +181,7 @@ class ResponseCache:
         """Send what is pending and wait for it (does not close the Redis client)."""
         self.redis_store.flush()
         self._locks.flush()
+        self._locks.stop_renewals()
         while self.redis_store.tasks:
             await asyncio.gather(*self.redis_store.tasks, return_exceptions=True)
         await self.coalescer.aclose()

@@ -10,7 +10,7 @@ Reads are micro-batched: every read of one event-loop tick (or up to ``cache.bat
 shares one ``MGET``; writes share one pipeline. Redis errors never reach the caller: reads
 answer ``DOWN``, writes are skipped and counted, and after an outage error Redis is left alone
 for ``cache.redis_retry_seconds`` (``redis_guard.RedisGuard``). A ``force`` read or write (one
-that decides whether the upstream is paid: the idempotency store's, a lock's release) is tried
+that decides whether the upstream is paid: the idempotency store's, a coalesced answer's) is tried
 even then, and again after an outage error.
 
 Usage::

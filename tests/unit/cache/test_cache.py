@@ -348,14 +348,14 @@ async def test_waiter_gives_up_after_coalesce_wait_seconds() -> None:
 
 
 async def test_heartbeat_keeps_a_slow_leaders_lock() -> None:
-    cache, fake, _ = make(coalesce_lock_seconds=0.3)  # renewed every 100 ms
+    cache, fake, _ = make(coalesce_lock_seconds=1.0)  # renewed every 333 ms
     r = req()
     key = cache.key(r)
     seen: list[bool] = []
 
     async def slow() -> Completion:
         for _ in range(4):
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.6)
             seen.append(fake._get(cache.redis_store.lkey(key)) is not None)
         return comp()
 
@@ -380,6 +380,21 @@ async def test_the_renewals_of_many_leaders_share_pipelines() -> None:
     assert held == [True] * 50  # every lock outlived its 300 ms expiry
     assert fake.round_trips["eval"] == 0  # no renewal on its own round trip
     assert fake.round_trips["pipeline"] < 20  # 50 locks, ~4 renewals each: a pipeline per tick
+
+
+async def test_a_stop_does_not_wait_for_lock_renewals() -> None:
+    # A leader still computing at a stop keeps renewing its lock; a renewal stuck on a slow
+    # Redis (up to redis.socket_timeout_seconds, 1 s) must not hold the stop.
+    cache, fake, _ = make(coalesce_lock_seconds=0.3)  # renewed every 100 ms
+    r = req()
+    leader = asyncio.ensure_future(cache.coalesce(r, cache.key(r), counting(comp(), delay=30)[0]))
+    await asyncio.sleep(0.05)
+    fake.delay = 30.0  # from now on Redis does not answer: the next renewal hangs
+    await asyncio.sleep(0.15)
+    await asyncio.wait_for(cache.aclose(), 0.5)
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
 
 
 async def test_coalescing_survives_redis_outage_in_process() -> None:

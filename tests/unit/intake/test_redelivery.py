@@ -94,3 +94,27 @@ async def test_a_record_in_flight_elsewhere_is_waited_for_after_a_timed_out_read
 
 def proc_comp() -> Completion:
     return Completion(model="m", body=BODY, endpoint="a", attempts=1)
+
+
+async def test_an_answer_computed_without_a_lock_still_reaches_redis(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The lock attempt timed out (and opened the breaker), so this worker computes without a
+    # lock; its answer must still be stored, or another worker holding a redelivery of the
+    # same record calls the upstream too.
+    proc, pub, disp, cache, fake = make(redis_retry_seconds=60.0)
+    store = cache.redis_store
+    prefetch = cache.prefetch
+
+    async def then_hang(reqs: list[Request], topics: list[str]) -> Any:
+        got = await prefetch(reqs, topics)
+        fake.hang = 1  # the next round trip, the lock attempt, never answers
+        return got
+
+    monkeypatch.setattr(cache, "prefetch", then_hang)
+    assert await run(proc, [rec(0, {"id": "new", "input": "fresh prompt"})]) == {0: "ok"}
+    assert cache.metrics.errors.labels("lock")._value.get() == 1  # the attempt timed out
+    req = Request.model_validate({"id": "new", "input": "fresh prompt", "model": "gpt-4o-mini"})
+    assert not any(k.startswith(store.lkey("").encode()) for k in fake.data)  # no lock taken
+    assert fake._get(store.ckey(cache.key(req))) is not None
+    assert fake._get(cache.ref(req, "req").key) is not None  # and remembered
