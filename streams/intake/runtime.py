@@ -35,6 +35,7 @@ from streams.contract import Source
 from streams.dispatch.parts import build_dispatcher
 from streams.dispatch.upstream import UpstreamClient
 from streams.intake.acks import AckTracker
+from streams.intake.finished import Ledger
 from streams.intake.processor import InRecord, Processor
 from streams.intake.stopping import task_lines
 from streams.intake.transport import committed_offsets, consumer_state, is_stale, unreadable_partitions
@@ -57,6 +58,8 @@ class Runtime:
         self.metrics = PipelineMetrics(self.registry, configured_models(settings))
         self.app: faust.App | None = None
         self._tracker: AckTracker[Any] = AckTracker()
+        # the offsets finished above each commit, written into it and read back at assignment
+        self.finished = Ledger(self._tracker, settings.kafka.commit_metadata_max_bytes)
         self._slots = asyncio.Semaphore(settings.limits.max_inflight)
         self._max_tracked = settings.limits.max_tracked
         self._room = asyncio.Event()  # set when the tracker is under max_tracked
@@ -71,6 +74,7 @@ class Runtime:
         self.assigned: int | None = None  # partitions of the last assignment; None: rebalancing
         self._lag_labels: set[tuple[str, str]] = set()
         self._consumed = self.metrics.consumed.labels(settings.topics.requests)
+        self._skipped = self.metrics.skipped_finished.labels(settings.topics.requests)
         self._gate = asyncio.Semaphore(BATCHES_AHEAD)
 
     async def start(self) -> None:
@@ -189,6 +193,11 @@ class Runtime:
                 self._slots.release()
                 continue
             tp = msg.tp
+            if self.finished.skips(tp, msg.offset):
+                # published before a crash or rebalance (the commit's metadata says so)
+                self._slots.release()
+                self._skip_finished(tp, msg)
+                continue
             ts = msg.timestamp
             src = Source(msg.topic, msg.partition, msg.offset, int(ts * 1000) if ts else 0)
             rec = InRecord(src, msg.key, msg.value)
@@ -203,6 +212,15 @@ class Runtime:
         await self._start(batch)
         if self._stopping:
             await asyncio.Event().wait()  # take nothing more; the agent is cancelled at stop
+
+    def _skip_finished(self, tp: Any, msg: Any) -> None:
+        """Finish a record whose output an earlier owner published: acked in offset order."""
+        msg.key = msg.value = None
+        self._skipped.inc()
+        if self._tracker.add(tp, msg.offset, msg):
+            self._ack_all(self._tracker.finish(tp, msg.offset))
+        else:  # still in flight here from before the rebalance: it finishes by itself
+            self._ack_all(self._tracker.pending(tp))
 
     async def _wait_for_room(self) -> None:
         """Until the tracker is under ``limits.max_tracked`` (its records finish by themselves)."""

@@ -32,13 +32,14 @@ async def test_sigkill_a_worker_every_few_seconds(stack: Stack, mocks: list[Mock
             await asyncio.gather(*waits)
             if trial.answered >= n:
                 break
-            fleet.running[0].kill()
+            await trial.kill(fleet.running[0])
             kills += 1
             replacement = fleet.start()
         await trial.wait_all(timeout=pick(240, 900))
         assert kills >= 2, f"only {kills} kills: the run was too short to test anything"
         await stop_all(fleet.running)
-        await trial.verdict(f"{kills} SIGKILLs, each followed by a restart")
+        await trial.verdict(f"{kills} SIGKILLs, each followed by a restart; in flight at "
+                            f"each kill: {', '.join(map(str, trial.kills))}")
 
 
 async def _until_in_flight(worker: Worker, trial: Trial, n: int, timeout: float = 120) -> int:

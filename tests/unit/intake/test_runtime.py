@@ -9,6 +9,7 @@ import orjson
 
 from streams.config import load_settings
 from streams.contract import Completion, Request
+from streams.intake.finished import Runs, decode, encode
 from tests.fakes.fake_faust import TOPIC, events, runtime
 from tests.fakes.publisher import FakePublisher
 from tests.unit.intake.test_processor import FakeDispatcher
@@ -61,3 +62,55 @@ async def test_partitions_ack_independently() -> None:
     assert app.consumer.acked == [((TOPIC, 1), 0)]  # partition 0's head does not hold it back
     disp.gate("r0").set()
     await _until(lambda: len(app.consumer.acked) == 2)
+
+
+async def test_offsets_a_commit_names_finished_are_acked_in_order_and_not_redone() -> None:
+    disp, pub = GatedDispatcher(), FakePublisher()
+    rt, app = runtime(load_settings(environ={}, cache={"enabled": False}), pub, disp, cache=False)
+    tp = (TOPIC, 0)
+    # the previous owner committed 10 and had finished 11, 12 and 14 (published)
+    assert rt.finished.read(tp, 10, encode(10, Runs([(11, 13), (14, 15)]))) == 3
+    values = [orjson.dumps({"id": f"r{i}", "input": f"q{i}"}) for i in range(10, 16)]
+    await rt.submit_batch(events(values, start=10))
+    for i in (13, 15):
+        disp.gate(f"r{i}").set()
+    await _until(lambda: len(pub.out) == 2)
+    assert app.consumer.acked == []  # 10 still runs: nothing passes it
+    # the next commit (of 10) still names what is finished above it, ours and the old owner's
+    assert decode(rt.finished.written(tp, 10), 10) == Runs([(11, 16)])
+    disp.gate("r10").set()
+    await _until(lambda: len(app.consumer.acked) == 6)
+    assert app.consumer.acked == [(tp, off) for off in range(10, 16)]
+    assert sorted(doc["id"] for _, _, doc in pub.out) == ["r10", "r13", "r15"]
+    assert sorted(disp.calls) == ["r10", "r13", "r15"]
+    assert rt.metrics.skipped_finished.labels(TOPIC)._value.get() == 3
+    assert rt.finished.written(tp, 16) == ""
+
+
+async def test_corrupt_or_foreign_metadata_redoes_everything() -> None:
+    disp, pub = GatedDispatcher(), FakePublisher()
+    rt, app = runtime(load_settings(environ={}, cache={"enabled": False}), pub, disp, cache=False)
+    tp = (TOPIC, 0)
+    meta = encode(10, Runs([(11, 13)]))
+    for bad in (meta[:-4], "some other client's note", encode(9, Runs([(11, 13)]))):
+        assert rt.finished.read(tp, 10, bad) == 0
+    assert rt.finished.read(tp, 10, "") == 0
+    values = [orjson.dumps({"id": f"r{i}", "input": f"q{i}"}) for i in range(10, 13)]
+    await rt.submit_batch(events(values, start=10))
+    for i in range(10, 13):
+        disp.gate(f"r{i}").set()
+    await _until(lambda: len(app.consumer.acked) == 3)
+    assert sorted(disp.calls) == ["r10", "r11", "r12"]
+
+
+async def test_without_metadata_commits_carry_none_and_nothing_is_skipped() -> None:
+    disp, pub = GatedDispatcher(), FakePublisher()
+    settings = load_settings(environ={}, cache={"enabled": False},
+                             kafka={"commit_metadata_max_bytes": 0})
+    rt, app = runtime(settings, pub, disp, cache=False)
+    tp = (TOPIC, 0)
+    assert rt.finished.read(tp, 10, encode(10, Runs([(11, 13)]))) == 0
+    await rt.submit_batch(events([orjson.dumps({"id": "r11", "input": "q"})], start=11))
+    disp.gate("r11").set()
+    await _until(lambda: len(pub.out) == 1)
+    assert rt.finished.written(tp, 10) == ""
