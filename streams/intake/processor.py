@@ -47,6 +47,14 @@ from streams.redact import Redactor
 log = logging.getLogger("streams.processor")
 
 
+def cancelling() -> bool:
+    """True when the current task is being cancelled (a stop), False for a CancelledError
+    raised from below while nobody cancelled us: that one is a failure of its record, which
+    must still get its one output, or its offset would be tracked with no task to finish it."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 @dataclass(slots=True, frozen=True)
 class InRecord:
     source: Source
@@ -175,7 +183,9 @@ class Processor:
             found = await cache.prefetch(
                 [req for _, req in parsed], [rec.source.topic for rec, _ in parsed]
             )
-        except Exception:  # a bug in the batch path: each record goes on as a miss
+        except (Exception, asyncio.CancelledError) as exc:  # a bug: each record goes on as a miss
+            if isinstance(exc, asyncio.CancelledError) and cancelling():
+                raise
             log.exception("batch prefetch failed; processing %d records as misses", len(parsed))
             for rec, req in parsed:
                 later(rec, self._guarded(rec, req, self._miss(cache, rec, req, None)))
@@ -234,8 +244,10 @@ class Processor:
     ) -> None:
         try:
             outcome = await work
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            if cancelling():
+                raise
+            outcome = await self.fail(rec, exc)  # a stray one, not a stop: still one output
         except Exception as exc:  # failed in its own error handling: still one output
             outcome = await self.fail(rec, exc)
         done(rec, outcome)
@@ -260,8 +272,10 @@ class Processor:
     async def _guarded(self, rec: InRecord, req: Request, work: Coroutine[None, None, str]) -> str:
         try:
             return await work
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            if cancelling():
+                raise
+            return await self.fail(rec, exc, req)  # a stray one, not a stop (see cancelling())
         except Exception as exc:  # the agent's edge: a bug must become a dead letter, not a skip
             return await self.fail(rec, exc, req)
 

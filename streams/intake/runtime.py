@@ -36,7 +36,7 @@ from streams.dispatch.parts import build_dispatcher
 from streams.dispatch.upstream import UpstreamClient
 from streams.intake.acks import AckTracker
 from streams.intake.finished import Ledger
-from streams.intake.processor import InRecord, Processor
+from streams.intake.processor import InRecord, Processor, cancelling
 from streams.intake.stopping import task_lines
 from streams.intake.transport import committed_offsets, consumer_state, is_stale, unreadable_partitions
 from streams.kafka_io import start_producer
@@ -276,7 +276,12 @@ class Runtime:
         try:
             try:
                 await processor.process_batch([rec for _, rec in open_.values()], done, fast_done)
-            except Exception as exc:  # process_batch never raises: if it does, no record stalls
+            except (Exception, asyncio.CancelledError) as exc:
+                # process_batch never raises but on a stop: if it does, no record stalls (a
+                # tracked offset without a task would hold its partition's commits for good,
+                # and a redelivery would bind to it instead of starting it again)
+                if isinstance(exc, asyncio.CancelledError) and cancelling():
+                    raise  # a stop: unfinished records are redelivered
                 log.exception("batch failed; dead-lettering its %d unfinished records", len(open_))
                 for _, rec in list(open_.values()):
                     done(rec, await processor.fail(rec, exc))
