@@ -9,7 +9,8 @@ import zlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.intake.finished import MAGIC, MAX_SPAN, Runs, decode, encode
+from streams.intake.acks import AckTracker
+from streams.intake.finished import MAGIC, MAX_SPAN, Ledger, Runs, decode, encode
 
 offsets_above = st.sets(st.integers(min_value=0, max_value=50_000), max_size=3000)
 bases = st.integers(min_value=0, max_value=2**62)
@@ -114,3 +115,34 @@ def test_runs_membership_and_slicing() -> None:
     assert runs.union(Runs([(5, 7)])).runs() == [(1, 7), (10, 11)]
     assert len(runs) == 5
 
+
+
+def test_the_ledger_recommits_an_offset_only_when_more_finished_above_it() -> None:
+    tracker: AckTracker[str] = AckTracker()
+    ledger = Ledger(tracker, max_bytes=4096)
+    tp = ("t", 0)
+    for off in range(10, 15):
+        tracker.add(tp, off, f"m{off}")
+    assert not ledger.grew(tp, 10)  # nothing finished above the head
+    tracker.finish(tp, 12)
+    assert ledger.grew(tp, 10)
+    assert decode(ledger.written(tp, 10), 10) == Runs([(12, 13)])
+    assert not ledger.grew(tp, 10)  # the last commit said it all
+    tracker.finish(tp, 13)
+    assert ledger.grew(tp, 10)
+    ledger.written(tp, 10)
+    assert ledger.grew(tp, 9) and not ledger.grew(tp, 10)
+    assert not Ledger(tracker, max_bytes=0).grew(tp, 10)
+    assert Ledger(tracker, max_bytes=0).written(tp, 10) == ""
+
+
+def test_what_the_ledger_read_back_is_kept_until_the_commit_passes_it() -> None:
+    tracker: AckTracker[str] = AckTracker()
+    ledger = Ledger(tracker)
+    tp = ("t", 0)
+    assert ledger.read(tp, 100, encode(100, Runs([(101, 103), (200, 201)]))) == 3
+    assert ledger.skips(tp, 101) and ledger.skips(tp, 200) and not ledger.skips(tp, 100)
+    assert decode(ledger.written(tp, 102), 102) == Runs([(102, 103), (200, 201)])
+    assert not ledger.skips(tp, 101)  # below the committed offset: settled
+    assert ledger.written(tp, 201) == "" and not ledger.skips(tp, 200)
+    assert ledger.read(tp, 100, "garbage") == 0 and not ledger.skips(tp, 200)
