@@ -79,6 +79,9 @@ class KafkaConfig(_Section):
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
     # read_committed: records of a transaction its producer aborted are never answered.
     isolation_level: Literal["read_committed", "read_uncommitted"] = "read_committed"
+    # Each commit names the offsets finished above it, in at most this many characters (the
+    # broker's offset.metadata.max.bytes, 4096 by default); 0: commits carry no metadata.
+    commit_metadata_max_bytes: int = Field(4096, ge=0, le=1_048_576)
 
     _env_name = field_validator("sasl_password_env")(env_name)
 

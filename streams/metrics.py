@@ -106,6 +106,13 @@ class PipelineMetrics:
             "llm_streams_assigned_partitions", "Partitions of the requests topic assigned to this worker",
             registry=registry,
         )
+        self.skipped_finished = Counter(
+            "llm_streams_records_skipped_finished",
+            "Records not redone after a crash or rebalance: the commit's metadata names them "
+            "finished (their output was published)",
+            ["topic"],
+            registry=registry,
+        )
 
     def count_tokens(self, model: str, usage: Mapping[str, int]) -> None:
         """Add an answer's validated usage (``Completion.usage``) under a bounded label."""

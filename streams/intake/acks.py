@@ -123,6 +123,15 @@ class AckTracker(Generic[T]):
         self._size -= before - len(part.offsets)
         return out
 
+    def finished_from(self, tp: TP, base: int) -> list[int]:
+        """Offsets at or above ``base`` that are finished but not yet released, in order."""
+        part = self._parts.get(tp)
+        if part is None:
+            return []
+        entries = part.entries
+        return [off for off in part.offsets[bisect.bisect_left(part.offsets, base):]
+                if entries[off].done]
+
     def revoke(self, tps: set[TP] | list[TP]) -> None:
         """Partitions were revoked: drop every token, keep the work."""
         for tp in tps:

@@ -38,7 +38,8 @@ class StreamsApp(faust.App):
 
     def _new_transport(self) -> TransportT:
         # faust's transport, minus four tasks per fetched record (streams/intake/transport.py)
-        return new_transport(self, self.runtime.settings.kafka.isolation_level)
+        return new_transport(self, self.runtime.settings.kafka.isolation_level,
+                             self.runtime.finished)
 
     async def on_start(self) -> None:
         await super().on_start()

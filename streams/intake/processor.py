@@ -47,6 +47,14 @@ from streams.redact import Redactor
 log = logging.getLogger("streams.processor")
 
 
+def cancelling() -> bool:
+    """True when the current task is being cancelled (a stop), False for a CancelledError
+    raised from below while nobody cancelled us: that one is a failure of its record, which
+    must still get its one output, or its offset would be tracked with no task to finish it."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 @dataclass(slots=True, frozen=True)
 class InRecord:
     source: Source
@@ -210,7 +218,9 @@ class Processor:
                 [req for _, req in parsed], [rec.source.topic for rec, _ in parsed]
             )
             return [(rec, req, got) for (rec, req), got in zip(parsed, found, strict=True)]
-        except Exception:  # a bug in the batch path: find the records it concerns
+        except (Exception, asyncio.CancelledError) as exc:  # a bug: find the records it concerns
+            if isinstance(exc, asyncio.CancelledError) and cancelling():
+                raise
             log.exception("batch prefetch failed; prefetching its %d records one by one",
                           len(parsed))
         alone = await asyncio.gather(
@@ -219,7 +229,9 @@ class Processor:
         )
         kept = []
         for (rec, req), got in zip(parsed, alone, strict=True):
-            if isinstance(got, Exception):
+            if isinstance(got, Exception) or (
+                isinstance(got, asyncio.CancelledError) and not cancelling()
+            ):
                 later(rec, self.fail(rec, got, req))
             elif isinstance(got, BaseException):
                 raise got
@@ -250,8 +262,10 @@ class Processor:
     ) -> None:
         try:
             outcome = await work
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            if cancelling():
+                raise
+            outcome = await self.fail(rec, exc)  # a stray one, not a stop: still one output
         except Exception as exc:  # failed in its own error handling: still one output
             outcome = await self.fail(rec, exc)
         done(rec, outcome)
@@ -276,8 +290,10 @@ class Processor:
     async def _guarded(self, rec: InRecord, req: Request, work: Coroutine[None, None, str]) -> str:
         try:
             return await work
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError as exc:
+            if cancelling():
+                raise
+            return await self.fail(rec, exc, req)  # a stray one, not a stop (see cancelling())
         except Exception as exc:  # the agent's edge: a bug must become a dead letter, not a skip
             return await self.fail(rec, exc, req)
 

@@ -35,7 +35,8 @@ from streams.contract import Source
 from streams.dispatch.parts import build_dispatcher
 from streams.dispatch.upstream import UpstreamClient
 from streams.intake.acks import AckTracker
-from streams.intake.processor import InRecord, Processor
+from streams.intake.finished import Ledger
+from streams.intake.processor import InRecord, Processor, cancelling
 from streams.intake.slots import Slots
 from streams.intake.stopping import task_lines
 from streams.intake.transport import committed_offsets, consumer_state, is_stale, unreadable_partitions
@@ -58,6 +59,8 @@ class Runtime:
         self.metrics = PipelineMetrics(self.registry, configured_models(settings))
         self.app: faust.App | None = None
         self._tracker: AckTracker[Any] = AckTracker()
+        # the offsets finished above each commit, written into it and read back at assignment
+        self.finished = Ledger(self._tracker, settings.kafka.commit_metadata_max_bytes)
         self._slots = Slots(settings.limits.max_inflight)
         self._max_tracked = settings.limits.max_tracked
         self._room = asyncio.Event()  # set when the tracker is under max_tracked
@@ -72,6 +75,7 @@ class Runtime:
         self.assigned: int | None = None  # partitions of the last assignment; None: rebalancing
         self._lag_labels: set[tuple[str, str]] = set()
         self._consumed = self.metrics.consumed.labels(settings.topics.requests)
+        self._skipped = self.metrics.skipped_finished.labels(settings.topics.requests)
         self._gate = Slots(BATCHES_AHEAD)
 
     async def start(self) -> None:
@@ -190,6 +194,11 @@ class Runtime:
                 self._slots.release()
                 continue
             tp = msg.tp
+            if self.finished.skips(tp, msg.offset):
+                # published before a crash or rebalance (the commit's metadata says so)
+                self._slots.release()
+                self._skip_finished(tp, msg)
+                continue
             ts = msg.timestamp
             src = Source(msg.topic, msg.partition, msg.offset, int(ts * 1000) if ts else 0)
             rec = InRecord(src, msg.key, msg.value)
@@ -204,6 +213,15 @@ class Runtime:
         await self._start(batch)
         if self._stopping:
             await asyncio.Event().wait()  # take nothing more; the agent is cancelled at stop
+
+    def _skip_finished(self, tp: Any, msg: Any) -> None:
+        """Finish a record whose output an earlier owner published: acked in offset order."""
+        msg.key = msg.value = None
+        self._skipped.inc()
+        if self._tracker.add(tp, msg.offset, msg):
+            self._ack_all(self._tracker.finish(tp, msg.offset))
+        else:  # still in flight here from before the rebalance: it finishes by itself
+            self._ack_all(self._tracker.pending(tp))
 
     async def _wait_for_room(self) -> None:
         """Until the tracker is under ``limits.max_tracked`` (its records finish by themselves)."""
@@ -259,7 +277,12 @@ class Runtime:
         try:
             try:
                 await processor.process_batch([rec for _, rec in open_.values()], done, fast_done)
-            except Exception as exc:  # process_batch never raises: if it does, no record stalls
+            except (Exception, asyncio.CancelledError) as exc:
+                # process_batch never raises but on a stop: if it does, no record stalls (a
+                # tracked offset without a task would hold its partition's commits for good,
+                # and a redelivery would bind to it instead of starting it again)
+                if isinstance(exc, asyncio.CancelledError) and cancelling():
+                    raise  # a stop: unfinished records are redelivered
                 log.exception("batch failed; dead-lettering its %d unfinished records", len(open_))
                 for _, rec in list(open_.values()):
                     done(rec, await processor.fail(rec, exc))

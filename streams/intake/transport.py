@@ -37,10 +37,13 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, cast
+from time import monotonic
+from typing import Any, Protocol, cast
 
 import aiokafka
 from aiokafka.consumer.fetcher import FetchResult
+from aiokafka.errors import CommitFailedError, OffsetMetadataTooLargeError
+from aiokafka.structs import OffsetAndMetadata
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, AppT, TransportT
@@ -50,6 +53,27 @@ log = logging.getLogger("streams.kafka")
 
 #: SHA-256 of the source of faust's ``Consumer._drain_messages`` that this module copies.
 UPSTREAM_DRAIN_SHA256 = "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417"
+#: ... of faust's ``AIOKafkaConsumerThread._commit`` and aiokafka's
+#: ``AIOKafkaConsumer.seek_to_committed``, which ``_ConsumerThread`` redoes with metadata.
+UPSTREAM_COMMIT_SHA256 = "932852ce7a23f658804273d0296de6affaa7d21c19311c279712c2fae91a3b03"
+UPSTREAM_SEEK_SHA256 = "f6cd85c8b70a4ccf7e862de24f6c5d985038eed3e140990f000aa4b52eda8d72"
+
+
+class CommitMetadata(Protocol):
+    """The metadata each commit carries, and what is read back at an assignment
+    (``finished.Ledger``: the offsets finished above the committed one)."""
+
+    def written(self, tp: Any, offset: int) -> str:
+        """The metadata for a commit of ``offset`` on ``tp``."""
+        ...
+
+    def read(self, tp: Any, offset: int | None, metadata: str | None) -> int:
+        """The committed offset and metadata found for ``tp`` at an assignment."""
+        ...
+
+    def grew(self, tp: Any, offset: int) -> bool:
+        """True when more offsets above ``offset`` finished than its last commit named."""
+        ...
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
@@ -58,6 +82,8 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
 
     #: partitions held because their next batch cannot be decoded: tp -> (offset, reason)
     unreadable: dict[TP, tuple[int, str]]
+    #: the broker refused our commit metadata as too large: commit without it
+    metadata_refused = False
 
     def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
@@ -83,16 +109,82 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
             consumer, active_partitions, timeout=timeout, max_records=max_records
         )
 
-    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
-        # faust filters the offsets to commit by the current assignment inside the thread;
-        # if a rebalance revoked all of them meanwhile, it hands aiokafka an empty dict,
+    def _metadata(self) -> CommitMetadata | None:
+        return None if self.metadata_refused else getattr(self.transport, "commit_metadata", None)
+
+    async def commit(self, offsets: Mapping[TP, int]) -> bool:
+        # On the event loop, where the tracker lives: each offset's metadata is made here.
+        hook = self._metadata()
+        metadata = {tp: hook.written(tp, off) for tp, off in offsets.items()} if hook else {}
+        return bool(await self.call_thread(self._commit, offsets, metadata))
+
+    async def _commit(self, offsets: Mapping[TP, int],
+                      metadata: Mapping[TP, str] | None = None) -> bool:
+        # faust's ``_commit`` (UPSTREAM_COMMIT_SHA256) with each offset's metadata, and:
+        # if a rebalance revoked all of them meanwhile, faust hands aiokafka an empty dict,
         # aiokafka raises ``ValueError({})`` and faust crashes the worker (seen in the scale
         # 1-3-1 fault test). Nothing of ours is left to commit then: the new owners
         # redeliver from the last commit.
         assigned = self.assignment()
-        if not any(tp in assigned for tp in offsets):
+        committable = {tp: off for tp, off in offsets.items() if tp in assigned}
+        if not committable:
             return False
-        return bool(await super()._commit(offsets))
+        consumer = self._ensure_consumer()
+        meta = metadata or {}
+        payload = {driver.ensure_aiokafka_TP(tp): OffsetAndMetadata(off, meta.get(tp, ""))
+                   for tp, off in committable.items()}
+        now = monotonic()
+        self.tp_last_committed_at.update({tp: now for tp in committable})
+        try:
+            try:
+                await consumer.commit(payload)
+            except OffsetMetadataTooLargeError:
+                # The broker's offset.metadata.max.bytes is below kafka.commit_metadata_max_bytes:
+                # commit without metadata from now on (every record above the committed offset
+                # is redone after a crash, as without this feature).
+                self.metadata_refused = True
+                log.warning("the broker refused the commit metadata as too large; committing "
+                            "without it (lower kafka.commit_metadata_max_bytes to the broker's "
+                            "offset.metadata.max.bytes)")
+                await consumer.commit({tp: OffsetAndMetadata(o.offset, "")
+                                       for tp, o in payload.items()})
+        except CommitFailedError as exc:
+            if "already rebalanced" in str(exc):
+                return False
+            self.log.exception("Committing raised exception: %r", exc)
+            await self.crash(exc)
+            return False
+        except Exception as exc:
+            self.log.exception("Got exception: %r\nCurrent assignment: %r", exc,
+                               self.assignment())
+            await self.crash(exc)
+            return False
+        return True
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        found: dict[TP, tuple[int | None, str]] = await self.call_thread(self._seek_committed)
+        hook = self._metadata()
+        if hook is not None:  # back on the event loop
+            for tp, (offset, metadata) in found.items():
+                hook.read(tp, offset, metadata)
+        return {tp: offset for tp, (offset, _) in found.items()}  # type: ignore[misc]
+
+    async def _seek_committed(self) -> dict[TP, tuple[int | None, str]]:
+        # aiokafka's ``AIOKafkaConsumer.seek_to_committed`` (UPSTREAM_SEEK_SHA256), one request
+        # for every partition, keeping each commit's metadata.
+        consumer = self._ensure_consumer()
+        partitions = consumer._subscription.assigned_partitions()
+        if not partitions:
+            return {}
+        commits = await consumer._coordinator.fetch_committed_offsets(partitions)
+        out: dict[TP, tuple[int | None, str]] = {}
+        for tp in partitions:
+            commit = commits.get(tp)
+            offset = commit.offset if commit is not None and commit.offset != -1 else None
+            if offset and offset > 0:
+                consumer._fetcher.seek_to(tp, offset)
+            out[tp] = (offset, (commit.metadata or "") if commit is not None else "")
+        return out
 
 
 class _SafeResults(OrderedDict[Any, Any]):
@@ -181,6 +273,19 @@ class DirectDeliveryConsumer(driver.Consumer):
 
     def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def _filter_committable_offsets(self, tps: Any) -> dict[TP, int]:
+        # faust commits a partition only when its committed offset moves. Behind a slow head
+        # it does not, while the records above it finish: commit the same offset again when
+        # the set of finished offsets above it grew, so its metadata names them.
+        offsets: dict[TP, int] = super()._filter_committable_offsets(tps)
+        hook = getattr(self.transport, "commit_metadata", None)
+        if hook is not None:
+            for tp in self.assignment():
+                committed = self._committed_offset.get(tp)
+                if tp not in offsets and committed and hook.grew(tp, committed):
+                    offsets[tp] = committed
+        return offsets
 
     def _can_deliver_now(self, tp: Any) -> bool:
         """True when the conductor's callback for ``tp`` cannot block (nothing to abandon)."""
@@ -283,12 +388,15 @@ class DirectDeliveryTransport(driver.Transport):
 
     Consumer = DirectDeliveryConsumer
     isolation_level: str | None = None  # None: faust's own choice
+    commit_metadata: CommitMetadata | None = None  # None: commits carry no metadata
 
 
-def new_transport(app: AppT, isolation_level: str | None = None) -> TransportT:
+def new_transport(app: AppT, isolation_level: str | None = None,
+                  commit_metadata: CommitMetadata | None = None) -> TransportT:
     """The consumer transport for ``app`` (what ``faust.App._new_transport`` builds)."""
     transport = DirectDeliveryTransport(app.conf.broker_consumer, app)
     transport.isolation_level = isolation_level
+    transport.commit_metadata = commit_metadata
     return transport
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 BEGIN = "<!-- faults:begin -->"
 END = "<!-- faults:end -->"
-COLUMNS = ("scenario", "requests", "outputs", "lost", "duplicates", "upstream duplicate calls",
-           "stalled partitions", "time", "notes")
+COLUMNS = ("scenario", "requests", "outputs", "lost", "duplicates", "in flight at kills",
+           "upstream duplicate calls", "stalled partitions", "time", "notes")
 
 
 def _cells(row: Any) -> list[str]:
@@ -30,8 +30,13 @@ def _cells(row: Any) -> list[str]:
             return row.get(k, 0)  # results written before a column existed
         return getattr(row, k)
 
-    counts = [f"{get(k):,}" for k in ("requests", "outputs", "lost", "duplicates",
-                                        "upstream_duplicates", "stalled")]
+    def count(k: str) -> str:
+        value = row.get(k) if isinstance(row, dict) else getattr(row, k)
+        return "-" if value is None else f"{value:,}"  # None: no worker was killed
+
+    counts = [f"{get(k):,}" for k in ("requests", "outputs", "lost", "duplicates")]
+    counts += [count("in_flight_at_kills")]
+    counts += [f"{get(k):,}" for k in ("upstream_duplicates", "stalled")]
     return [str(get("scenario")), *counts, f"{get('seconds'):.0f} s", str(get("notes"))]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import pytest
@@ -32,13 +33,23 @@ async def test_sigkill_a_worker_every_few_seconds(stack: Stack, mocks: list[Mock
             await asyncio.gather(*waits)
             if trial.answered >= n:
                 break
-            fleet.running[0].kill()
+            await trial.kill(fleet.running[0])
             kills += 1
             replacement = fleet.start()
         await trial.wait_all(timeout=pick(240, 900))
         assert kills >= 2, f"only {kills} kills: the run was too short to test anything"
+        # While the workers still run, the committed offsets must reach every partition's end
+        # (after the stop, a partition behind could also be work the stop left to redo).
+        behind = await trial.stalled(timeout=pick(60, 120))
+        for w in fleet.running:  # a stall: each worker logs its tracker and consumer state
+            if behind:
+                w.proc.send_signal(signal.SIGUSR1)
+        await asyncio.sleep(1 if behind else 0)
         await stop_all(fleet.running)
-        await trial.verdict(f"{kills} SIGKILLs, each followed by a restart")
+        await trial.verdict(f"{kills} SIGKILLs, each followed by a restart; in flight at "
+                            f"each kill: {', '.join(map(str, trial.kills))}")
+        assert not behind, (f"partitions {{partition: (committed, end)}} behind with the workers "
+                            f"running: {behind}; their state is in {stack.tmp}/worker-*.log")
 
 
 async def _until_in_flight(worker: Worker, trial: Trial, n: int, timeout: float = 120) -> int:

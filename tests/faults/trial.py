@@ -76,6 +76,10 @@ class Row:
     notes: str = ""
     size: str = SIZE
     stalled: int = 0  # partitions whose committed offset never reached their end
+    # requests the killed workers held in flight (consumed, unanswered), summed over the
+    # SIGKILLs; None: no worker was killed. Duplicates beyond it were published before a kill
+    # and redone after it.
+    in_flight_at_kills: int | None = None
 
 
 @dataclass(slots=True)
@@ -120,6 +124,7 @@ class Trial:
         self._sampler: asyncio.Task[None] | None = None
         self.started: float | None = None
         self.seconds = 0.0
+        self.kills: list[int] = []  # requests in flight in each worker at its SIGKILL
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -205,6 +210,16 @@ class Trial:
                 if rec.id in self._by_id:
                     raise ValueError(f"request id {rec.id} produced twice")
                 self._by_id[rec.id] = pos
+
+    async def kill(self, worker: Worker) -> int:
+        """SIGKILL a worker; returns (and counts for the table) the requests it held in flight."""
+        try:
+            held = int(await metric(worker, "llm_streams_in_flight"))
+        except aiohttp.ClientError:  # /metrics not answering: count it unknown as 0
+            held = 0
+        worker.kill()
+        self.kills.append(held)
+        return held
 
     # -- collecting --------------------------------------------------------------------------
 
@@ -362,7 +377,8 @@ class Trial:
                  "rebalance (at-least-once)"] if redone else []
         row = Row(self.scenario, len(self.sent), outputs, lost, duplicates, len(late),
                   round(self.seconds, 1), "; ".join(filter(None, [notes, *extra])),
-                  stalled=len(stalled))
+                  stalled=len(stalled),
+                  in_flight_at_kills=sum(self.kills) if self.kills else None)
         ROWS.append(row)
         assert lost == 0, f"{lost} records without output, e.g. {self.missing()[:5]}"
         assert not self._unplaced, f"outputs for records never produced: {self._unplaced[:3]}"

@@ -9,7 +9,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka.errors import OffsetMetadataTooLargeError
+from aiokafka.structs import OffsetAndMetadata
 from faust.transport.consumer import Consumer
+from faust.types import TP
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -79,27 +82,101 @@ def test_the_worker_app_uses_the_direct_transport() -> None:
     assert app.transport.Consumer is DirectDeliveryConsumer
 
 
-async def test_a_commit_of_only_revoked_partitions_is_skipped_not_a_crash(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # faust would hand aiokafka an empty dict (ValueError, the worker crashes).
-    from faust.transport.drivers import aiokafka as driver
-    from faust.types import TP
+class _FakeAiokafka:
+    """aiokafka's consumer as far as our commit and seek use it."""
 
-    calls: list[dict[Any, int]] = []
+    def __init__(self, refuse_metadata: bool = False,
+                 committed: dict[Any, OffsetAndMetadata] | None = None) -> None:
+        self.commits: list[dict[Any, OffsetAndMetadata]] = []
+        self.refuse_metadata = refuse_metadata
+        self.seeks: list[tuple[Any, int]] = []
+        self._committed = committed or {}
+        self._subscription = SimpleNamespace(assigned_partitions=lambda: set(self._committed))
+        self._coordinator = SimpleNamespace(fetch_committed_offsets=self._fetch)
+        self._fetcher = SimpleNamespace(seek_to=lambda tp, off: self.seeks.append((tp, off)))
 
-    async def faust_commit(self: Any, offsets: dict[Any, int]) -> bool:
-        calls.append(dict(offsets))
-        return True
+    async def commit(self, offsets: dict[Any, OffsetAndMetadata]) -> None:
+        if self.refuse_metadata and any(o.metadata for o in offsets.values()):
+            raise OffsetMetadataTooLargeError()
+        self.commits.append(dict(offsets))
 
-    monkeypatch.setattr(driver.AIOKafkaConsumerThread, "_commit", faust_commit)
+    async def _fetch(self, partitions: set[Any]) -> dict[Any, OffsetAndMetadata]:
+        return {tp: c for tp, c in self._committed.items() if tp in partitions and c.offset != -1}
+
+
+class _Hook:
+    def __init__(self) -> None:
+        self.read_back: list[tuple[Any, int | None, str | None]] = []
+
+    def written(self, tp: Any, offset: int) -> str:
+        return f"m{tp.partition}@{offset}"
+
+    def read(self, tp: Any, offset: int | None, metadata: str | None) -> int:
+        self.read_back.append((tp, offset, metadata))
+        return 0
+
+
+def _thread(fake: _FakeAiokafka, assigned: set[Any], hook: _Hook | None = None) -> Any:
     thread = object.__new__(faust_io._ConsumerThread)
+    thread._consumer = fake
+    thread.tp_last_committed_at = {}
+    thread.assignment = lambda: assigned
+    thread.transport = SimpleNamespace(commit_metadata=hook)
+
+    async def call_thread(fun: Any, *args: Any) -> Any:  # the consumer thread, inline
+        return await fun(*args)
+
+    thread.call_thread = call_thread
+    return thread
+
+
+async def test_a_commit_of_only_revoked_partitions_is_skipped_not_a_crash() -> None:
+    # faust would hand aiokafka an empty dict (ValueError, the worker crashes).
     mine, gone = TP("t", 0), TP("t", 1)
-    thread.assignment = lambda: {mine}  # type: ignore[method-assign]
+    fake = _FakeAiokafka()
+    thread = _thread(fake, {mine})
     assert await thread._commit({gone: 5}) is False
-    assert calls == []
+    assert fake.commits == []
     assert await thread._commit({mine: 7, gone: 5}) is True
-    assert calls == [{mine: 7, gone: 5}]  # faust's own commit filters the rest
+    assert fake.commits == [{mine: OffsetAndMetadata(7, "")}]
+
+
+async def test_each_commit_carries_the_metadata_made_on_the_event_loop() -> None:
+    a, b = TP("t", 0), TP("t", 1)
+    fake = _FakeAiokafka()
+    thread = _thread(fake, {a, b}, _Hook())
+    assert await thread.commit({a: 7, b: 9}) is True
+    assert fake.commits == [{a: OffsetAndMetadata(7, "m0@7"), b: OffsetAndMetadata(9, "m1@9")}]
+
+
+async def test_metadata_the_broker_refuses_as_too_large_is_dropped_for_good() -> None:
+    a = TP("t", 0)
+    fake = _FakeAiokafka(refuse_metadata=True)
+    thread = _thread(fake, {a}, _Hook())
+    assert await thread.commit({a: 7}) is True  # committed without it, no crash
+    assert await thread.commit({a: 8}) is True
+    assert fake.commits == [{a: OffsetAndMetadata(7, "")}, {a: OffsetAndMetadata(8, "")}]
+
+
+async def test_the_seek_to_committed_offsets_hands_back_each_commits_metadata() -> None:
+    a, b, c = TP("t", 0), TP("t", 1), TP("t", 2)
+    fake = _FakeAiokafka(committed={a: OffsetAndMetadata(40, "meta"), b: OffsetAndMetadata(0, ""),
+                                    c: OffsetAndMetadata(-1, "")})
+    hook = _Hook()
+    thread = _thread(fake, {a, b, c}, hook)
+    assert await thread.seek_to_committed() == {a: 40, b: 0, c: None}
+    assert fake.seeks == [(a, 40)]  # as aiokafka: no seek without a commit, nor to 0
+    assert sorted(hook.read_back) == [(a, 40, "meta"), (b, 0, ""), (c, None, "")]
+
+
+def test_copied_commit_and_seek_match_the_installed_faust_and_aiokafka() -> None:
+    # _ConsumerThread redoes these two with metadata: a new faust or aiokafka is reviewed first.
+    from aiokafka import AIOKafkaConsumer
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    for fun, digest in ((AIOKafkaConsumerThread._commit, faust_io.UPSTREAM_COMMIT_SHA256),
+                        (AIOKafkaConsumer.seek_to_committed, faust_io.UPSTREAM_SEEK_SHA256)):
+        assert hashlib.sha256(inspect.getsource(fun).encode()).hexdigest() == digest, fun
 
 
 @pytest.mark.parametrize("level", ["read_committed", "read_uncommitted"])
