@@ -1,7 +1,8 @@
 """The Redis client of a worker, and its check at start.
 
 ``redis.url`` may be ``redis://``, ``rediss://`` (TLS; ``redis.ssl_cafile`` for a private CA)
-or ``unix://``; the username and password come from the URL or from ``redis.username`` and
+or ``unix://``; with ``redis.cluster`` it names one node of a Redis Cluster and the client is
+the cluster one (``redis_cluster``). The username and password come from the URL or from ``redis.username`` and
 the environment variable ``redis.password_env`` names. Redis errors are translated here at
 start. While running, every user of Redis (cache, rate limits, cooldowns) goes through one
 ``redis_guard.RedisGuard``.
@@ -20,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -31,13 +33,21 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from streams.config import Settings
 from streams.errors import StartupError
 from streams.redact import redact_url
+from streams.redis_cluster import open_cluster
 from streams.redis_guard import REDIS_ERRORS, command_error_text, is_outage
 
 log = logging.getLogger("streams.redis")
 
-def open_redis(settings: Settings) -> aioredis.Redis:
-    """A client on ``redis.url``; nothing connects before the first command."""
+# What every user of Redis is handed: a single server's client or a cluster's.
+RedisClient = aioredis.Redis | RedisCluster
+
+
+def open_redis(settings: Settings) -> RedisClient:
+    """A client on ``redis.url`` (a cluster client with ``redis.cluster``); nothing connects
+    before the first command."""
     r = settings.redis
+    if r.cluster:
+        return open_cluster(settings)
     extra: dict[str, Any] = {}
     if r.ssl_cafile:
         extra["ssl_ca_certs"] = r.ssl_cafile
@@ -70,7 +80,7 @@ def redis_location(settings: Settings) -> str:
     return f"{parts.hostname}:{parts.port or 6379}"
 
 
-async def check_redis(client: aioredis.Redis, settings: Settings) -> bool:
+async def check_redis(client: RedisClient, settings: Settings) -> bool:
     """PING once; return whether Redis answered.
 
     Wrong credentials or an untrusted TLS certificate raise ``StartupError`` (no restart
@@ -105,7 +115,7 @@ async def check_redis(client: aioredis.Redis, settings: Settings) -> bool:
     return True
 
 
-async def redis_answers(client: aioredis.Redis) -> bool:
+async def redis_answers(client: RedisClient) -> bool:
     """PING for readiness: True once Redis answers, even with an error about the command
     itself (an ACL user without PING); an outage raises."""
     try:
