@@ -1,0 +1,158 @@
+"""Redis Cluster mode: its config keys, its client, its errors, and where the keys live."""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis._parsers.base import BaseParser
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterCrossSlotError,
+    MaxConnectionsError,
+    MovedError,
+    RedisClusterException,
+)
+
+from streams.config import EndpointConfig, Settings, cluster_node, load_settings
+from streams.dispatch.cooldown import Cooldowns
+from streams.dispatch.ratelimit import RateLimiter
+from streams.errors import ConfigError
+from streams.redis_guard import REDIS_ERRORS, is_outage
+from streams.redis_io import open_redis
+
+URL = "redis://127.0.0.1:7000/0"
+
+
+def _load(**redis: Any) -> Settings:
+    return load_settings(environ={"RP": "pw-from-env"}, redis=redis)
+
+
+def test_cluster_mode_loads_with_startup_nodes() -> None:
+    s = _load(url=URL, cluster=True, cluster_nodes=["10.0.0.2:7001", "redis-3:7002", "[::1]:7003"])
+    assert s.redis.cluster and len(s.redis.cluster_nodes) == 3
+    assert not load_settings(environ={}).redis.cluster  # off by default
+    for url in ("redis://h:7000", "redis://h:7000/", "rediss://u:p@h:7000/0"):
+        assert _load(url=url, cluster=True).redis.cluster
+
+
+@pytest.mark.parametrize(("redis", "message"), [
+    ({"url": "unix:///run/redis.sock", "cluster": True}, "cluster needs a redis:// or rediss://"),
+    ({"url": "redis://h:7000/3", "cluster": True}, "cluster needs database 0"),
+    ({"url": URL, "cluster": True, "key_prefix": "a{b}"}, "key_prefix must not contain"),
+    ({"url": URL, "cluster_nodes": ["h:7001"]}, "cluster_nodes needs cluster: true"),
+    ({"url": URL, "cluster": True, "cluster_nodes": ["h"]}, "redis.cluster_nodes: .*host:port"),
+    ({"url": URL, "cluster": True, "cluster_nodes": ["h:0"]}, "host:port"),
+    ({"url": URL, "cluster": True, "cluster_nodes": ["h:65536"]}, "host:port"),
+])
+def test_cluster_config_errors_name_the_key(redis: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load(**redis)
+
+
+def test_braces_in_the_prefix_stay_allowed_on_a_single_server() -> None:
+    assert _load(url=URL, key_prefix="a{b}").redis.key_prefix == "a{b}"  # nothing changes there
+
+
+_HOSTS = st.one_of(
+    st.text(string.ascii_letters + string.digits + ".-", min_size=1, max_size=40),
+    st.ip_addresses(v=4).map(str),
+)
+
+
+@given(_HOSTS, st.integers(1, 65535))
+def test_any_host_and_port_is_a_node(host: str, port: int) -> None:
+    assert cluster_node(f"{host}:{port}") == (host, port)
+    assert cluster_node(f"[{host}]:{port}") == (host, port)
+
+
+@given(st.text(max_size=60))
+def test_a_node_is_parsed_or_refused_never_a_crash(text: str) -> None:
+    node = cluster_node(text)
+    if node is not None:
+        host, port = node
+        assert 0 < port < 65536 and host and text.endswith(f":{port}")
+        assert "@" not in host and "/" not in host
+
+
+@given(st.text(string.ascii_letters + string.digits + "!#%&*+=?^~", min_size=8, max_size=30))
+def test_a_bad_node_entry_never_echoes_what_it_holds(secret: str) -> None:
+    for entry in (f"redis://admin:{secret}@h:7001", f"admin:{secret}@h:7001", f"{secret} h:7001"):
+        with pytest.raises(ConfigError) as info:
+            _load(url=URL, cluster=True, cluster_nodes=["h:7000", entry])
+        assert "redis.cluster_nodes" in str(info.value) and secret not in str(info.value)
+
+
+async def test_the_cluster_client_takes_the_settings_without_connecting() -> None:
+    s = _load(url="redis://app@10.0.0.1:7000/0", cluster=True, password_env="RP",
+              cluster_nodes=["10.0.0.2:7001"], max_connections=7, socket_timeout_seconds=0.5)
+    client = open_redis(s)
+    try:
+        assert isinstance(client, RedisCluster)
+        kw = client.get_connection_kwargs()
+        assert (kw["password"], kw["username"]) == ("pw-from-env", "app")
+        assert kw["socket_timeout"] == 0.5 and kw["max_connections"] == 7
+        nodes = {n.name for n in client.nodes_manager.startup_nodes.values()}
+        assert nodes == {"10.0.0.1:7000", "10.0.0.2:7001"}
+        assert client.retry.get_retries() >= 1
+    finally:
+        await client.aclose()
+
+
+def test_cluster_errors() -> None:
+    # a redirection the client could not resolve: the slot map is in flux
+    assert is_outage(MovedError("3999 127.0.0.1:7001")) and is_outage(AskError("1 h:7001"))
+    assert is_outage(BaseParser.parse_error("MOVED 3999 127.0.0.1:7001"))
+    # no node could be reached: not a RedisError, but caught and an outage
+    exc = RedisClusterException("Redis Cluster cannot be connected")
+    assert isinstance(exc, REDIS_ERRORS) and is_outage(exc)
+    # a full per-node pool fails that command only
+    assert not is_outage(MaxConnectionsError("Too many connections"))
+    assert not is_outage(ClusterCrossSlotError("CROSSSLOT Keys don't hash to the same slot"))
+
+
+class _Recorder:
+    """Records the keys each script and multi-key command is given."""
+
+    def __init__(self) -> None:
+        self.key_sets: list[list[str]] = []
+
+    async def evalsha(self, sha: str, n: int, *args: Any) -> Any:
+        self.key_sets.append([str(a) for a in args[:n]])
+        return [1, "0", 0]
+
+    async def eval(self, src: str, n: int, *args: Any) -> Any:
+        self.key_sets.append([str(a) for a in args[:n]])
+        return "0"
+
+    async def mget(self, keys: list[str]) -> list[None]:
+        self.key_sets.append(list(keys))
+        return [None] * len(keys)
+
+    async def delete(self, *keys: str) -> int:
+        self.key_sets.append(list(keys))
+        return 0
+
+
+@pytest.mark.parametrize("prefix", ["llmstreams", "a:b", "x"])
+async def test_keys_checked_together_share_one_slot(prefix: str) -> None:
+    eps = [EndpointConfig(name=n, url=f"http://{n}.test/v1", rpm=60, tpm=1000, max_concurrency=4)
+           for n in ("a", "b", "c")]
+    s = load_settings(environ={}, endpoints=eps, limits={"max_requests_per_second": 10},
+                      redis={"key_prefix": prefix})
+    rec = _Recorder()
+    limiter = RateLimiter(s, rec)
+    cooldowns = Cooldowns(s.endpoints, s.retry, rec, key_prefix=prefix)
+    for ep in s.endpoints:
+        await limiter.acquire(ep, 10)
+        cooldowns.record_failure(ep.name, rate_limited=True, retry_after=1.0)
+    await cooldowns.sync()
+    keys = [k for ks in rec.key_sets for k in ks]
+    assert len(keys) >= 4 * 3 + 6
+    # one slot for them all: the limiter's and the cooldowns' shard
+    assert {key_slot(k.encode()) for k in keys} == {key_slot(prefix.encode())}
