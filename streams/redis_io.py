@@ -26,6 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
+    RedisClusterException,
     ResponseError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -83,9 +84,10 @@ def redis_location(settings: Settings) -> str:
 async def check_redis(client: RedisClient, settings: Settings) -> bool:
     """PING once; return whether Redis answered.
 
-    Wrong credentials or an untrusted TLS certificate raise ``StartupError`` (no restart
-    can fix them). An unreachable Redis is only logged: the worker runs without it (cache
-    bypassed, local limits) until it answers.
+    Wrong credentials, an untrusted TLS certificate or the wrong ``redis.cluster`` (a cluster
+    node without it, a single server with it) raise ``StartupError`` (no restart can fix them).
+    An unreachable Redis is only logged: the worker runs without it (cache bypassed, local
+    limits) until it answers.
     """
     try:
         await client.ping()
@@ -96,23 +98,46 @@ async def check_redis(client: RedisClient, settings: Settings) -> bool:
         # e.g. an ACL user without PING: Redis answered, so it is there
         log.warning("redis answered PING with an error (%s); continuing",
                     command_error_text(exc))
-    except AuthenticationError:
-        raise StartupError(
-            f"redis authentication failed for user {settings.redis.user} "
-            f"at {redis_location(settings)}"
-        ) from None
-    except RedisConnectionError as exc:
-        if isinstance(exc.__context__, ssl.SSLCertVerificationError):
-            raise StartupError(
-                f"redis TLS certificate not trusted at {redis_location(settings)}: "
-                f"{exc.__context__.verify_message} (see redis.ssl_cafile)"
-            ) from None
-        _unreachable(settings, exc)
-        return False
     except REDIS_ERRORS as exc:
+        if (fatal := _fatal(exc, settings)) is not None:
+            raise fatal from None
         _unreachable(settings, exc)
         return False
+    else:
+        if not settings.redis.cluster:
+            await _refuse_cluster_node(client, settings)
     return True
+
+
+def _fatal(exc: BaseException, settings: Settings) -> StartupError | None:
+    """The error as a ``StartupError`` if no restart can fix it, else None."""
+    where = redis_location(settings)
+    if isinstance(exc, RedisClusterException):
+        if "Cluster mode is not enabled" in str(exc):
+            return StartupError(f"redis at {where} is not a Redis Cluster (cluster mode is "
+                                "off there): set redis.cluster: false")
+        exc = exc.__cause__ or exc  # the cluster client wraps the last node's error
+    if isinstance(exc, AuthenticationError):
+        return StartupError(f"redis authentication failed for user {settings.redis.user} "
+                            f"at {where}")
+    if isinstance(exc, RedisConnectionError) and isinstance(
+        exc.__context__, ssl.SSLCertVerificationError
+    ):
+        return StartupError(f"redis TLS certificate not trusted at {where}: "
+                            f"{exc.__context__.verify_message} (see redis.ssl_cafile)")
+    return None
+
+
+async def _refuse_cluster_node(client: RedisClient, settings: Settings) -> None:
+    """A cluster node answers the single-server client until a key lives on another shard:
+    then every command would fail with MOVED (an outage, for good). Stop at start instead."""
+    try:
+        info = await client.info("cluster")
+    except REDIS_ERRORS:
+        return  # e.g. an ACL user without INFO
+    if str(info.get("cluster_enabled")) == "1":
+        raise StartupError(f"redis at {redis_location(settings)} is a Redis Cluster node: "
+                           "set redis.cluster: true")
 
 
 async def redis_answers(client: RedisClient) -> bool:

@@ -12,9 +12,11 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from prometheus_client import CollectorRegistry
 from redis.asyncio.cluster import RedisCluster
 
@@ -24,10 +26,13 @@ from streams.config import EndpointConfig, RetryConfig, Settings, load_settings
 from streams.contract import Completion, Request
 from streams.dispatch.cooldown import Cooldowns, EndpointState
 from streams.dispatch.ratelimit import RateLimiter
+from streams.errors import StartupError
 from streams.redis_cluster import shared_tag
 from streams.redis_io import check_redis, open_redis
 from tests.fakes.clock import Clock
+from tests.integration.harness import REDIS_HOST, REDIS_PORT
 from tests.integration.redis_cluster import LocalCluster
+from tests.integration.servers import PrivateRedis
 
 pytestmark = pytest.mark.integration
 
@@ -209,3 +214,47 @@ async def test_a_moved_slot_and_a_planned_failover_are_no_outage(
     assert max_in_window(grants, 1.0) <= 10 and len(grants) >= 24
     hit = await cache.lookup(_req(1))
     assert hit is not None and not cache.redis_store.guard.degraded
+
+
+async def test_the_wrong_mode_stops_the_worker_at_start(redis_cluster: LocalCluster) -> None:
+    single = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+    for url, cluster, message in (
+        (single, True, "is not a Redis Cluster .*set redis.cluster: false"),
+        (redis_cluster.url, False, "is a Redis Cluster node: set redis.cluster: true"),
+    ):
+        settings = load_settings(environ={}, redis={"url": url, "cluster": cluster})
+        client = open_redis(settings)
+        try:
+            with pytest.raises(StartupError, match=message):
+                await check_redis(client, settings)
+        finally:
+            await client.aclose()
+
+
+async def test_a_wrong_password_on_a_cluster_is_one_line(tmp_path: Path) -> None:
+    """A one-node cluster with requirepass (all slots on it)."""
+    password = "cluster-secret-7"
+    node = PrivateRedis(tmp_path, password=password,
+                        extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+    node.start()
+    try:
+        with redis.Redis(port=node.port, password=password) as r:
+            r.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            while r.cluster("info")["cluster_state"] != "ok":
+                await asyncio.sleep(0.1)
+        for given, ok in ((password, True), ("wrong-one-9", False)):
+            settings = load_settings(environ={"RP": given}, redis={
+                "url": f"redis://127.0.0.1:{node.port}/0", "cluster": True, "password_env": "RP"})
+            client = open_redis(settings)
+            try:
+                if ok:
+                    assert await check_redis(client, settings) is True
+                    continue
+                with pytest.raises(StartupError, match="authentication failed for user default"
+                                   ) as info:
+                    await check_redis(client, settings)
+                assert given not in str(info.value) and password not in str(info.value)
+            finally:
+                await client.aclose()
+    finally:
+        node.stop()

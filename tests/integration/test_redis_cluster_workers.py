@@ -37,7 +37,10 @@ from tests.integration.harness import (
     start_worker,
 )
 from tests.integration.redis_cluster import LocalCluster
-from tests.integration.test_cache_pipeline import _metric, _outputs, _rewind
+from tests.integration.test_cache_pipeline import _metric
+from tests.integration.test_cache_pipeline import (
+    test_with_the_cache_disabled_a_redelivered_record_is_not_called_again as _redelivery_is_replayed,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -88,30 +91,8 @@ async def test_two_workers_coalesce_and_hit_on_a_cluster(
 async def test_a_redelivered_record_is_replayed_on_a_cluster(
     tmp_path: Path, redis_cluster: LocalCluster, mocks: list[Mock]
 ) -> None:
-    stack = _stack(tmp_path, redis_cluster, mocks)
-    stack.overrides["cache.enabled"] = False  # only the idempotency store can save the calls
-    n = 60
-    await produce(stack.requests, encode(_doc(i, i % 10) for i in range(n)))
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
-        async with Collector(stack) as col:
-            first = await col.wait_for(n)
-    finally:
-        assert worker.stop() == 0
-    assert await _calls(mocks) == n
-    await _rewind(stack)
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
-        async with Collector(stack) as col:
-            again = await _outputs(col, 2 * n)
-            replays = await _metric(worker, "llm_streams_cache_idempotent_replays_total")
-    finally:
-        assert worker.stop() == 0
-    assert await _calls(mocks) == n and replays == n
-    by_id = {o.value["id"]: o.value for o in first}
-    assert all(o == by_id[o["id"]] for o in again[n:])
+    # the single-Redis test, on the cluster: the group rewound, no record is called twice
+    await _redelivery_is_replayed(_stack(tmp_path, redis_cluster, mocks), mocks)
 
 
 # ---- Redis commands per request ---------------------------------------------------------------

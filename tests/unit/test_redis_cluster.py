@@ -13,18 +13,20 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
+    AuthenticationError,
     ClusterCrossSlotError,
     MaxConnectionsError,
     MovedError,
     RedisClusterException,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streams.config import EndpointConfig, Settings, cluster_node, load_settings
 from streams.dispatch.cooldown import Cooldowns
 from streams.dispatch.ratelimit import RateLimiter
-from streams.errors import ConfigError
+from streams.errors import ConfigError, StartupError
 from streams.redis_guard import REDIS_ERRORS, is_outage
-from streams.redis_io import open_redis
+from streams.redis_io import check_redis, open_redis
 
 URL = "redis://127.0.0.1:7000/0"
 
@@ -156,3 +158,32 @@ async def test_keys_checked_together_share_one_slot(prefix: str) -> None:
     assert len(keys) >= 4 * 3 + 6
     # one slot for them all: the limiter's and the cooldowns' shard
     assert {key_slot(k.encode()) for k in keys} == {key_slot(prefix.encode())}
+
+
+class _Refusing:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def ping(self) -> bool:
+        raise self.exc
+
+
+def _wrapped(cause: BaseException) -> RedisClusterException:
+    """What the cluster client raises when no startup node let it in."""
+    exc = RedisClusterException(f"Redis Cluster cannot be connected. Please provide at least "
+                                f"one reachable node: {cause}")
+    exc.__cause__ = cause
+    return exc
+
+
+async def test_start_errors_wrapped_by_the_cluster_client() -> None:
+    s = _load(url=URL, cluster=True, password_env="RP")
+    auth = _wrapped(AuthenticationError("invalid username-password pair"))
+    with pytest.raises(StartupError, match="authentication failed for user default at "
+                                           "127.0.0.1:7000$"):
+        await check_redis(_Refusing(auth), s)  # type: ignore[arg-type]
+    single = _wrapped(RedisClusterException("Cluster mode is not enabled on this node"))
+    with pytest.raises(StartupError, match="not a Redis Cluster"):
+        await check_redis(_Refusing(single), s)  # type: ignore[arg-type]
+    down = _wrapped(RedisConnectionError("Connection refused"))
+    assert await check_redis(_Refusing(down), s) is False  # only logged: it may come
