@@ -30,6 +30,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from streams.config import Settings, cluster_node
+from streams.redis_conn import safe_connection_class
 
 # Attempts after the first on a connection error, CLUSTERDOWN or an uncovered slot: each
 # re-reads the slot map first, so a promoted replica is found as soon as the cluster knows it.
@@ -53,7 +54,7 @@ def open_cluster(settings: Settings) -> RedisCluster:
     url = r.url.get_secret_value()
     if not urlsplit(url).port:  # redis-py's cluster client has no default port of its own
         extra["port"] = 6379
-    return RedisCluster.from_url(
+    client = RedisCluster.from_url(
         url,
         startup_nodes=nodes or None,
         max_connections=r.max_connections,
@@ -62,6 +63,12 @@ def open_cluster(settings: Settings) -> RedisCluster:
         retry=Retry(NoBackoff(), CLUSTER_RETRIES),
         **extra,
     )
+    # redis-py fixes the connection class; every node made later takes it from these kwargs
+    safe = safe_connection_class(client.connection_kwargs["connection_class"])
+    client.connection_kwargs["connection_class"] = safe
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_class = safe
+    return client
 
 
 def is_cluster(client: object) -> bool:

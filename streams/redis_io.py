@@ -35,6 +35,7 @@ from streams.config import Settings
 from streams.errors import StartupError
 from streams.redact import redact_url
 from streams.redis_cluster import open_cluster
+from streams.redis_conn import safe_connection_class
 from streams.redis_guard import REDIS_ERRORS, command_error_text, is_outage
 
 log = logging.getLogger("streams.redis")
@@ -70,6 +71,7 @@ def open_redis(settings: Settings) -> RedisClient:
         health_check_interval=10,
         **extra,
     )
+    pool.connection_class = safe_connection_class(pool.connection_class)
     return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
 

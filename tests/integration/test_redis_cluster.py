@@ -28,6 +28,7 @@ from streams.dispatch.cooldown import Cooldowns, EndpointState
 from streams.dispatch.ratelimit import RateLimiter
 from streams.errors import StartupError
 from streams.redis_cluster import shared_tag
+from streams.redis_conn import SafeConnection
 from streams.redis_io import check_redis, open_redis
 from tests.fakes.clock import Clock
 from tests.integration.harness import REDIS_HOST, REDIS_PORT
@@ -86,6 +87,9 @@ async def test_the_cluster_client_starts_and_the_limit_holds_across_three_limite
     settings = _settings(redis_cluster, prefix, rpm=600)
     assert all(isinstance(c, RedisCluster) for c in clients)
     assert await check_redis(clients[0], settings) is True
+    # every node found in the slot map writes through the translating connection
+    nodes = clients[0].nodes_manager.nodes_cache.values()
+    assert len(nodes) >= 3 and all(n.connection_class is SafeConnection for n in nodes)
     endpoint = settings.endpoints[0]
     limiters = [RateLimiter(settings, c) for c in clients]
     grants: list[float] = []

@@ -22,7 +22,6 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from mockllm.server import max_in_window
 from streams.dispatch.ratelimit import RATE_HEADROOM, RESERVE_AHEAD_SECONDS
 from streams.redis_cluster import shared_tag
 from tests.integration.harness import (
@@ -35,12 +34,14 @@ from tests.integration.harness import (
     produce,
     start_mocks,
     start_worker,
+    window_sums,
 )
 from tests.integration.redis_cluster import LocalCluster
 from tests.integration.test_cache_pipeline import _metric
 from tests.integration.test_cache_pipeline import (
     test_with_the_cache_disabled_a_redelivered_record_is_not_called_again as _redelivery_is_replayed,
 )
+from tests.integration.test_rate_quota import CONNECT_WARMUP, SLACK
 
 pytestmark = pytest.mark.integration
 
@@ -227,8 +228,9 @@ async def test_a_killed_master_loses_nothing_and_limits_hold(
         redis_cluster.start_node(victim)  # back as a replica of the promoted master
         redis_cluster.wait_ready()
     # nothing lost: every request answered once, each prompt called once
+    bad = [o.value for o in outs if o.value.get("status") != "ok"]
+    assert not bad, bad[:3]
     assert {o.value["id"] for o in outs} == {f"req-{i}" for i in range(n)}
-    assert all(o.value["status"] == "ok" for o in outs)
     assert stats["calls"] == n and not stats["duplicate_prompts"]
     # when each worker left and rejoined the shared limiter
     down = [t for w in workers for t in _log_times(w.log, "redis unreachable for rate limits")]
@@ -236,15 +238,20 @@ async def test_a_killed_master_loses_nothing_and_limits_hold(
     assert down, "no worker fell back to its local limiter: the kill was not felt"
     assert len(up) >= len(down), "a worker never rejoined the shared limiter"
     times = sorted(c["t"] for c in stats["calls_log"])
+    stalls = [(a, b) for a, b in stats["stalls_log"]]  # the mock starved of CPU: not judged
     start, end = min(down + [killed_at]) - 1.0, max(up + [promoted_at]) + 1.0
     limit = RPM / 60
-    calm = [t for t in times if t < start or t > end]
+    warm = times[0] + CONNECT_WARMUP  # a worker's first call opens its connection: late
+    calm = [t for t in times if warm <= t < start or t > end]
     around = [t for t in times if start <= t <= end]
+    most_calm, _, judged = window_sums(calm, [1] * len(calm), 1.0, stalls)
+    most_around, _, _ = window_sums(around, [1] * len(around), 1.0, stalls)
     reserved = limit / RATE_HEADROOM * RESERVE_AHEAD_SECONDS
     bound = 2 * limit + reserved + WORKERS  # README: the fallback's bound across a switch
     print(f"\nkilled {victim}, promoted {promoted} after {promoted_at - killed_at:.1f} s; "
-          f"fallback {min(down) - killed_at:+.1f} s to {max(up) - killed_at:+.1f} s; "
-          f"max 1 s window: {max_in_window(calm, 1.0)} calm, {max_in_window(around, 1.0)} "
-          f"around the failover (bound {bound:.0f}), limit {limit:.0f}")
-    assert max_in_window(calm, 1.0) <= limit + 1
-    assert max_in_window(around, 1.0) <= bound
+          f"fallback {min(down) - killed_at:+.1f} s to {max(up) - killed_at:+.1f} s; max 1 s "
+          f"window: {most_calm} calm, {most_around} around the failover (bound {bound:.0f}; "
+          f"{judged:.0%} judged, mock stalls {len(stalls)}), limit {limit:.0f}")
+    assert judged >= 0.5, "the mock stalled too often to measure (load?)"
+    assert most_calm <= limit + SLACK
+    assert most_around <= bound

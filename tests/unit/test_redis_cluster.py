@@ -25,6 +25,7 @@ from streams.config import EndpointConfig, Settings, cluster_node, load_settings
 from streams.dispatch.cooldown import Cooldowns
 from streams.dispatch.ratelimit import RateLimiter
 from streams.errors import ConfigError, StartupError
+from streams.redis_conn import SafeConnection, SafeSSLConnection, SafeUnixConnection
 from streams.redis_guard import REDIS_ERRORS, is_outage
 from streams.redis_io import check_redis, open_redis
 
@@ -187,3 +188,55 @@ async def test_start_errors_wrapped_by_the_cluster_client() -> None:
         await check_redis(_Refusing(single), s)  # type: ignore[arg-type]
     down = _wrapped(RedisConnectionError("Connection refused"))
     assert await check_redis(_Refusing(down), s) is False  # only logged: it may come
+
+
+class _ClosedWriter:
+    """A stream writer over a transport that is already closed, as uvloop reports it."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+        self.closed = False
+
+    def writelines(self, data: Any) -> None:
+        raise self.exc
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def wait_closed(self) -> None:
+        return None
+
+    async def drain(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("unable to perform operation on <TCPTransport closed=True reading=False "
+                 "0x55d956ba1190>; the handler is closed"),  # uvloop
+    TypeError("'NoneType' object is not callable"),  # asyncio, CPython 3.12
+    AttributeError("'NoneType' object has no attribute '_add_writer'"),  # 3.13
+])
+async def test_a_write_on_a_closed_transport_is_a_connection_error(exc: BaseException) -> None:
+    conn = SafeConnection(host="127.0.0.1", port=1, socket_timeout=None)
+    writer = _ClosedWriter(exc)
+    conn._reader, conn._writer = object(), writer  # type: ignore[assignment]
+    with pytest.raises(RedisConnectionError, match="connection closed while writing") as info:
+        await conn.send_packed_command([b"*1\r\n$4\r\nPING\r\n"], check_health=False)
+    assert info.value.__cause__ is exc and is_outage(info.value)
+    assert writer.closed and not conn.is_connected  # redis-py dropped it: the next reconnects
+
+
+@pytest.mark.parametrize("url", ["redis://h:1/0", "rediss://h:1/0", "unix:///run/r.sock"])
+async def test_every_client_uses_the_translating_connections(url: str) -> None:
+    for s in [_load(url=url)] + ([] if url.startswith("unix") else [_load(url=url, cluster=True)]):
+        client = open_redis(s)
+        try:
+            if isinstance(client, RedisCluster):
+                classes = [client.connection_kwargs["connection_class"]] + [
+                    n.connection_class for n in client.nodes_manager.startup_nodes.values()]
+            else:
+                classes = [client.connection_pool.connection_class]
+            assert all(c in (SafeConnection, SafeSSLConnection, SafeUnixConnection)
+                       for c in classes), classes
+        finally:
+            await client.aclose()
