@@ -245,13 +245,15 @@ async def test_a_killed_master_loses_nothing_and_limits_hold(
     calm = [t for t in times if warm <= t < start or t > end]
     around = [t for t in times if start <= t <= end]
     most_calm, _, judged = window_sums(calm, [1] * len(calm), 1.0, stalls)
-    most_around, _, _ = window_sums(around, [1] * len(around), 1.0, stalls)
+    most_around, _, judged_around = window_sums(around, [1] * len(around), 1.0, stalls)
     reserved = limit / RATE_HEADROOM * RESERVE_AHEAD_SECONDS
     bound = 2 * limit + reserved + WORKERS  # README: the fallback's bound across a switch
     print(f"\nkilled {victim}, promoted {promoted} after {promoted_at - killed_at:.1f} s; "
           f"fallback {min(down) - killed_at:+.1f} s to {max(up) - killed_at:+.1f} s; max 1 s "
           f"window: {most_calm} calm, {most_around} around the failover (bound {bound:.0f}; "
-          f"{judged:.0%} judged, mock stalls {len(stalls)}), limit {limit:.0f}")
-    assert judged >= 0.5, "the mock stalled too often to measure (load?)"
+          f"{judged:.0%} and {judged_around:.0%} judged, mock stalls {len(stalls)}), "
+          f"limit {limit:.0f}")
+    # as in test_rate_quota: a window touching a stall of the mock is not judged
+    assert min(judged, judged_around) >= 0.5, "the mock stalled too often to measure (load?)"
     assert most_calm <= limit + SLACK
     assert most_around <= bound
