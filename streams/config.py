@@ -46,6 +46,9 @@ ENV_PREFIX = "LLM_STREAMS__"
 # conventional upper-case form (a password pasted into ``*_env`` by mistake stays unprinted).
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _SHOWN_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+# A host name or an IPv4/IPv6 address: no scheme, no user or password, no path.
+_HOST = re.compile(r"[A-Za-z0-9._-]{1,253}|[0-9A-Fa-f:.]{2,45}")
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def env_name(value: str | None) -> str | None:
@@ -121,8 +124,21 @@ class RedisConfig(_Section):
     key_prefix: str = "llmstreams"
     socket_timeout_seconds: float = Field(1.0, gt=0)
     max_connections: int = Field(128, ge=1)
+    # Redis Cluster: the URL names one node (host, port, credentials, TLS); cluster_nodes
+    # adds more nodes to discover the cluster from ("host:port"), should that one be down.
+    cluster: bool = False
+    cluster_nodes: list[str] = Field(default_factory=list, max_length=100)
 
     _env_name = field_validator("password_env")(env_name)
+
+    @field_validator("cluster_nodes")
+    @classmethod
+    def _cluster_nodes(cls, value: list[str]) -> list[str]:
+        for i, node in enumerate(value):
+            if cluster_node(node) is None:  # the value is never echoed: it may hold a password
+                raise ValueError(f"entry {i} must be host:port (a node of the cluster; "
+                                 "credentials and TLS come from redis.url)")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -145,7 +161,20 @@ class RedisConfig(_Section):
             raise ValueError("give the username in the url or in username, not both")
         if self.ssl_cafile and parts.scheme != "rediss":
             raise ValueError("ssl_cafile needs a rediss:// url")
+        if self.cluster:
+            self._cluster_ok(parts.scheme, parts.path)
+        elif self.cluster_nodes:
+            raise ValueError("cluster_nodes needs cluster: true")
         return self
+
+    def _cluster_ok(self, scheme: str, path: str) -> None:
+        if scheme == "unix":
+            raise ValueError("cluster needs a redis:// or rediss:// url (a node's host:port)")
+        if path.strip("/") not in ("", "0"):
+            raise ValueError("cluster needs database 0 in the url (Redis Cluster has one)")
+        # keys.py wraps the prefix in a hash tag: braces in it would move the tag
+        if "{" in self.key_prefix or "}" in self.key_prefix:
+            raise ValueError("key_prefix must not contain { or } with cluster: true")
 
     @property
     def user(self) -> str:
@@ -153,6 +182,16 @@ class RedisConfig(_Section):
         url_user = urlsplit(self.url.get_secret_value()).username
         return unquote(url_user) if url_user else self.username or "default"
 
+
+
+def cluster_node(text: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``host:port`` (``[v6]:port``) cluster node, or None if it is not one."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not (sep and _PORT.fullmatch(port) and 0 < int(port) < 65536 and _HOST.fullmatch(host)):
+        return None
+    return host, int(port)
 
 
 class NormalizeConfig(_Section):

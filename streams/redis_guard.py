@@ -6,6 +6,12 @@ for a while (``RedisGuard.available``); an error about one command's arguments (
 range, a wrong type) fails that command only and is logged at most once per interval
 (``CommandErrorLog``). The cache, the rate limiter and the cooldowns each own one guard.
 
+On a Redis Cluster the client follows MOVED/ASK and retries across a failover
+(``redis_cluster``): those never get here. What does: the client giving up (an outage, as a
+server that does not answer), a redirection still unresolved after its retries (the slot map in
+flux: an outage), and a full per-node connection pool (``MaxConnectionsError``: that command
+only, no outage, as a single server's pool would wait for a connection).
+
 Usage::
 
     guard = RedisGuard(clock=time.monotonic, retry_seconds=0.5, max_retry_seconds=10.0,
@@ -30,11 +36,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.exceptions import (
+    AskError,
     AuthenticationWrongNumberOfArgsError,
     ClusterDownError,
     DataError,
+    MaxConnectionsError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -44,16 +53,18 @@ from streams.logs import LogThrottle
 
 T = TypeVar("T")
 
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+# RedisClusterException is no RedisError: the cluster client raises it when no node answers.
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 # Error replies that speak of the server's state, not of one command: every command would
 # get them (redis-py maps some to their own classes, the others arrive as ResponseError).
 _SERVER_STATE_CODES = frozenset(
     {"OOM", "READONLY", "LOADING", "MISCONF", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN",
-     "NOREPLICAS", "NOAUTH"}
+     "NOREPLICAS", "NOAUTH", "MOVED", "ASK"}
 )
 _SERVER_STATE_CLASSES = (
     OutOfMemoryError, ReadOnlyError, ClusterDownError, TryAgainError,
     AuthenticationWrongNumberOfArgsError,  # the connection's AUTH, not our command
+    AskError,  # and MovedError: a redirection the cluster client did not resolve
 )
 _PIPELINE_PREFIX = "of pipeline caused error: "
 
@@ -65,7 +76,7 @@ def is_outage(exc: BaseException) -> bool:
     ``DataError`` raised before sending) says nothing about Redis being usable: treating it
     as an outage would bypass Redis for every request because of one request's value.
     """
-    if isinstance(exc, DataError):
+    if isinstance(exc, DataError | MaxConnectionsError):
         return False
     if not isinstance(exc, ResponseError) or isinstance(exc, _SERVER_STATE_CLASSES):
         return True

@@ -9,6 +9,23 @@ The idempotency store has keys of its own: ``idem_key`` scopes a request id by i
 (tag and digest), and ``fingerprint`` digests a request's whole content, so an id reused
 with other content is told apart from a redelivery.
 
+Hash tags (Redis Cluster, ``redis.cluster: true``). A cluster stores a key on the shard of its
+slot, the CRC16 of the key or, when the key holds ``{...}``, of the text between the first ``{``
+and the next ``}`` (its hash tag). A Lua script or ``MGET`` may only touch keys of one slot, so:
+
+- Keys that one script or one multi-key command touches together share one hash tag. The rate
+  limiter's keys (the global ``rps`` with every endpoint's ``rpm``/``tpm``/``conc``, checked in
+  one script) are ``{prefix}:rl:...`` and the cooldowns' (``until`` and ``probe``, one script;
+  all of them in one ``MGET``) ``{prefix}:cd:...``: one tag, ``redis_cluster.shared_tag``, on
+  one shard. (These names predate cluster support: the single-server keys are unchanged.)
+- Keys touched one at a time carry no tag, so they spread over every slot: the cache
+  (``{prefix}:c:...`` below, no braces in the real key), locks (``:l:``) and idempotency
+  records (``:r:``). Their batched reads are split per slot (``redis_cluster.mget_by_slot``).
+- A new family follows the same rule: a tenant's budget windows checked in one script share
+  a tag of that tenant, ``{prefix:b:<tenant_tag>}:...`` (tenants spread over the shards); a
+  script that checks a budget together with the rate limits must use the limiter's tag
+  instead. ``redis.key_prefix`` may hold no braces in cluster mode (config validation).
+
 Usage::
 
     key = cache_key(req, settings.cache.normalize)   # "3f2a...c1:9be0...42"

@@ -26,7 +26,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter
 
 from streams.cache.coalesce import Coalescer
@@ -37,6 +36,7 @@ from streams.cache.locks import RedisLocks
 from streams.cache.store import CacheMetrics, RedisStore
 from streams.config import Settings
 from streams.contract import Completion, Request
+from streams.redis_io import RedisClient
 
 # Model names come from requests: cap the label set so a flood of odd names cannot blow
 # up the metrics' memory; later models are counted under "other".
@@ -63,7 +63,7 @@ class ResponseCache:
     def __init__(
         self,
         settings: Settings,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         registry: CollectorRegistry,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -28,14 +28,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import orjson
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from streams.cache.batching import Batcher
 from streams.cache.codec import Body, Read, encode_value
 from streams.config import Settings
 from streams.logs import LogThrottle
+from streams.redis_cluster import is_cluster, mget_by_slot
 from streams.redis_guard import DOWN, RedisGuard, _Down, command_error_text
+from streams.redis_io import RedisClient
 
 log = logging.getLogger("streams.cache")
 
@@ -114,15 +115,16 @@ class RedisStore:
     def __init__(
         self,
         settings: Settings,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         metrics: CacheMetrics,
         clock: Callable[[], float],
     ) -> None:
-        if redis.get_connection_kwargs().get("decode_responses"):  # type: ignore[no-untyped-call]
+        if redis.get_connection_kwargs().get("decode_responses"):
             raise ValueError("ResponseCache needs a Redis client with decode_responses=False")
         cfg = self._cfg = settings.cache
         self._prefix = settings.redis.key_prefix
         self.redis = redis
+        self._cluster = is_cluster(redis)
         self.metrics = metrics
         self._timeout = settings.redis.socket_timeout_seconds
         self.guard = RedisGuard(
@@ -205,14 +207,17 @@ class RedisStore:
     async def _mget(self, items: list[tuple[str, bool]]) -> list[Read]:
         keys = [k for k, _ in items]
         unique = list(dict.fromkeys(keys))  # identical requests of one tick: fetch once
-        res = await self.call(
-            "read", lambda: cast(Awaitable[list[bytes | None]], self.redis.mget(unique)),
-            force=any(f for _, f in items),
-        )
+        res = await self.call("read", lambda: self._mget_unique(unique),
+                              force=any(f for _, f in items))
         if res is DOWN:
             return [DOWN] * len(keys)
         found = dict(zip(unique, res, strict=True))
         return [found[k] for k in keys]
+
+    async def _mget_unique(self, keys: list[str]) -> list[bytes | None]:
+        if self._cluster:  # MGET takes one slot's keys: one per slot, pipelined per node
+            return await mget_by_slot(self.redis, keys)  # type: ignore[arg-type]
+        return await cast(Awaitable[list[bytes | None]], self.redis.mget(keys))
 
     async def _pipeline_set(self, items: list[tuple[str, bytes, int, bool]]) -> list[bool]:
         async def go() -> list[Any]:

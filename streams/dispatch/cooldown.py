@@ -40,6 +40,7 @@ from typing import Any
 
 from streams.config import EndpointConfig, RetryConfig
 from streams.dispatch.retry import bounded_wait
+from streams.redis_cluster import shared_tag
 from streams.redis_guard import REDIS_ERRORS, CommandErrorLog, RedisGuard, is_outage
 
 log = logging.getLogger("streams.cooldown")
@@ -113,7 +114,7 @@ class Cooldowns:
         # The furthest ahead a deadline read from Redis may lie (see _SKEW_SECONDS).
         self._horizon = max(self._period, self._max_retry_after) + _SKEW_SECONDS
         self._unreadable: set[str] = set()  # endpoints whose bad stored deadline was logged
-        self._base = f"{{{key_prefix}}}:cd"
+        self._base = f"{shared_tag(key_prefix)}:cd"  # one slot: scripts and MGET span keys
         self._owner = uuid.uuid4().hex
         self._command_errors = CommandErrorLog(log, "cooldowns", clock=clock)
         self._guard = RedisGuard(

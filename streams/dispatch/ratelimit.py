@@ -55,6 +55,7 @@ from redis.exceptions import NoScriptError
 
 from streams.config import EndpointConfig, Settings
 from streams.dispatch.gcra import ACQUIRE_LUA, ADJUST_LUA, sha
+from streams.redis_cluster import shared_tag
 from streams.redis_guard import REDIS_ERRORS, CommandErrorLog, RedisGuard
 
 log = logging.getLogger("streams.ratelimit")
@@ -136,7 +137,7 @@ class RateLimiter:
         self._fraction = settings.limits.local_fallback_fraction
         prefix = key_prefix if key_prefix is not None else settings.redis.key_prefix
         # One hash tag for every key: a script's keys must share a slot on Redis Cluster.
-        self._base = f"{{{prefix}}}:rl"
+        self._base = f"{shared_tag(prefix)}:rl"
         burst = settings.limits.rate_burst
         rps = settings.limits.max_requests_per_second
         self._global: list[_Rate] = []

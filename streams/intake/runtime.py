@@ -26,7 +26,6 @@ from typing import Any
 
 import aiohttp
 import faust
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from streams.cache.responses import ResponseCache
@@ -43,7 +42,7 @@ from streams.intake.transport import committed_offsets, consumer_state, is_stale
 from streams.kafka_io import start_producer
 from streams.metrics import PipelineMetrics, configured_models, start_http
 from streams.output.publisher import KafkaPublisher
-from streams.redis_io import open_redis, redis_answers
+from streams.redis_io import RedisClient, open_redis, redis_answers
 
 log = logging.getLogger("streams.worker")
 
@@ -70,7 +69,7 @@ class Runtime:
         self.drained = False  # the stop's own part is done: nothing of ours is left to lose
         self._stack = AsyncExitStack()
         self._processor: Processor | None = None
-        self._redis: aioredis.Redis | None = None
+        self._redis: RedisClient | None = None
         self.redis_ok = False
         self.assigned: int | None = None  # partitions of the last assignment; None: rebalancing
         self._lag_labels: set[tuple[str, str]] = set()

@@ -134,6 +134,7 @@ class PrivateRedis:
     tls: TlsFiles | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)  # more redis-server options
 
     def url(self, db: int = 0, user: str = "", password: str | None = None) -> str:
         auth = f"{user}:{password}@" if password is not None else (f"{user}@" if user else "")
@@ -154,6 +155,7 @@ class PrivateRedis:
                      "--tls-ca-cert-file", str(self.tls.ca)]
         if self.password is not None:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         with (self.dir / "server.log").open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.port, 20, self.proc)
