@@ -7,7 +7,8 @@ import os
 import pytest
 
 from bench.procs import NGINX, Procs, free_port
-from bench.scenarios import SIZES, Env, miss_path
+from bench.harness import Env
+from bench.scenarios import SIZES, miss_path
 
 
 @pytest.mark.timeout(60)
