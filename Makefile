@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup stack-up stack-down demo test unit integration faults faults-small quota lint bench bench-smoke clean \
+.PHONY: setup stack-up stack-down demo test unit integration faults faults-small quota lint bench bench-smoke bench-compare clean \
 	image image-test helm helm-check
 
 $(STAMP): pyproject.toml
@@ -75,9 +75,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check streams mockllm tests $(wildcard bench)
 	$(BIN)/mypy
 
-# Benchmarks against peers (bench/): needs the stack, nginx, and the `bench` extra (openai, litellm).
+# Benchmarks against peers (bench/): needs the stack, nginx, and the `bench` extra (openai, litellm,
+# faststream, Quix Streams).
 BENCH_STAMP := $(VENV)/.installed-bench
-$(BENCH_STAMP): $(STAMP)
+$(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx-light)
 	touch $(BENCH_STAMP)
@@ -89,6 +90,13 @@ bench: setup $(BENCH_STAMP)
 bench-smoke: setup $(BENCH_STAMP)
 	scripts/with-stack.sh $(BIN)/python -m bench.run --size smoke --out bench/BENCHMARKS-smoke.md \
 		--json bench/results-smoke.json
+
+# Two commits side by side in one run, alternating (miss and hit paths): make bench-compare A=REV B=REV
+# A: the last commit before the #15 restructure (c1936ed); B: main.
+A ?= 4e67074
+B ?= main
+bench-compare: setup $(BENCH_STAMP)
+	scripts/with-stack.sh $(BIN)/python -m bench.run --compare $(A) $(B) --scenarios miss,hit --size full
 
 clean:
 	rm -rf $(VENV) .stack .stack-faults build *.egg-info

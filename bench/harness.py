@@ -144,7 +144,8 @@ async def measure(topics: kl.Topics, pids: list[int], values: list[bytes], *, ra
         t_end = time.monotonic() + timeout
         t0 = await kl.produce(topics.requests, values, rate=rate, deadline=t_end)
         t_produced = time.time()
-        got = await outs.wait(expect, max(1.0, t_end - time.monotonic()))
+        got = await outs.wait(expect, max(1.0, t_end - time.monotonic()), interval=0.05)
+        t_done = time.time()
         cpu1 = sum(cpu_seconds(p) for p in pids)
         tail: dict[str, Any] = {}
         if probe_file:
@@ -153,8 +154,8 @@ async def measure(topics: kl.Topics, pids: list[int], values: list[bytes], *, ra
             cmds = await redis_commands()
             tail.update(redis_per_request(cmds0, cmds, got))
         records = await outs.read()
-    return {"t0": t0, "t_produced": t_produced, "got": got, "cpu": cpu1 - cpu0, "rss_peak_mb": rss.peak,
-            "records": records, "tail": tail}
+    return {"t0": t0, "t_produced": t_produced, "t_done": t_done, "got": got, "cpu": cpu1 - cpu0,
+            "rss_peak_mb": rss.peak, "records": records, "tail": tail}
 
 
 async def redis_commands() -> dict[str, int]:

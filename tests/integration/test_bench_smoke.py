@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from bench.procs import NGINX, Procs, free_port
 from bench.harness import Env
+from bench.procs import NGINX, Procs, free_port
 from bench.scenarios import SIZES, miss_path
 
 
