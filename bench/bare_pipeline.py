@@ -3,7 +3,8 @@
 aiokafka ``getmany`` -> one aiohttp POST per record, at most ``--concurrency`` in flight at
 once (fetching pauses at the cap, like the worker's ``limits.max_inflight``) -> aiokafka
 ``send`` of a small response record as soon as its call returns -> a ``commit`` every
-``--commit-interval`` seconds of each partition's lowest unfinished offset. No batch barrier:
+``--commit-interval`` seconds of each partition's lowest unfinished offset, with the worker's
+garbage-collector threshold (``worker.gc_threshold``'s default). No batch barrier:
 a slow call holds back only the commit, never the next fetch. Run as its own process so its
 CPU is measured like a worker's::
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import signal
 import time
@@ -129,7 +131,11 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=512)
     p.add_argument("--commit-interval", type=float, default=1.0)
     p.add_argument("--probe", help="write bench.probe's figures to this file")
+    p.add_argument("--gc-threshold", type=int, default=100_000,
+                   help="gc.set_threshold(N, 50, 100), as the worker's worker.gc_threshold (0: Python's)")
     args = p.parse_args()
+    if args.gc_threshold:  # the same tuning as the worker: a floor, not a strawman
+        gc.set_threshold(args.gc_threshold, 50, 100)
     if args.probe:
         from bench import probe
 

@@ -150,7 +150,9 @@ def read(path: str) -> dict[str, Any] | None:
         return None
 
 
-def _hist_quantile(hist: list[int], q: float) -> float | None:
+def _hist_quantile(hist: list[int], q: float, top: float) -> float | None:
+    """The upper edge of the bucket holding quantile q; ``top`` (the largest value seen) past
+    the last finite edge."""
     total = sum(hist)
     if not total:
         return None
@@ -158,7 +160,7 @@ def _hist_quantile(hist: list[int], q: float) -> float | None:
     for edge, n in zip(LAG_BUCKETS_MS, hist, strict=True):
         seen += n
         if seen >= q * total:
-            return float(edge)
+            return float(edge) if edge < LAG_BUCKETS_MS[-1] else top
     return None
 
 
@@ -178,7 +180,8 @@ def window(before: dict[str, Any] | None, after: dict[str, Any] | None, answered
     gc_ms, gc_count = d("gc_ms"), d("gc_count")
     per = max(1, answered)
     return {
-        "loop_lag_p50_ms": _hist_quantile(lag, 0.5), "loop_lag_p99_ms": _hist_quantile(lag, 0.99),
+        "loop_lag_p50_ms": _hist_quantile(lag, 0.5, after["lag_max_ms"]),
+        "loop_lag_p99_ms": _hist_quantile(lag, 0.99, after["lag_max_ms"]),
         "loop_lag_mean_ms": d("lag_sum_ms") / samples if samples else None,
         "loop_lag_max_ms": after["lag_max_ms"],  # since start (a maximum does not subtract)
         "loop_lag_over_50ms": sum(n for e, n in zip(LAG_BUCKETS_MS, lag, strict=True) if e > 50) / max(1, samples),
@@ -189,7 +192,8 @@ def window(before: dict[str, Any] | None, after: dict[str, Any] | None, answered
         "records_per_produce": d("produce_records") / max(1, d("produce_requests")),
         "produce_rtt_ms": d("produce_ms") / max(1, d("produce_requests")),
         "fetches": d("fetches"), "records_per_fetch": d("fetch_records") / max(1, d("fetches")),
-        "fetch_gap_p50_ms": _hist_quantile(gaps, 0.5), "fetch_gap_p99_ms": _hist_quantile(gaps, 0.99),
+        "fetch_gap_p50_ms": _hist_quantile(gaps, 0.5, after["fetch_gap_max_ms"]),
+        "fetch_gap_p99_ms": _hist_quantile(gaps, 0.99, after["fetch_gap_max_ms"]),
     }
 
 
