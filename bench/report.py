@@ -218,14 +218,18 @@ def markdown(doc: dict[str, Any]) -> str:
         "## Commands",
         "",
         "```sh",
-        "pip install -e '.[dev,bench]'   # openai and litellm for the peers",
+        "pip install -e '.[dev,bench]'   # the peers: openai, litellm, faststream, quixstreams",
         "make bench          # python -m bench.run --size full --out BENCHMARKS.md --json bench/results.json",
-        "make bench-smoke    # python -m bench.run --size smoke (tiny sizes, < 2 minutes)",
+        "make bench-smoke    # python -m bench.run --size smoke (tiny sizes, about 2 minutes)",
+        "make bench-compare A=REV B=REV  # python -m bench.run --compare A B --scenarios miss,hit --size full",
+        "python -m bench.profile SCENARIO --set FIELD=VALUE   # py-spy on the worker during one run",
         "```",
         "",
         "Stand-ins: nginx (`return 200 '<fixed chat.completion JSON>'`) on two ports, used as two "
         "endpoints weighted 3:1 by llm-streams, the bare peers and the LiteLLM Router; the project's "
-        "mock (`llm-streams mock-llm --latency-ms ...`) for the slow and moderate scenarios.",
+        "mock (`llm-streams mock-llm --latency-ms ...`) for the slow and moderate scenarios. "
+        "`--compare` checks both commits out with `git worktree` and runs their workers alternately "
+        "against the same stand-ins, writing bench/COMPARE.md.",
         "",
         "## Targets",
         "",
