@@ -87,6 +87,9 @@ async def clean_redis(prefix: str) -> None:
         await r.aclose()
 
 
+PEER_GRACE = 3.0  # seconds from SIGTERM to SIGKILL for a peer (Quix Streams may take 15 s to leave)
+
+
 class Run:
     """One run's topics and processes; cleans up on exit."""
 
@@ -94,6 +97,7 @@ class Run:
         self.env = env
         self.topics = kl.Topics.unique(scenario)
         self.started: list[Any] = []
+        self.peers: list[Any] = []  # stopped with a short grace: their state no longer matters
 
     async def __aenter__(self) -> Run:
         await kl.create_topics(self.topics)
@@ -102,6 +106,8 @@ class Run:
     async def __aexit__(self, *exc: object) -> None:
         for p in self.started:
             self.env.procs.stop(p)
+        for p in self.peers:
+            self.env.procs.stop(p, timeout=PEER_GRACE)
         await kl.delete_topics(self.topics)
         await clean_redis(self.topics.name)
 
@@ -119,7 +125,7 @@ class Run:
         cmd = [PY, "-m", module, "--requests", t.requests, "--responses", t.responses, "--group", t.name,
                *args]
         proc = self.env.procs.spawn(cmd, f"{module.rsplit('.', 1)[-1]}-{t.name}.log", stdout_pipe=True)
-        self.started.append(proc)
+        self.peers.append(proc)
         assert proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)
         if b"READY" not in line:

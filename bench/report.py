@@ -25,17 +25,17 @@ TABLES: dict[str, tuple[str, str, list[tuple[str, str, str]]]] = {
         "at a time, as Quix Streams processes them.",
         [("llm-streams worker: req/s", "streams_rate", "{:,.0f}"),
          ("llm-streams worker: CPU us/req", "streams_cpu_per_req_us", "{:,.0f}"),
-         ("(a) bare pipeline (aiokafka+aiohttp): req/s", "bare_pipeline_rate", "{:,.0f}"),
+         ("(a) bare pipeline (aiokafka {aiokafka} + aiohttp {aiohttp}): req/s", "bare_pipeline_rate", "{:,.0f}"),
          ("(a) bare pipeline: CPU us/req", "bare_pipeline_cpu_per_req_us", "{:,.0f}"),
          ("(b) bare aiohttp client, no Kafka: req/s", "client_rate", "{:,.0f}"),
          ("(b) bare client: CPU us/req", "client_cpu_per_req_us", "{:,.0f}"),
-         ("(c) openai AsyncOpenAI: req/s", "openai_rate", "{:,.0f}"),
+         ("(c) openai {openai} AsyncOpenAI: req/s", "openai_rate", "{:,.0f}"),
          ("(c) openai: CPU us/req", "openai_cpu_per_req_us", "{:,.0f}"),
-         ("(d) LiteLLM Router 3:1: req/s", "litellm_rate", "{:,.0f}"),
+         ("(d) LiteLLM {litellm} Router 3:1: req/s", "litellm_rate", "{:,.0f}"),
          ("(d) LiteLLM: CPU us/req", "litellm_cpu_per_req_us", "{:,.0f}"),
-         ("(e) faststream app + AsyncOpenAI (Kafka in and out): req/s", "faststream_rate", "{:,.0f}"),
+         ("(e) faststream {faststream} app + AsyncOpenAI (Kafka in and out): req/s", "faststream_rate", "{:,.0f}"),
          ("(e) faststream: CPU us/req", "faststream_cpu_per_req_us", "{:,.0f}"),
-         ("(f) Quix Streams app + OpenAI, one call at a time: req/s", "quix_rate", "{:,.0f}"),
+         ("(f) Quix Streams {quixstreams} app + OpenAI, one call at a time: req/s", "quix_rate", "{:,.0f}"),
          ("(f) Quix Streams: CPU us/req", "quix_cpu_per_req_us", "{:,.0f}"),
          ("ratio llm-streams / bare pipeline", "ratio_vs_bare_pipeline", "{:.2f}x"),
          ("ratio llm-streams / bare client", "ratio_vs_client", "{:.2f}x"),
@@ -199,8 +199,16 @@ def _cell(s: dict[str, Any] | None, fmt: str) -> tuple[str, str]:
     return med, "(1 run)"
 
 
+class _Versions(dict[str, str]):
+    """Package versions for the row labels ("{faststream}"); "?" for one not installed."""
+
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
+    versions = _Versions({k.replace("-", "_"): v for k, v in m["packages"].items() if v})
     lines = [
         "# Benchmarks",
         "",
@@ -252,7 +260,7 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += ["| | median | min – max |", "| --- | --- | --- |"]
         for label, key, fmt in rows:
             med, rng = _cell(res["summary"].get(key), fmt)
-            lines.append(f"| {label} | {med} | {rng} |")
+            lines.append(f"| {label.format_map(versions)} | {med} | {rng} |")
         for err in res.get("errors", []) if name not in SOURCE else []:
             lines.append(f"\nrun failed: `{err}`")
     if doc["notes"]:

@@ -115,13 +115,16 @@ def test_targets_table_reads_the_new_slow_upstream_figures() -> None:
     assert met[("cache_hit", "ratio_vs_relay")] is None
 
 
-def test_tail_table_shows_the_slow_upstream_runs() -> None:
+def test_tables_show_the_slow_upstream_tail_and_peer_versions() -> None:
     one = {"median": 15.0, "min": 15.0, "max": 15.0, "runs": 1}
     doc = {"command": "python -m bench.run", "size": "smoke", "runs": 1, "notes": [], "targets": [],
            "machine": {"nproc": 2, "cpu_model": "x", "ram_gb": 1, "kernel": "k", "python": "3",
-                       "nginx": "n", "packages": {}},
+                       "nginx": "n", "packages": {"quixstreams": "3.1", "faststream": None}},
            "scenarios": {"slow_upstream": {"runs": [], "errors": ["boom"],
-                                           "summary": {"streams_loop_lag_p99_ms": one}}}}
+                                           "summary": {"streams_loop_lag_p99_ms": one}},
+                         "miss_path": {"runs": [], "errors": [], "summary": {"quix_rate": one}}}}
     md = report.markdown(doc)
+    assert "| (f) Quix Streams 3.1 app + OpenAI, one call at a time: req/s | 15 | (1 run) |" in md
+    assert "| (e) faststream ? app" in md  # a peer's package that is not installed
     assert "| worker: loop lag p99 ms | 15 | (1 run) |" in md
     assert md.count("run failed: `boom`") == 1  # under the scenario's own table only
