@@ -7,7 +7,8 @@ the cumulative figures to FILE (JSON) four times a second; the harness reads FIL
 and the end of a measurement window and reports the difference (``window``). The hooks:
 
 - event-loop lag: a task on the main loop sleeps 20 ms at a time and records how late it wakes
-  (started with the first Kafka producer, which lives on the main loop in the worker and peers);
+  (started when a Kafka producer starts on the main thread: the worker's and the peers' live
+  on the main loop);
 - garbage collection: ``gc.callbacks`` times every collection, per generation;
 - produce batching: aiokafka's sender counts produce requests, the records in them and their
   round trip;
@@ -42,7 +43,6 @@ STATE: dict[str, Any] = {
 }
 _gc_start = [0.0]
 _last_fetch = [0.0]
-_loops: set[int] = set()
 
 
 def _bucket(hist: list[int], ms: float) -> None:
@@ -74,10 +74,13 @@ async def _lag_sampler() -> None:
 
 
 def _start_sampler() -> None:
-    loop = asyncio.get_running_loop()
-    if not _loops:  # the first loop a producer starts on: the main one
-        _loops.add(id(loop))
-        STATE["_sampler"] = loop.create_task(_lag_sampler())
+    """One sampler, on the main thread's running loop: a loop that ended (a start-up check's
+    ``asyncio.run``) cancelled the previous one, so the next producer's loop gets it."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # faust's consumer thread runs its own loop
+    task = STATE.get("_sampler")
+    if task is None or task.done():
+        STATE["_sampler"] = asyncio.get_running_loop().create_task(_lag_sampler())
 
 
 def _patch() -> None:
