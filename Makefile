@@ -75,11 +75,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check streams mockllm tests $(wildcard bench)
 	$(BIN)/mypy
 
-# Benchmarks against peers (bench/): needs the stack, nginx, and the `bench` extra (openai, litellm,
-# faststream, Quix Streams).
+# Benchmarks against peers (bench/): needs the stack, nginx, the `bench` extra (openai, litellm,
+# faststream) and, in .venv-quix, the `bench-quix` extra (Quix Streams).
 BENCH_STAMP := $(VENV)/.installed-bench
+# The Quix Streams peer's own venv (see pyproject's bench-quix extra).
+QUIX_VENV := .venv-quix
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,bench]'
+	test -x $(QUIX_VENV)/bin/python || $(PY) -m venv $(QUIX_VENV)
+	$(QUIX_VENV)/bin/pip install -q -e '.[bench-quix]'
 	test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx-light)
 	touch $(BENCH_STAMP)
 
@@ -99,4 +103,4 @@ bench-compare: setup $(BENCH_STAMP)
 	scripts/with-stack.sh $(BIN)/python -m bench.run --compare $(A) $(B) --scenarios miss,hit --size full
 
 clean:
-	rm -rf $(VENV) .stack .stack-faults build *.egg-info
+	rm -rf $(VENV) $(QUIX_VENV) .stack .stack-faults build *.egg-info

@@ -118,11 +118,11 @@ class Run:
             await self.env.procs.worker_ready(p, port)
         return [p.pid for p, _ in spawned]
 
-    async def peer(self, module: str, *args: str) -> int:
+    async def peer(self, module: str, *args: str, python: str = PY) -> int:
         """A Kafka peer process (``python -m module --requests T --responses T2 --group G ...``)
         that prints READY once it consumes; returns its pid."""
         t = self.topics
-        cmd = [PY, "-m", module, "--requests", t.requests, "--responses", t.responses, "--group", t.name,
+        cmd = [python, "-m", module, "--requests", t.requests, "--responses", t.responses, "--group", t.name,
                *args]
         proc = self.env.procs.spawn(cmd, f"{module.rsplit('.', 1)[-1]}-{t.name}.log", stdout_pipe=True)
         self.peers.append(proc)

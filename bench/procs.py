@@ -32,6 +32,10 @@ REDIS_PORT = int(os.environ.get("BENCH_REDIS_PORT", os.environ.get("TEST_REDIS_P
 REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "13"))
 REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/{REDIS_DB}"
 NGINX = os.environ.get("BENCH_NGINX", shutil.which("nginx") or "/usr/sbin/nginx")
+# The Quix Streams peer's interpreter: its own venv (quixstreams pins an older pydantic than
+# the worker's), this one when there is none (the peer then reports itself skipped).
+_QUIX_VENV = ROOT / ".venv-quix" / "bin" / "python"
+QUIX_PY = os.environ.get("BENCH_QUIX_PYTHON", str(_QUIX_VENV) if _QUIX_VENV.exists() else PY)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The fixed OpenAI-style answer nginx returns for every POST /v1/chat/completions.

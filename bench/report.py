@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from bench.procs import QUIX_PY
 
 FINDINGS = Path(__file__).with_name("FINDINGS.md")
 
@@ -22,7 +25,8 @@ TABLES: dict[str, tuple[str, str, list[tuple[str, str, str]]]] = {
         "(e) and (f) are Kafka apps like (a), measured from the first request produced to the last "
         "answer after 50 warm-up requests; (e) runs `max_workers` = the concurrency, which needs "
         "`ack_policy=ACK_FIRST` (at-most-once); (f) calls the upstream synchronously, one message "
-        "at a time, as Quix Streams processes them.",
+        "at a time, as Quix Streams processes them; it runs from its own venv (`.venv-quix`: "
+        "quixstreams pins an older pydantic than the worker's).",
         [("llm-streams worker: req/s", "streams_rate", "{:,.0f}"),
          ("llm-streams worker: CPU us/req", "streams_cpu_per_req_us", "{:,.0f}"),
          ("(a) bare pipeline (aiokafka {aiokafka} + aiohttp {aiohttp}): req/s", "bare_pipeline_rate", "{:,.0f}"),
@@ -151,6 +155,19 @@ TARGETS: list[tuple[str, str, str, float, str]] = [
 ]
 
 
+def _versions_in(python: str, pkgs: tuple[str, ...]) -> dict[str, str | None]:
+    """Versions of packages in another interpreter's environment (the Quix Streams peer's venv)."""
+    code = ("import json, importlib.metadata as m\n"
+            "def v(p):\n try: return m.version(p)\n except m.PackageNotFoundError: return None\n"
+            f"print(json.dumps({{p: v(p) for p in {list(pkgs)!r}}}))")
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=30).stdout
+        got: dict[str, str | None] = json.loads(out)
+        return got
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return dict.fromkeys(pkgs)
+
+
 def machine() -> dict[str, Any]:
     model = ""
     try:
@@ -163,13 +180,14 @@ def machine() -> dict[str, Any]:
             mem_kb = int(f.readline().split()[1])
     except OSError:
         mem_kb = 0
-    versions = {}
-    for pkg in ("faust-streaming", "aiokafka", "aiohttp", "redis", "openai", "litellm", "faststream",
-                "quixstreams", "confluent-kafka", "uvloop"):
+    versions: dict[str, str | None] = {}
+    for pkg in ("faust-streaming", "aiokafka", "aiohttp", "redis", "pydantic", "openai", "litellm",
+                "faststream", "uvloop"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
+    versions.update(_versions_in(QUIX_PY, ("quixstreams", "confluent-kafka")))
     try:
         nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True, timeout=5).stderr.strip()
     except (OSError, subprocess.SubprocessError):
@@ -226,7 +244,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "## Commands",
         "",
         "```sh",
-        "pip install -e '.[dev,bench]'   # the peers: openai, litellm, faststream, quixstreams",
+        "pip install -e '.[dev,bench]'   # the peers: openai, litellm, faststream (make bench adds .venv-quix)",
         "make bench          # python -m bench.run --size full --out BENCHMARKS.md --json bench/results.json",
         "make bench-smoke    # python -m bench.run --size smoke (tiny sizes, about 2 minutes)",
         "make bench-compare A=REV B=REV  # python -m bench.run --compare A B --scenarios miss,hit --size full",

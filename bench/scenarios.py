@@ -27,7 +27,7 @@ from bench.harness import (
     worker_config,
 )
 from bench.paced import moderate, slow_upstream
-from bench.procs import CANNED, PY, REDIS_URL
+from bench.procs import CANNED, PY, QUIX_PY, REDIS_URL
 from bench.stats import percentile
 
 SIZES = {
@@ -39,16 +39,16 @@ SIZES = {
                  moderate_rate=500, moderate_seconds=20, two_n=20_000, prio_limit=200, prio_seconds=10),
 }
 
-# Kafka peers of the miss path: (name, module, extra args). Each consumes the requests topic
-# and publishes one response per request, like the worker; run.peer starts it.
-KAFKA_PEERS = (("faststream", "bench.app_peers", ["faststream"]), ("quix", "bench.app_peers", ["quix"]))
+# Kafka peers of the miss path: (name, interpreter, extra args of bench.app_peers). Each consumes
+# the requests topic and publishes one response per request, like the worker.
+KAFKA_PEERS = (("faststream", PY, ["faststream"]), ("quix", QUIX_PY, ["quix"]))
 
 
 # --- peers -------------------------------------------------------------------------------------
 
 
 async def kafka_peer(env: Env, name: str, module: str, args: list[str], n: int,
-                     warm: int = 0, wall_clock: bool = False) -> dict[str, Any]:
+                     warm: int = 0, wall_clock: bool = False, python: str = PY) -> dict[str, Any]:
     """One run of a Kafka peer on the miss path: its rate and CPU from the first request
     produced to the last answer (after ``warm`` answered requests that are not counted).
 
@@ -57,7 +57,7 @@ async def kafka_peer(env: Env, name: str, module: str, args: list[str], n: int,
     timestamp, so there the outputs' own timestamps say nothing of when they were published."""
     async with Run(env, name) as run:
         urls = [a for u in env.urls for a in ("--url", u)]
-        pid = await run.peer(module, *args, "--concurrency", str(env.size.concurrency), *urls)
+        pid = await run.peer(module, *args, "--concurrency", str(env.size.concurrency), *urls, python=python)
         if warm:
             async with kl.Outputs(run.topics) as outs:
                 await kl.produce(run.topics.requests, kl.requests(warm, "warm"))
@@ -123,9 +123,10 @@ async def miss_path(env: Env, n: int | None = None, peers: bool | None = None) -
             if "rate" in p:
                 out[f"{kind}_rate"] = p["rate"]
                 out[f"{kind}_cpu_per_req_us"] = p["cpu_per_req_us"]
-        for name, module, args in KAFKA_PEERS:
+        for name, python, args in KAFKA_PEERS:
             try:
-                p = await kafka_peer(env, name, module, args, s.sdk_n, warm=50, wall_clock=True)
+                p = await kafka_peer(env, name, "bench.app_peers", args, s.sdk_n, warm=50, wall_clock=True,
+                                     python=python)
             except Exception as exc:  # a peer that cannot run is a note, not a failed scenario
                 env.note(f"peer {name} failed: {type(exc).__name__}: {exc}"[:300])
                 continue
