@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup stack-up stack-down demo test unit integration faults faults-small quota lint bench bench-smoke clean \
+.PHONY: setup stack-up stack-down demo test unit integration faults faults-small quota lint bench bench-smoke bench-compare clean \
 	image image-test helm helm-check
 
 $(STAMP): pyproject.toml
@@ -75,10 +75,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check streams mockllm tests $(wildcard bench)
 	$(BIN)/mypy
 
-# Benchmarks against peers (bench/): needs the stack, nginx, and the `bench` extra (openai, litellm).
+# Benchmarks against peers (bench/): needs the stack, nginx, the `bench` extra (openai, litellm,
+# faststream) and, in .venv-quix, the `bench-quix` extra (Quix Streams).
 BENCH_STAMP := $(VENV)/.installed-bench
-$(BENCH_STAMP): $(STAMP)
+# The Quix Streams peer's own venv (see pyproject's bench-quix extra).
+QUIX_VENV := .venv-quix
+$(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,bench]'
+	test -x $(QUIX_VENV)/bin/python || $(PY) -m venv $(QUIX_VENV)
+	$(QUIX_VENV)/bin/pip install -q -e '.[bench-quix]'
 	test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx-light)
 	touch $(BENCH_STAMP)
 
@@ -90,5 +95,12 @@ bench-smoke: setup $(BENCH_STAMP)
 	scripts/with-stack.sh $(BIN)/python -m bench.run --size smoke --out bench/BENCHMARKS-smoke.md \
 		--json bench/results-smoke.json
 
+# Two commits side by side in one run, alternating (miss and hit paths): make bench-compare A=REV B=REV
+# A: the last commit before the #15 restructure (c1936ed); B: main.
+A ?= 4e67074
+B ?= main
+bench-compare: setup $(BENCH_STAMP)
+	scripts/with-stack.sh $(BIN)/python -m bench.run --compare $(A) $(B) --scenarios miss,hit --size full
+
 clean:
-	rm -rf $(VENV) .stack .stack-faults build *.egg-info
+	rm -rf $(VENV) $(QUIX_VENV) .stack .stack-faults build *.egg-info

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,10 @@ REDIS_PORT = int(os.environ.get("BENCH_REDIS_PORT", os.environ.get("TEST_REDIS_P
 REDIS_DB = int(os.environ.get("BENCH_REDIS_DB", "13"))
 REDIS_URL = f"redis://127.0.0.1:{REDIS_PORT}/{REDIS_DB}"
 NGINX = os.environ.get("BENCH_NGINX", shutil.which("nginx") or "/usr/sbin/nginx")
+# The Quix Streams peer's interpreter: its own venv (quixstreams pins an older pydantic than
+# the worker's), this one when there is none (the peer then reports itself skipped).
+_QUIX_VENV = ROOT / ".venv-quix" / "bin" / "python"
+QUIX_PY = os.environ.get("BENCH_QUIX_PYTHON", str(_QUIX_VENV) if _QUIX_VENV.exists() else PY)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The fixed OpenAI-style answer nginx returns for every POST /v1/chat/completions.
@@ -43,6 +48,25 @@ CANNED = {
                  "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10},
 }
+
+
+@dataclass(frozen=True)
+class Code:
+    """Which checkout's worker runs: this one, or another revision's (``python -m bench.run
+    --compare``), imported from ``root`` first (cwd and PYTHONPATH) with this venv."""
+
+    root: Path = ROOT
+    label: str = "this checkout"
+
+    @property
+    def cli(self) -> str:
+        """The CLI module: streams/tools/cli.py since the #15 layout, streams/cli.py before."""
+        return "streams.tools.cli" if (self.root / "streams/tools/cli.py").exists() else "streams.cli"
+
+    def env(self) -> dict[str, str] | None:
+        if self.root == ROOT:
+            return None
+        return {"PYTHONPATH": str(self.root)}
 
 
 def free_port() -> int:
@@ -96,14 +120,15 @@ class Procs:
     def __init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="llm-streams-bench-"))
         self._procs: list[subprocess.Popen[bytes]] = []
+        self.code: Code = Code()  # whose worker runs (bench.run --compare swaps it per run)
 
     def spawn(self, args: list[str], log_name: str, env: dict[str, str] | None = None,
-              stdout_pipe: bool = False) -> subprocess.Popen[bytes]:
+              stdout_pipe: bool = False, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
         with (self.tmp / log_name).open("wb") as log:  # the child keeps its own copy
             proc = subprocess.Popen(
                 args, stdout=subprocess.PIPE if stdout_pipe else log,
                 stderr=log if stdout_pipe else subprocess.STDOUT,
-                cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
+                cwd=cwd, env={**os.environ, **(env or {})}, start_new_session=True,
                 preexec_fn=_raise_nofile,
             )
         self._procs.append(proc)
@@ -178,13 +203,18 @@ http {{
         await wait_http(f"http://127.0.0.1:{port}/stats", 30, proc)
         return proc
 
-    def worker(self, cfg: dict[str, Any], name: str) -> tuple[subprocess.Popen[bytes], int]:
+    def worker(self, cfg: dict[str, Any], name: str,
+               probe: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
+        """A worker of ``self.code``; with ``probe``, under bench.probe writing to that file."""
         port = free_port()
         cfg = {**cfg, "metrics": {"port": port, "host": "127.0.0.1"}}
         path = self.tmp / f"{name}-{port}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        proc = self.spawn([PY, "-m", "streams.tools.cli", "worker", "--config", str(path)],
-                          f"{name}-{port}.log")
+        head = [PY, "-m", self.code.cli]
+        if probe is not None:
+            head = [PY, "-m", "bench.probe", "--out", str(probe), "--cli", self.code.cli]
+        proc = self.spawn([*head, "worker", "--config", str(path)], f"{name}-{port}.log",
+                          cwd=self.code.root, env=self.code.env())
         return proc, port
 
     async def worker_ready(self, proc: subprocess.Popen[bytes], port: int, timeout: float = 90) -> None:

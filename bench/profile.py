@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.harness import Env
 from bench.procs import Procs, free_port
-from bench.scenarios import SCENARIOS, SIZES, Env
+from bench.scenarios import SCENARIOS, SIZES
 
 
 def top_frames(path: Path, k: int) -> str:
@@ -61,8 +62,9 @@ def main() -> int:
     samplers: list[subprocess.Popen[bytes]] = []
     spawn_worker = Procs.worker
 
-    def worker(self: Procs, cfg: dict[str, Any], name: str) -> tuple[subprocess.Popen[bytes], int]:
-        proc, port = spawn_worker(self, cfg, name)
+    def worker(self: Procs, cfg: dict[str, Any], name: str,
+               probe: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
+        proc, port = spawn_worker(self, cfg, name, probe)
         target = out if not samplers else out.with_suffix(f".{len(samplers)}.txt")
         samplers.append(subprocess.Popen(
             [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid), "--format", "raw",

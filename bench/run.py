@@ -2,6 +2,9 @@
 
     python -m bench.run [--size smoke|full] [--out BENCHMARKS.md] [--json bench/results.json]
                         [--only miss_path,cache_hit,...] [--no-peers]
+    python -m bench.run --compare REV_A REV_B [--scenarios miss,hit] [--size ...] [--runs N]
+                        (two commits side by side, alternating: bench.compare; writes
+                        bench/COMPARE.md and bench/compare.json unless --out/--json say otherwise)
 
 Needs Kafka on 127.0.0.1:9092 and Redis on 127.0.0.1:6379 (``make stack-up``) and nginx
 (elsewhere: BENCH_KAFKA_BOOTSTRAP, BENCH_REDIS_PORT).
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import shlex
 import signal
 import sys
@@ -22,16 +26,17 @@ from typing import Any
 
 import orjson
 
-from bench import report
+from bench import compare, report
+from bench.harness import Env
 from bench.procs import Procs, free_port
-from bench.scenarios import SCENARIOS, SIZES, Env
+from bench.scenarios import SCENARIOS, SIZES
 from bench.stats import summarize
 
 RUN_LIMIT = {"smoke": 90.0, "full": 900.0}  # seconds, per scenario run
 
 
-async def run_all(procs: Procs, size_name: str, only: list[str], peers: bool) -> dict[str, Any]:
-    size = SIZES[size_name]
+async def run_all(procs: Procs, size_name: str, only: list[str], peers: bool, n_runs: int) -> dict[str, Any]:
+    size = dataclasses.replace(SIZES[size_name], runs=n_runs)
     ports = [free_port(), free_port()]
     await procs.nginx(ports)
     notes: list[str] = []
@@ -55,24 +60,18 @@ async def run_all(procs: Procs, size_name: str, only: list[str], peers: bool) ->
     return {"scenarios": results, "notes": notes}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.run")
-    p.add_argument("--size", choices=sorted(SIZES), default="full")
-    p.add_argument("--out", default="BENCHMARKS.md")
-    p.add_argument("--json", default="bench/results.json")
-    p.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenario names")
-    p.add_argument("--no-peers", action="store_true", help="llm-streams only on the miss path")
-    args = p.parse_args(argv)
-    only = [s for s in args.only.split(",") if s]
-    unknown = set(only) - set(SCENARIOS)
-    if unknown:
-        p.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+def _command(argv: list[str] | None) -> str:
+    return ("python -m bench.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))).strip()
+
+
+def _run(procs: Procs, coro: Any) -> dict[str, Any]:
+    """Run the harness's coroutine with uvloop; stop every process of ``procs`` on the way out,
+    SIGTERM included."""
 
     def _term(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
-    procs = Procs()
     try:
         try:
             import uvloop
@@ -80,11 +79,57 @@ def main(argv: list[str] | None = None) -> int:
             uvloop.install()
         except ImportError:
             pass
-        out = asyncio.run(run_all(procs, args.size, only, not args.no_peers))
+        result: dict[str, Any] = asyncio.run(coro)
+        return result
     finally:
         procs.close()
-    command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    doc = {"command": command.strip(), "size": args.size, "runs": SIZES[args.size].runs,
+
+
+def _compare(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+    names = [s for s in args.scenarios.split(",") if s]
+    unknown = set(names) - set(compare.SCENARIOS)
+    if unknown:
+        p.error(f"unknown --scenarios: {', '.join(sorted(unknown))} (known: {', '.join(compare.SCENARIOS)})")
+    size = SIZES[args.size]
+    runs = args.runs or size.runs
+    procs = Procs()
+
+    def env_for(urls: list[str]) -> Env:
+        return Env(procs, urls, size, peers=False)
+
+    out = _run(procs, compare.run_compare(procs, env_for, args.compare, names, runs))
+    doc = {"command": _command(argv), "size": args.size, "runs": runs, "machine": report.machine(), **out}
+    json_path, md_path = Path(args.json or "bench/compare.json"), Path(args.out or "bench/COMPARE.md")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    md_path.write_text(compare.markdown(doc))
+    print(compare.markdown(doc))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.run")
+    p.add_argument("--size", choices=sorted(SIZES), default="full")
+    p.add_argument("--out", default=None, help="BENCHMARKS.md (bench/COMPARE.md with --compare)")
+    p.add_argument("--json", default=None, help="bench/results.json (bench/compare.json with --compare)")
+    p.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenario names")
+    p.add_argument("--no-peers", action="store_true", help="llm-streams only on the miss path")
+    p.add_argument("--compare", nargs=2, metavar=("REV_A", "REV_B"), help="two commits side by side")
+    p.add_argument("--scenarios", default="miss,hit", help=f"with --compare: {','.join(compare.SCENARIOS)}")
+    p.add_argument("--runs", type=int, default=None, help="runs per scenario (and revision); default: the size's")
+    args = p.parse_args(argv)
+    if args.compare:
+        return _compare(p, args, argv)
+    only = [s for s in args.only.split(",") if s]
+    unknown = set(only) - set(SCENARIOS)
+    if unknown:
+        p.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    args.out = args.out or "BENCHMARKS.md"
+    args.json = args.json or "bench/results.json"
+    runs = args.runs or SIZES[args.size].runs
+    procs = Procs()
+    out = _run(procs, run_all(procs, args.size, only, not args.no_peers, runs))
+    doc = {"command": _command(argv), "size": args.size, "runs": runs,
            "machine": report.machine(), **out}
     doc["targets"] = report.evaluate(doc["scenarios"])
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
