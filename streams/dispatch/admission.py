@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from streams.config import EndpointConfig, Settings
+from streams.config_tenants import DEFAULT_TENANT, tenant_config
 from streams.dispatch.cooldown import EndpointState
 from streams.dispatch.ratelimit import Permit
 from streams.dispatch.telemetry import DispatchMetrics
@@ -51,6 +52,7 @@ class Ticket:
     since: float = 0.0  # start of the current wait, for the wait metric
     future: asyncio.Future[Grant] | None = None
     late: bool = False  # once woke too late for a reserved slot (the next one is taken anyway)
+    tenant: str = DEFAULT_TENANT  # its fair share and max_inflight (fairqueue.py)
 
 
 @dataclass(eq=False, slots=True)
@@ -62,6 +64,7 @@ class Grant:
     probe: bool
     at: float = 0.0  # clock time of the reserved slot (0: unlimited): the attempt starts then
     released: bool = False
+    tenant: str = DEFAULT_TENANT
 
 
 def fits(ep: EndpointConfig, tokens: int) -> bool:
@@ -86,6 +89,8 @@ class Admission:
         self._acquiring: set[str] = set()  # endpoints with a limiter call under way
         self.inflight = {e.name: 0 for e in settings.endpoints}
         self._inflight_total = 0
+        self._tenants = settings.tenants
+        self._by_tenant: dict[str, int] = {}  # calls in flight per tenant (only while > 0)
         self._wake = asyncio.Event()
         parts.limiter.on_release(self._released)
 
@@ -108,7 +113,7 @@ class Admission:
                 return grant
         fut: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         ticket.future = fut
-        entry = self._sched.add(ticket, ticket.priority, ticket.enqueued * 1000.0)
+        entry = self._sched.add(ticket, ticket.priority, ticket.enqueued * 1000.0, ticket.tenant)
         self._waiting_models[ticket.model] = self._waiting_models.get(ticket.model, 0) + 1
         self._wake.set()
         try:
@@ -145,6 +150,11 @@ class Admission:
         grant.released = True
         self._inflight_total -= 1
         self.inflight[grant.endpoint.name] -= 1
+        left = self._by_tenant[grant.tenant] - 1
+        if left:
+            self._by_tenant[grant.tenant] = left
+        else:
+            del self._by_tenant[grant.tenant]
         self._p.limiter.release(grant.permit, used_tokens)
         if len(self._sched):
             self._wake.set()
@@ -184,9 +194,16 @@ class Admission:
         healthy.discard(ticket.tried[-1])
         return healthy or None
 
+    def _tenant_full(self, tenant: str) -> bool:
+        """The tenant has its ``max_inflight`` calls in flight in this worker."""
+        cap = tenant_config(self._tenants, tenant).max_inflight
+        return cap is not None and self._by_tenant.get(tenant, 0) >= cap
+
     async def _try_grant(self, ticket: Ticket) -> Grant | None:
         now = self._clock()
         if self._inflight_total >= self._max_inflight or self._global_blocked > now:
+            return None
+        if self._tenant_full(ticket.tenant):
             return None
         only = self._eligible(ticket, now)
         rejected: set[str] = set()
@@ -231,9 +248,10 @@ class Admission:
                 continue
             self._inflight_total += 1
             self.inflight[ep.name] += 1
+            self._by_tenant[ticket.tenant] = self._by_tenant.get(ticket.tenant, 0) + 1
             at = 0.0 if limiter.unlimited(ep) else now + decision.wait  # 0: no pacing
             self._metrics.wait_by[ep.name].observe(max(now + decision.wait - ticket.since, 0.0))
-            return Grant(ep, decision.permit, probe, at)
+            return Grant(ep, decision.permit, probe, at, tenant=ticket.tenant)
         return None
 
     # ---- the pump ----------------------------------------------------------------------------
@@ -258,7 +276,10 @@ class Admission:
                 ticket = entry.item
                 fut = ticket.future
                 if fut is None or fut.done():
-                    cursor.take(entry)
+                    self._sched.discard(entry)
+                    continue
+                if self._tenant_full(ticket.tenant):
+                    cursor.skip_tenant(ticket.tenant)
                     continue
                 grant = await self._try_grant(ticket)
                 if grant is None:
