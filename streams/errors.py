@@ -21,7 +21,7 @@ left now, but a replay may well succeed.
     ├── DeadlineExpired             the request's deadline passed         -> DLQ "expired"
     ├── BudgetExceeded              the tenant's budget refused the request -> DLQ "budget"
     │                               (on_exhausted: reject, or the estimate alone exceeds a
-    │                               whole window's budget); a replay later may succeed
+    │                               whole window's budget: not retryable)
     ├── NoEndpoint                  no configured endpoint serves the model -> DLQ "upstream"
     ├── DispatchFailed              a request could not be answered: wraps one of the above
     │                               with its attempts and endpoints (the dead letter's content)
@@ -136,6 +136,10 @@ class BudgetExceeded(StreamsError):
     retry_now = False
     retryable = True  # a replay in a later window may succeed
     dlq_type = "budget"
+
+    def __init__(self, message: str, *, never: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = not never  # a request larger than a whole window fails again
 
 
 class NoEndpoint(StreamsError):

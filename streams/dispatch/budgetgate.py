@@ -140,7 +140,8 @@ class BudgetGate:
 
     def _refused(self, hold: Hold, got: Refusal) -> None:
         if got.never:
-            raise BudgetExceeded(f"tenant {hold.tenant!r}: {got.reason}; it could never run")
+            raise BudgetExceeded(f"tenant {hold.tenant!r}: {got.reason}; it could never run",
+                                 never=True)
         if hold.policy == "reject":
             raise BudgetExceeded(f"tenant {hold.tenant!r}: {got.reason}")
 

@@ -40,6 +40,8 @@ from streams.dispatch.scheduler import LEVELS
 
 T = TypeVar("T")
 
+MAX_IDLE_FLOWS = 1024  # per level: idle tenants whose service credit is remembered
+
 
 @dataclass(eq=False, slots=True)
 class Entry(Generic[T]):
@@ -143,7 +145,11 @@ class FairQueue(Generic[T]):
         if flow.live == 0:
             flow.version += 1  # out of the ready heap
             flow.queue.clear()
-            if flow.finish <= level.vtime:  # owes nothing: forget it (bounded state)
+            if not served:  # its head was never served: the tag it held is given back
+                flow.finish -= flow.step
+            # An idle tenant is remembered only while it owes service (served ahead of the
+            # level's virtual time), and only so many: tenants are named by requests.
+            if flow.finish <= level.vtime or len(level.flows) > MAX_IDLE_FLOWS:
                 del level.flows[entry.tenant]
         if self._cursor is None:
             self._compact(level, flow)
