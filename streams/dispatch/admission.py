@@ -24,6 +24,7 @@ from streams.config import EndpointConfig, Settings
 from streams.config_tenants import DEFAULT_TENANT, tenant_config
 from streams.dispatch.cooldown import EndpointState
 from streams.dispatch.ratelimit import Permit
+from streams.dispatch.slots import SlotBook, Tag
 from streams.dispatch.telemetry import DispatchMetrics
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class Grant:
     at: float = 0.0  # clock time of the reserved slot (0: unlimited): the attempt starts then
     released: bool = False
     tenant: str = DEFAULT_TENANT
+    revoked: bool = False  # its slot went to another tenant's request: ask again (slots.py)
+    tag: Tag | None = None  # (priority, fair-queue finish tag): orders future slots (slots.py)
 
 
 def fits(ep: EndpointConfig, tokens: int) -> bool:
@@ -91,6 +94,8 @@ class Admission:
         self._inflight_total = 0
         self._tenants = settings.tenants
         self._by_tenant: dict[str, int] = {}  # calls in flight per tenant (only while > 0)
+        self._slots = SlotBook(self._clock)
+        self._sched.service_tag = self._slots.service_tag
         self._wake = asyncio.Event()
         parts.limiter.on_release(self._released)
 
@@ -199,7 +204,7 @@ class Admission:
         cap = tenant_config(self._tenants, tenant).max_inflight
         return cap is not None and self._by_tenant.get(tenant, 0) >= cap
 
-    async def _try_grant(self, ticket: Ticket) -> Grant | None:
+    async def _try_grant(self, ticket: Ticket, tag: Tag | None = None) -> Grant | None:
         now = self._clock()
         if self._inflight_total >= self._max_inflight or self._global_blocked > now:
             return None
@@ -251,7 +256,9 @@ class Admission:
             self._by_tenant[ticket.tenant] = self._by_tenant.get(ticket.tenant, 0) + 1
             at = 0.0 if limiter.unlimited(ep) else now + decision.wait  # 0: no pacing
             self._metrics.wait_by[ep.name].observe(max(now + decision.wait - ticket.since, 0.0))
-            return Grant(ep, decision.permit, probe, at, tenant=ticket.tenant)
+            grant = Grant(ep, decision.permit, probe, at, tenant=ticket.tenant, tag=tag)
+            self._slots.place(grant)  # may take a slot another tenant holds in excess
+            return grant
         return None
 
     # ---- the pump ----------------------------------------------------------------------------
@@ -265,14 +272,42 @@ class Admission:
             self._ready(ep, now) and any(ep.serves(m) for m in models) for ep in self._endpoints
         )
 
+    def _steal(self, ticket: Ticket, tag: Tag) -> Grant | None:
+        """The future slot of a grant behind ``ticket`` in fair-queue order, for ``ticket``
+        (the fair queue's best) when no slot can be had (``slots.py``)."""
+        if ticket.tried or self._tenant_full(ticket.tenant):
+            return None
+        old = self._slots.steal(tag, lambda g: (
+            g.endpoint.serves(ticket.model) and fits(g.endpoint, ticket.tokens)))
+        if old is None or old.tag is None:
+            return None
+        self._by_tenant[old.tenant] -= 1
+        if not self._by_tenant[old.tenant]:
+            del self._by_tenant[old.tenant]
+        self._by_tenant[ticket.tenant] = self._by_tenant.get(ticket.tenant, 0) + 1
+        self._sched.credit(old.tenant, old.tag[0])  # served in the fair queue, not served
+        grant = Grant(old.endpoint, old.permit, False, old.at, tenant=ticket.tenant, tag=tag)
+        self._slots.place(grant)
+        return grant
+
     async def _pass(self) -> None:
         """Grant waiting requests best-first until nothing more can be granted."""
         cursor = self._sched.begin_pass()
         try:
-            while not self._stuck(self._clock()):
+            while True:
+                stuck = self._stuck(self._clock())
                 entry = cursor.next()
                 if entry is None:
                     break
+                tag = (entry.priority, self._sched.head_tag(entry))
+                if stuck:  # only the fair queue's best may take a slot granted behind it
+                    fut = entry.item.future
+                    grant = None if fut is None or fut.done() else self._steal(entry.item, tag)
+                    if grant is None:
+                        break
+                    cursor.take(entry)
+                    fut.set_result(grant)  # type: ignore[union-attr]
+                    continue
                 ticket = entry.item
                 fut = ticket.future
                 if fut is None or fut.done():
@@ -281,7 +316,7 @@ class Admission:
                 if self._tenant_full(ticket.tenant):
                     cursor.skip_tenant(ticket.tenant)
                     continue
-                grant = await self._try_grant(ticket)
+                grant = await self._try_grant(ticket, tag)
                 if grant is None:
                     cursor.skip(entry)
                     continue

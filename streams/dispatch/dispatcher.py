@@ -272,8 +272,14 @@ class Dispatcher:
         if we woke more than ``LATE_SLOT_SECONDS`` after the slot (once per request: see
         ``ratelimit.LATE_SLOT_SECONDS``)."""
         try:
+            if grant.revoked:  # its slot went to another tenant (slots.py): ask again
+                return False
             if (delay := grant.at - self._clock()) > 0:
                 await self._sleep(delay)
+                while (delay := grant.at - self._clock()) > 0:  # given to another tenant
+                    await self._sleep(delay)                     # (slots.py): a later one
+                if grant.revoked:
+                    return False
                 name = grant.endpoint.name
                 if not grant.probe and self._cooldowns.state(name) is not EndpointState.HEALTHY:
                     self._admission.release(grant, None)

@@ -90,6 +90,10 @@ class FairQueue(Generic[T]):
         self._tenants: dict[str, int] = {}
         self._live = 0
         self._cursor: Cursor[T] | None = None
+        # The virtual time of the grant being served now, per level (``slots.SlotBook``):
+        # grants are made ahead of their slots, so a tenant arriving idle starts from what
+        # is being served, not from the last grant.
+        self.service_tag: Callable[[int], float | None] | None = None
 
     def __len__(self) -> int:
         return self._live
@@ -112,7 +116,11 @@ class FairQueue(Generic[T]):
         if flow is None:
             flow = level.flows[tenant] = _Flow(tenant, 1.0 / self._weight(tenant))
         if flow.live == 0:  # idle until now: it starts at the level's virtual time
-            flow.finish = max(level.vtime, flow.finish) + flow.step
+            vtime = level.vtime
+            serving = self.service_tag(priority) if self.service_tag is not None else None
+            if serving is not None:
+                vtime = min(vtime, serving)
+            flow.finish = max(vtime, flow.finish) + flow.step
             self._push(level, flow)
         heapq.heappush(flow.queue, entry)
         heapq.heappush(level.age, entry)
@@ -153,6 +161,19 @@ class FairQueue(Generic[T]):
                 del level.flows[entry.tenant]
         if self._cursor is None:
             self._compact(level, flow)
+
+    def head_tag(self, entry: Entry[T]) -> float:
+        """The virtual finish tag ``entry`` is served at (it heads its tenant's queue)."""
+        return self._levels[entry.priority].flows[entry.tenant].finish
+
+    def credit(self, tenant: str, priority: int) -> None:
+        """Give back one grant's worth of ``tenant``'s share (its grant was taken back)."""
+        level = self._levels[min(max(priority, 0), LEVELS - 1)]
+        flow = level.flows.get(tenant)
+        if flow is not None:
+            flow.finish = max(flow.finish - flow.step, level.vtime + flow.step * (flow.live > 0))
+            if flow.live:
+                self._push(level, flow)
 
     def peek(self) -> Entry[T] | None:
         """The entry a pass would offer first."""

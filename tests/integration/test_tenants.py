@@ -218,8 +218,14 @@ async def test_fair_share_a_small_tenant_behind_a_flood(tmp_path: Path) -> None:
         base = await _latencies(stack, {d["id"] for d in alone}, 60)
         flood = [{"id": f"a{i}", "input": f"a {i}", "model": "m", "tenant": "a"}
                  for i in range(FLOOD)]
+        started = time.monotonic()
         await produce(stack.requests, encode(flood))
-        await asyncio.sleep(5.0)  # the worker reads the flood ahead (limits.max_queued)
+        # the worker reads the whole flood ahead (limits.max_queued): B then lands behind it
+        # in Kafka but not in the worker
+        while await _metric(worker, "llm_streams_records_consumed_total") < FLOOD + 200:
+            assert time.monotonic() - started < 120, "the flood was not read ahead"
+            await asyncio.sleep(0.5)
+        print(f"\nflood of {FLOOD} read in {time.monotonic() - started:.1f} s")
         small = [{"id": f"b{i}", "input": f"b {i}", "model": "m", "tenant": "b"}
                  for i in range(200)]
         await _produce_over(stack.requests, small, 10.0)
