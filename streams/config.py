@@ -37,6 +37,7 @@ from pydantic_settings import (
 )
 
 from streams.config_errors import format_error, yaml_problem
+from streams.config_tenants import PriceConfig, TenantConfig
 from streams.errors import ConfigError
 from streams.redact import url_secrets
 
@@ -227,7 +228,7 @@ class LimitsConfig(_Section):
     # Records one worker tracks for its acks: in flight, queued, and finished but waiting for
     # an earlier offset of their partition. At the cap the worker stops taking records and
     # faust pauses the partitions. Room for read-ahead (priority, fair share) beyond max_inflight.
-    max_tracked: int = Field(20_000, ge=1)
+    max_tracked: int = Field(60_000, ge=1)
     max_requests_per_second: float | None = Field(None, gt=0)
     max_value_bytes: int = Field(1_048_576, ge=1)
     priority_aging_ms: int = Field(10_000, ge=0)
@@ -236,6 +237,9 @@ class LimitsConfig(_Section):
     # Share of each limit one worker uses while Redis is unreachable (1 / number of workers
     # keeps the group within the limit; 1.0 lets every worker use the whole limit).
     local_fallback_fraction: float = Field(1.0, gt=0, le=1)
+    # Read-ahead: records held waiting (rate limits, budgets, fair share) on top of the
+    # max_inflight calls in flight; bounded by max_tracked too.
+    max_queued: int = Field(50_000, ge=0)
 
     @model_validator(mode="after")
     def _tracked_covers_inflight(self) -> LimitsConfig:
@@ -320,6 +324,8 @@ class Settings(BaseSettings):
     ]
     metrics: MetricsConfig = MetricsConfig()
     worker: WorkerConfig = WorkerConfig()
+    pricing: dict[str, PriceConfig] = {}
+    tenants: dict[str, TenantConfig] = {}
 
     @field_validator("endpoints")
     @classmethod

@@ -261,7 +261,8 @@ class Completion:
         return upstream_usage(self.body) or dict.fromkeys(USAGE_KEYS, 0)
 
 
-def response_record(req: Request, comp: Completion, *, latency_ms: int) -> bytes:
+def response_record(req: Request, comp: Completion, *, latency_ms: int,
+                    cost: dict[str, Any] | None = None) -> bytes:
     return orjson.dumps(
         {
             "id": req.id,
@@ -274,7 +275,7 @@ def response_record(req: Request, comp: Completion, *, latency_ms: int) -> bytes
             "cached": comp.cached,
             "attempts": comp.attempts,
             "latency_ms": latency_ms,
-            "metadata": req.metadata,
+            "metadata": req.metadata, "cost": cost,
         }
     )
 

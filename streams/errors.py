@@ -19,6 +19,9 @@ left now, but a replay may well succeed.
     │   └── UpstreamBadResponse     2xx whose body is not a chat completion (not retryable)
     ├── AttemptsExhausted           retry.max_attempts used up            -> DLQ "exhausted"
     ├── DeadlineExpired             the request's deadline passed         -> DLQ "expired"
+    ├── BudgetExceeded              the tenant's budget refused the request -> DLQ "budget"
+    │                               (on_exhausted: reject, or the estimate alone exceeds a
+    │                               whole window's budget: not retryable)
     ├── NoEndpoint                  no configured endpoint serves the model -> DLQ "upstream"
     ├── DispatchFailed              a request could not be answered: wraps one of the above
     │                               with its attempts and endpoints (the dead letter's content)
@@ -125,6 +128,18 @@ class AttemptsExhausted(StreamsError):
 class DeadlineExpired(StreamsError):
     retry_now = retryable = False
     dlq_type = "expired"
+
+
+class BudgetExceeded(StreamsError):
+    """The tenant's budget has no room (``on_exhausted: reject``) or never could have."""
+
+    retry_now = False
+    retryable = True  # a replay in a later window may succeed
+    dlq_type = "budget"
+
+    def __init__(self, message: str, *, never: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = not never  # a request larger than a whole window fails again
 
 
 class NoEndpoint(StreamsError):

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from streams.config import Settings
+from streams.tenancy import CostMetrics, TenantLabels
 
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -62,8 +63,10 @@ class PipelineMetrics:
     ``models``: names that always get their own ``model`` label (``configured_models``).
     """
 
-    def __init__(self, registry: CollectorRegistry, models: Iterable[str] = ()) -> None:
+    def __init__(self, registry: CollectorRegistry, models: Iterable[str] = (),
+                 tenants: Iterable[str] = ()) -> None:
         self.model_label = ModelLabels(models)
+        self.costs = CostMetrics(registry, TenantLabels(tenants))  # tenancy.py
         self.consumed = Counter(
             "llm_streams_records_consumed", "Request records consumed", ["topic"],
             registry=registry,

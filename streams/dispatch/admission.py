@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from streams.config import EndpointConfig, Settings
+from streams.config_tenants import DEFAULT_TENANT, tenant_config
 from streams.dispatch.cooldown import EndpointState
 from streams.dispatch.ratelimit import Permit
+from streams.dispatch.slots import SlotBook, Tag
 from streams.dispatch.telemetry import DispatchMetrics
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ class Ticket:
     since: float = 0.0  # start of the current wait, for the wait metric
     future: asyncio.Future[Grant] | None = None
     late: bool = False  # once woke too late for a reserved slot (the next one is taken anyway)
+    tenant: str = DEFAULT_TENANT  # its fair share and max_inflight (fairqueue.py)
 
 
 @dataclass(eq=False, slots=True)
@@ -62,6 +65,9 @@ class Grant:
     probe: bool
     at: float = 0.0  # clock time of the reserved slot (0: unlimited): the attempt starts then
     released: bool = False
+    tenant: str = DEFAULT_TENANT
+    revoked: bool = False  # its slot went to another tenant's request: ask again (slots.py)
+    tag: Tag | None = None  # (priority, fair-queue finish tag): orders future slots (slots.py)
 
 
 def fits(ep: EndpointConfig, tokens: int) -> bool:
@@ -86,6 +92,10 @@ class Admission:
         self._acquiring: set[str] = set()  # endpoints with a limiter call under way
         self.inflight = {e.name: 0 for e in settings.endpoints}
         self._inflight_total = 0
+        self._tenants = settings.tenants
+        self._by_tenant: dict[str, int] = {}  # calls in flight per tenant (only while > 0)
+        self._slots = SlotBook(self._clock)
+        self._sched.service_tag = self._slots.service_tag
         self._wake = asyncio.Event()
         parts.limiter.on_release(self._released)
 
@@ -108,7 +118,7 @@ class Admission:
                 return grant
         fut: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         ticket.future = fut
-        entry = self._sched.add(ticket, ticket.priority, ticket.enqueued * 1000.0)
+        entry = self._sched.add(ticket, ticket.priority, ticket.enqueued * 1000.0, ticket.tenant)
         self._waiting_models[ticket.model] = self._waiting_models.get(ticket.model, 0) + 1
         self._wake.set()
         try:
@@ -145,6 +155,11 @@ class Admission:
         grant.released = True
         self._inflight_total -= 1
         self.inflight[grant.endpoint.name] -= 1
+        left = self._by_tenant[grant.tenant] - 1
+        if left:
+            self._by_tenant[grant.tenant] = left
+        else:
+            del self._by_tenant[grant.tenant]
         self._p.limiter.release(grant.permit, used_tokens)
         if len(self._sched):
             self._wake.set()
@@ -184,9 +199,16 @@ class Admission:
         healthy.discard(ticket.tried[-1])
         return healthy or None
 
-    async def _try_grant(self, ticket: Ticket) -> Grant | None:
+    def _tenant_full(self, tenant: str) -> bool:
+        """The tenant has its ``max_inflight`` calls in flight in this worker."""
+        cap = tenant_config(self._tenants, tenant).max_inflight
+        return cap is not None and self._by_tenant.get(tenant, 0) >= cap
+
+    async def _try_grant(self, ticket: Ticket, tag: Tag | None = None) -> Grant | None:
         now = self._clock()
         if self._inflight_total >= self._max_inflight or self._global_blocked > now:
+            return None
+        if self._tenant_full(ticket.tenant):
             return None
         only = self._eligible(ticket, now)
         rejected: set[str] = set()
@@ -231,9 +253,12 @@ class Admission:
                 continue
             self._inflight_total += 1
             self.inflight[ep.name] += 1
+            self._by_tenant[ticket.tenant] = self._by_tenant.get(ticket.tenant, 0) + 1
             at = 0.0 if limiter.unlimited(ep) else now + decision.wait  # 0: no pacing
             self._metrics.wait_by[ep.name].observe(max(now + decision.wait - ticket.since, 0.0))
-            return Grant(ep, decision.permit, probe, at)
+            grant = Grant(ep, decision.permit, probe, at, tenant=ticket.tenant, tag=tag)
+            self._slots.place(grant)  # may take a slot another tenant holds in excess
+            return grant
         return None
 
     # ---- the pump ----------------------------------------------------------------------------
@@ -247,20 +272,51 @@ class Admission:
             self._ready(ep, now) and any(ep.serves(m) for m in models) for ep in self._endpoints
         )
 
+    def _steal(self, ticket: Ticket, tag: Tag) -> Grant | None:
+        """The future slot of a grant behind ``ticket`` in fair-queue order, for ``ticket``
+        (the fair queue's best) when no slot can be had (``slots.py``)."""
+        if ticket.tried or self._tenant_full(ticket.tenant):
+            return None
+        old = self._slots.steal(tag, lambda g: (
+            g.endpoint.serves(ticket.model) and fits(g.endpoint, ticket.tokens)))
+        if old is None or old.tag is None:
+            return None
+        self._by_tenant[old.tenant] -= 1
+        if not self._by_tenant[old.tenant]:
+            del self._by_tenant[old.tenant]
+        self._by_tenant[ticket.tenant] = self._by_tenant.get(ticket.tenant, 0) + 1
+        self._sched.credit(old.tenant, old.tag[0])  # served in the fair queue, not served
+        grant = Grant(old.endpoint, old.permit, False, old.at, tenant=ticket.tenant, tag=tag)
+        self._slots.place(grant)
+        return grant
+
     async def _pass(self) -> None:
         """Grant waiting requests best-first until nothing more can be granted."""
         cursor = self._sched.begin_pass()
         try:
-            while not self._stuck(self._clock()):
+            while True:
+                stuck = self._stuck(self._clock())
                 entry = cursor.next()
                 if entry is None:
                     break
+                tag = (entry.priority, self._sched.head_tag(entry))
+                if stuck:  # only the fair queue's best may take a slot granted behind it
+                    fut = entry.item.future
+                    grant = None if fut is None or fut.done() else self._steal(entry.item, tag)
+                    if grant is None:
+                        break
+                    cursor.take(entry)
+                    fut.set_result(grant)  # type: ignore[union-attr]
+                    continue
                 ticket = entry.item
                 fut = ticket.future
                 if fut is None or fut.done():
-                    cursor.take(entry)
+                    self._sched.discard(entry)
                     continue
-                grant = await self._try_grant(ticket)
+                if self._tenant_full(ticket.tenant):
+                    cursor.skip_tenant(ticket.tenant)
+                    continue
+                grant = await self._try_grant(ticket, tag)
                 if grant is None:
                     cursor.skip(entry)
                     continue

@@ -30,15 +30,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from streams.config import EndpointConfig, Settings
+from streams.config_tenants import tenant_name
 from streams.contract import ChatMessages, Completion, Params, Request, upstream_usage
 from streams.dispatch.admission import Admission, Grant, Ticket, fits
+from streams.dispatch.budgetgate import Hold
 from streams.dispatch.cooldown import EndpointState
 from streams.dispatch.ratelimit import LATE_SLOT_SECONDS
 from streams.dispatch.retry import error_class, hurts_health, is_rate_limited, is_retryable
 from streams.dispatch.telemetry import DispatchMetrics, DispatchSnapshot, StateCollector
+from streams.dispatch.tenantmetrics import BudgetMetrics, TenantQueueCollector
 from streams.dispatch.tokens import estimate_tokens
 from streams.errors import (
     AttemptsExhausted,
+    BudgetExceeded,
     DeadlineExpired,
     DispatcherStopped,
     DispatchFailed,
@@ -50,6 +54,7 @@ from streams.errors import (
     ValidationFailed,
 )
 from streams.logs import request_extra
+from streams.tenancy import TenantLabels
 
 if TYPE_CHECKING:
     from streams.dispatch.parts import DispatchParts
@@ -122,6 +127,11 @@ class Dispatcher:
         self._started = False
         self._closed = False
         registry.register(StateCollector(self.snapshot))
+        labels = TenantLabels(settings.tenants)
+        registry.register(TenantQueueCollector(parts.scheduler.tenant_depth, labels))
+        budget_metrics = BudgetMetrics(registry, labels)  # exported with or without budgets
+        if parts.budgets is not None:
+            parts.budgets.use_metrics(budget_metrics)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -176,13 +186,28 @@ class Dispatcher:
             self._metrics.outcome["no_endpoint"].inc()
             raise DispatchFailed(NoEndpoint(f"no endpoint serves model {model!r}"), 0, [])
         messages = req.chat_messages()
-        ticket = Ticket(model, req.priority, self._clock(), estimate_tokens(messages, req.params))
+        ticket = Ticket(model, req.priority, self._clock(), estimate_tokens(messages, req.params),
+                        tenant=tenant_name(req.tenant))
         if (too_large := _too_large(self.parts.balancer.candidates(model), ticket.tokens)) is not None:
             self._metrics.outcome["too_large"].inc()
             raise DispatchFailed(too_large, 0, [])
+        gate = self.parts.budgets
+        hold = None if gate is None else gate.hold(req.tenant, model, messages, req.params,
+                                                   req.priority)
+        try:
+            return await self._attempts(req, model, messages, ticket, hold)
+        finally:
+            if gate is not None and hold is not None:
+                gate.release(hold)  # nothing once settled: a failed call gives it all back
+
+    async def _attempts(self, req: Request, model: str, messages: ChatMessages, ticket: Ticket,
+                        hold: Hold | None) -> Completion:
         attempts = 0
+        gate = self.parts.budgets
         while True:
             self._check_deadline(req.deadline, attempts, ticket.tried)
+            if hold is not None and not await self._reserve(hold, req.deadline, attempts, ticket):
+                continue  # the deadline came while waiting for the budget
             grant = await self._admission.acquire(ticket, req.deadline)
             if grant is None:  # the deadline came while waiting
                 self._check_deadline(req.deadline, attempts, ticket.tried)
@@ -192,6 +217,9 @@ class Dispatcher:
             if self._expired(req.deadline):
                 self._admission.release(grant, None)
                 self._check_deadline(req.deadline, attempts, ticket.tried)
+            if gate is not None and hold is not None and not gate.covers(hold):
+                self._admission.release(grant, None)  # the wait crossed a budget window
+                continue
             attempts += 1
             ticket.tried.append(grant.endpoint.name)
             try:
@@ -217,6 +245,8 @@ class Dispatcher:
                 await self._backoff_sleep(delay, req.deadline)
                 continue
             self._metrics.outcome["ok"].inc()
+            if gate is not None and hold is not None:
+                gate.settle(hold, body, grant.endpoint.name)
             return Completion(
                 model=model,
                 body=body,
@@ -225,6 +255,16 @@ class Dispatcher:
                 endpoints=list(ticket.tried),
             )
 
+    async def _reserve(self, hold: Hold, deadline: int | None, attempts: int, ticket: Ticket
+                       ) -> bool:
+        """The tenant's budget for the next attempt (``budgetgate.py``); False: deadline."""
+        assert self.parts.budgets is not None
+        try:
+            return await self.parts.budgets.reserve(hold, deadline)
+        except BudgetExceeded as exc:
+            self._metrics.outcome["budget"].inc()
+            raise DispatchFailed(exc, attempts, list(ticket.tried)) from exc
+
     async def _until_slot(self, grant: Grant, ticket: Ticket) -> bool:
         """Sleep until the grant's reserved slot (the limiter granted it ahead of time), and
         after a late wake-up until the pacer lets it go (``RateLimiter.pace``). False, with
@@ -232,8 +272,14 @@ class Dispatcher:
         if we woke more than ``LATE_SLOT_SECONDS`` after the slot (once per request: see
         ``ratelimit.LATE_SLOT_SECONDS``)."""
         try:
+            if grant.revoked:  # its slot went to another tenant (slots.py): ask again
+                return False
             if (delay := grant.at - self._clock()) > 0:
                 await self._sleep(delay)
+                while (delay := grant.at - self._clock()) > 0:  # given to another tenant
+                    await self._sleep(delay)                     # (slots.py): a later one
+                if grant.revoked:
+                    return False
                 name = grant.endpoint.name
                 if not grant.probe and self._cooldowns.state(name) is not EndpointState.HEALTHY:
                     self._admission.release(grant, None)

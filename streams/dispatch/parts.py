@@ -20,13 +20,16 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from streams.config import Settings
+from streams.config_tenants import tenant_config
 from streams.dispatch.admission import Ticket
 from streams.dispatch.balancer import Balancer
+from streams.dispatch.budgetgate import BudgetGate
+from streams.dispatch.budgets import Budgets
 from streams.dispatch.cooldown import Cooldowns
 from streams.dispatch.dispatcher import CompletionClient, Dispatcher
+from streams.dispatch.fairqueue import FairQueue
 from streams.dispatch.ratelimit import RateLimiter
 from streams.dispatch.retry import Backoff
-from streams.dispatch.scheduler import Scheduler
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,9 +41,10 @@ class DispatchParts:
     limiter: RateLimiter
     cooldowns: Cooldowns
     backoff: Backoff
-    scheduler: Scheduler[Ticket]
+    scheduler: FairQueue[Ticket]
     clock: Callable[[], float]
     sleep: Callable[[float], Awaitable[Any]]
+    budgets: BudgetGate | None = None  # None: no tenant has budgets
 
 
 def default_parts(
@@ -64,9 +68,12 @@ def default_parts(
             op_timeout=settings.redis.socket_timeout_seconds,
         ),
         backoff=Backoff(settings.retry, random),
-        scheduler=Scheduler(settings.limits.priority_aging_ms),
+        scheduler=FairQueue(settings.limits.priority_aging_ms,
+                            lambda tenant: tenant_config(settings.tenants, tenant).weight),
         clock=clock,
         sleep=sleep,
+        budgets=BudgetGate(settings, Budgets(settings, redis, clock=clock), clock=clock,
+                           sleep=sleep) if any(t.budgets for t in settings.tenants.values()) else None,
     )
 
 

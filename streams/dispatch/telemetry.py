@@ -20,7 +20,7 @@ from streams.dispatch.cooldown import EndpointState
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 _WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
-OUTCOMES = ("ok", "upstream", "exhausted", "expired", "no_endpoint", "too_large")
+OUTCOMES = ("ok", "upstream", "exhausted", "expired", "no_endpoint", "too_large", "budget")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,13 @@ def estimate_tokens(messages: Sequence[Mapping[str, Any]], params: Mapping[str, 
 
     No tokenizer is downloaded; the tpm charge is corrected from the response's usage.
     """
+    prompt, completion = estimate_parts(messages, params)
+    return prompt + completion
+
+
+def estimate_parts(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]
+                   ) -> tuple[int, int]:
+    """``estimate_tokens`` as (prompt, completion): what a price applies to."""
     chars = 0
     for message in messages:
         content = message.get("content")
@@ -38,4 +45,4 @@ def estimate_tokens(messages: Sequence[Mapping[str, Any]], params: Mapping[str, 
     choices = params.get("n")
     if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
         completion *= choices
-    return prompt + completion
+    return prompt, completion

@@ -42,6 +42,7 @@ from streams.logs import request_extra
 from streams.metrics import PipelineMetrics
 from streams.output.deadletters import DeadLetters
 from streams.output.records import OutRecord, Publisher
+from streams.pricing import Cost, Pricing
 from streams.redact import Redactor
 
 log = logging.getLogger("streams.processor")
@@ -99,6 +100,7 @@ class Processor:
         self._topics = settings.topics
         self._redact = Redactor(settings.secret_values())
         self._letters = DeadLetters(settings, publisher, metrics)
+        self._pricing = Pricing(settings.pricing)
 
     async def process_batch(
         self,
@@ -175,27 +177,29 @@ class Processor:
         later: Callable[[InRecord, Coroutine[None, None, str]], None],
         done: Callable[[InRecord, str], None],
     ) -> None:
-        ready: list[tuple[InRecord, Request, Completion | None]] = []
+        ready: list[tuple[InRecord, Request, Completion | None, Cost | None]] = []
         out: list[OutRecord] = []
         responses = self._topics.responses
         for rec, req, got in await self._prefetch(cache, parsed, later):
             if got.recalled is not None and got.recalled.kind == "response":
-                ready.append((rec, req, None))
+                ready.append((rec, req, None, None))
                 out.append(OutRecord(responses, rec.key, got.recalled.value))
             elif got.hit is not None:
                 try:
-                    value = response_record(req, got.hit, latency_ms=self._latency_ms(rec))
+                    cost = self._pricing.of_completion(got.hit)
+                    value = response_record(req, got.hit, latency_ms=self._latency_ms(rec),
+                                            cost=None if cost is None else cost.record())
                 except Exception as exc:  # a cached body we cannot write back: this record only
                     later(rec, self.fail(rec, exc, req))
                     continue
-                ready.append((rec, req, got.hit))
+                ready.append((rec, req, got.hit, cost))
                 out.append(OutRecord(responses, rec.key, value))
             else:
                 later(rec, self._guarded(rec, req, self._miss(rec, req, got)))
         if not out:
             return
         refused = await self._publisher.publish_many(out)
-        for (rec, req, comp), too_large in zip(ready, refused, strict=True):
+        for (rec, req, comp, cost), too_large in zip(ready, refused, strict=True):
             if too_large is not None:
                 later(rec, self._letters.write(rec, too_large, req, req.id, 0, []))
             elif comp is None:
@@ -203,7 +207,7 @@ class Processor:
                 self._metrics.outputs.labels("replayed").inc()
                 done(rec, "replayed")
             else:
-                done(rec, self._count(rec, comp))
+                done(rec, self._count(rec, req, comp, cost))
 
     async def _prefetch(
         self,
@@ -311,7 +315,9 @@ class Processor:
     async def _respond(
         self, rec: InRecord, req: Request, comp: Completion, ref: IdemRef | None
     ) -> str:
-        value = response_record(req, comp, latency_ms=self._latency_ms(rec))
+        cost = self._pricing.of_completion(comp)
+        value = response_record(req, comp, latency_ms=self._latency_ms(rec),
+                                cost=None if cost is None else cost.record())
         cache = self._cache
         try:
             if cache is not None and ref is not None and not comp.cached:
@@ -321,13 +327,16 @@ class Processor:
             await self._publisher.publish(self._topics.responses, rec.key, value)
         except OutputTooLarge as exc:
             return await self._letters.write(rec, exc, req, req.id, comp.attempts, comp.endpoints)
-        return self._count(rec, comp)
+        return self._count(rec, req, comp, cost)
 
-    def _count(self, rec: InRecord, comp: Completion) -> str:
+    def _count(self, rec: InRecord, req: Request, comp: Completion, cost: Cost | None) -> str:
         """Metrics of a published answer; its outcome label."""
         outcome = "cached" if comp.cached else "ok"
         self._metrics.outputs.labels(outcome).inc()
         self._metrics.latency.labels(outcome).observe(self._latency_ms(rec) / 1000.0)
+        usage = comp.usage
         if not comp.cached:
-            self._metrics.count_tokens(comp.model, comp.usage)
+            self._metrics.count_tokens(comp.model, usage)
+        self._metrics.costs.count(req.tenant, self._metrics.model_label(comp.model), cost,
+                                  comp.cached, usage)
         return outcome

@@ -4,7 +4,9 @@ The agent hands each batch to ``submit_batch``; the processor recalls and looks 
 batch in one Redis round trip and publishes its hits together; misses continue as one task
 each. Acks go to faust only for the contiguous prefix of finished offsets per partition
 (``acks.py``); records fetched before a rebalance are skipped unacked (faust redelivers
-them). A semaphore of ``limits.max_inflight`` slots is taken per record: when it is empty
+them). A semaphore of ``limits.max_inflight + limits.max_queued`` slots is taken per record
+(calls in flight are capped at ``max_inflight`` by the dispatcher; the rest is read-ahead, so
+priority and fair share act on what is queued in Kafka): when it is empty
 the agent stops pulling, faust's buffer fills and faust pauses the partitions
 (backpressure). At most ``BATCHES_AHEAD`` batches are in their Redis round trip and produce
 at once, so under load the next batch grows while they are (and nothing waits when idle).
@@ -55,12 +57,15 @@ class Runtime:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
-        self.metrics = PipelineMetrics(self.registry, configured_models(settings))
+        self.metrics = PipelineMetrics(self.registry, configured_models(settings), settings.tenants)
         self.app: faust.App | None = None
         self._tracker: AckTracker[Any] = AckTracker()
         # the offsets finished above each commit, written into it and read back at assignment
         self.finished = Ledger(self._tracker, settings.kafka.commit_metadata_max_bytes)
-        self._slots = Slots(settings.limits.max_inflight)
+        # Read-ahead: a record holds a slot from intake to its ack, but only calls in flight
+        # count against max_inflight (the dispatcher's admission): records waiting for a rate
+        # limit, a budget or their fair share take the max_queued slots on top.
+        self._slots = Slots(settings.limits.max_inflight + settings.limits.max_queued)
         self._max_tracked = settings.limits.max_tracked
         self._room = asyncio.Event()  # set when the tracker is under max_tracked
         self._tasks: set[asyncio.Task[None]] = set()

@@ -38,6 +38,24 @@ class BatchSummary:
     failed: Counter[str] = field(default_factory=Counter)
     missing: int = 0
     seconds: float = 0.0
+    cost: float = 0.0  # paid, summed over the answers' ``cost.total``
+    saved: float = 0.0  # ``cost.saved`` of cache hits and coalesced answers
+    currencies: set[str] = field(default_factory=set)  # empty: no answer had a price
+
+    def add_cost(self, value: bytes) -> None:
+        """Add a response record's ``cost`` (null when its model has no price)."""
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return
+        cost = doc.get("cost") if isinstance(doc, dict) else None
+        if not isinstance(cost, dict):
+            return
+        total, saved, currency = cost.get("total"), cost.get("saved"), cost.get("currency")
+        self.cost += total if isinstance(total, (int, float)) else 0.0
+        self.saved += saved if isinstance(saved, (int, float)) else 0.0
+        if isinstance(currency, str):
+            self.currencies.add(currency[:8])
 
     @property
     def succeeded(self) -> bool:
@@ -163,6 +181,7 @@ async def _collect(
                         save.write(msg.value + b"\n")
                         summary.ok += 1
                         summary.cached += b'"cached":true' in msg.value
+                        summary.add_cost(msg.value)
                     progress.advance(bar)
             if not warned and time.monotonic() - last_progress > 30:
                 warned = True
@@ -180,6 +199,12 @@ def _print_summary(
     table.add_row("dead letters", str(sum(s.failed.values())))
     for kind, n in sorted(s.failed.items()):
         table.add_row(f"  {kind}", str(n))
+    if s.currencies:
+        cur = "/".join(sorted(s.currencies))
+        table.add_row("cost", f"{s.cost:.6f} {cur}")
+        table.add_row("saved (cache, coalescing)", f"{s.saved:.6f} {cur}")
+    else:
+        table.add_row("cost", "- (no price for these models: pricing:)")
     if s.missing:
         table.add_row("unanswered (timed out)", str(s.missing))
     rate = s.total / s.seconds if s.seconds else 0.0

@@ -8,7 +8,9 @@ when ``raw_encoding`` is ``base64``) to the requests topic with its original key
 header ``llm-streams.replay-of: {dlq topic}/{partition}/{offset}``. Dead letters whose raw value
 is unavailable or was cut at ``worker.dlq_raw_limit_bytes`` cannot be replayed faithfully and are
 skipped, and so are ``validation`` dead letters (replaying them fails again) unless that type is
-asked for explicitly.
+asked for explicitly; likewise ``budget`` dead letters of requests that could never fit their
+tenant's budget (``retryable: false``), while the others, refused by ``on_exhausted: reject``,
+are replayed (a later window has room).
 
 Usage::
 
@@ -202,6 +204,10 @@ def plan_replay(
         plan.selected += 1
         if letter.error_type == "validation" and error_type != "validation":
             plan.skipped["validation"] += 1
+            continue
+        if (letter.error_type == "budget" and letter.error.get("retryable") is False
+                and error_type != "budget"):  # its estimate exceeds a whole window: fails again
+            plan.skipped["budget_never_fits"] += 1
             continue
         value, reason = original_value(letter, raw_limit)
         if value is None:

@@ -197,6 +197,9 @@ async def test_prometheus_evaluates_every_dashboard_query_on_a_loaded_worker(
     stack: Stack, mocks: list[Mock], prometheus: Prometheus
 ) -> None:
     stack.endpoints[0]["rpm"] = 600  # 10/s on mock-a: the limiter refuses some
+    # prices and a budget (that never binds) for the cost row's panels
+    stack.overrides["pricing"] = {"gpt-4o-mini": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}
+    stack.overrides["tenants"] = {"default": {"budgets": [{"window": "day", "tokens": 10**9}]}}
     worker = start_worker(stack)
     try:
         prometheus.start([f"127.0.0.1:{worker.metrics_port}"])

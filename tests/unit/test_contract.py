@@ -106,7 +106,7 @@ def test_response_record_shape() -> None:
     assert doc == {
         "id": "r", "status": "ok", "model": "m-default", "endpoint": "ep", "output": "ans",
         "response": body, "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
-        "cached": False, "attempts": 2, "latency_ms": 12, "metadata": {"m": 1},
+        "cached": False, "attempts": 2, "latency_ms": 12, "metadata": {"m": 1}, "cost": None,
     }
     cached = Completion(model="m", body=body, endpoint="ep", attempts=0, cached=True)
     doc = orjson.loads(response_record(req, cached, latency_ms=1))

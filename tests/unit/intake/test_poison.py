@@ -157,7 +157,7 @@ async def test_a_batch_task_failing_unexpectedly_dead_letters_and_finishes_its_r
     assert [off for _, off in app.consumer.acked] == [0, 1, 2, 3]
     kinds = [doc["error"]["type"] for topic, _, doc in pub.out if topic == DLQ]
     assert kinds == ["internal"] * 3
-    assert rt._slots.free == rt.settings.limits.max_inflight
+    assert rt._slots.free == rt.settings.limits.max_inflight + rt.settings.limits.max_queued
 
 
 async def test_the_tracker_cap_pauses_taking_records_until_the_head_finishes() -> None:
@@ -187,7 +187,7 @@ def test_max_tracked_must_cover_max_inflight() -> None:
 
     with pytest.raises(ConfigError, match="max_tracked"):
         load_settings(environ={}, limits={"max_inflight": 10, "max_tracked": 5})
-    assert load_settings(environ={}).limits.max_tracked == 20_000
+    assert load_settings(environ={}).limits.max_tracked == 60_000
 
 
 async def test_one_dead_letter_too_large_even_truncated_falls_back_to_the_minimal_one() -> None:

@@ -56,7 +56,7 @@ def test_the_state_dump_names_what_the_worker_holds() -> None:
 
     settings = load_settings(environ={})
     state = Runtime(settings).state()  # no app yet: our own side only
-    assert state["in_flight_slots_free"] == settings.limits.max_inflight
+    assert state["in_flight_slots_free"] == settings.limits.max_inflight + settings.limits.max_queued
     assert state["batches_ahead_free"] == 2
     assert state["tracker"] == {} and state["tasks"] == 0
 

@@ -69,3 +69,22 @@ async def test_outputs_are_matched_to_lines_and_counted() -> None:
 def test_a_summary_succeeds_only_without_failures_or_missing_answers() -> None:
     assert BatchSummary(total=2, ok=2).succeeded
     assert not BatchSummary(total=2, ok=1, missing=1).succeeded
+
+
+def test_the_summary_adds_costs_and_savings_and_prints_them(tmp_path: Path) -> None:
+    from streams.tools.batch import _print_summary
+
+    s = BatchSummary(total=4, ok=3)
+    cost = {"input": 0.0001, "output": 0.0002, "total": 0.0003, "currency": "USD", "saved": 0.0}
+    s.add_cost(orjson.dumps({"id": "a", "cost": cost}))
+    s.add_cost(orjson.dumps({"id": "b", "cost": {**cost, "total": 0.0, "saved": 0.0003}}))
+    s.add_cost(orjson.dumps({"id": "c", "cost": None}))  # a model without a price
+    s.add_cost(b"not json")
+    s.add_cost(orjson.dumps({"id": "d", "cost": {"total": "1e9", "saved": None}}))  # junk
+    assert (s.cost, s.saved, s.currencies) == (0.0003, 0.0003, {"USD"})
+    out = io.StringIO()
+    _print_summary(Console(file=out, width=120), s, tmp_path / "save", None)
+    assert "0.000300 USD" in out.getvalue()
+    none = io.StringIO()
+    _print_summary(Console(file=none, width=120), BatchSummary(total=1, ok=1), tmp_path, None)
+    assert "no price" in none.getvalue()
