@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from streams.cache.idempotency import IdemRef
 from streams.cache.responses import Prefetched
@@ -28,9 +28,7 @@ from streams.contract import (
     Completion,
     Request,
     Source,
-    parse_request,
     peek_id,
-    response_record,
 )
 from streams.errors import (
     DispatchFailed,
@@ -38,6 +36,7 @@ from streams.errors import (
     OutputTooLarge,
     ValidationFailed,
 )
+from streams.intake.front import Front, NativeFront
 from streams.logs import request_extra
 from streams.metrics import PipelineMetrics
 from streams.output.deadletters import DeadLetters
@@ -52,6 +51,7 @@ class InRecord:
     source: Source
     key: bytes | None
     value: bytes | None
+    headers: Any = None  # the consumed record's headers (what the client gave: list or None)
 
 
 class Answerer(Protocol):
@@ -85,6 +85,7 @@ class Processor:
         cache: Cache | None,
         metrics: PipelineMetrics,
         clock: Callable[[], float] = time.time,
+        front: Front | None = None,
     ) -> None:
         self._settings = settings
         self._publisher = publisher
@@ -95,6 +96,9 @@ class Processor:
         self._topics = settings.topics
         self._redact = Redactor(settings.secret_values())
         self._letters = DeadLetters(settings, publisher, metrics)
+        # How a record becomes a request and an answer its output (a pipeline's own, or the
+        # request topic's): the one record path below is the same for both.
+        self._front = front or NativeFront(settings)
 
     async def process_batch(
         self,
@@ -118,6 +122,7 @@ class Processor:
         def finish(rec: InRecord, outcome: str) -> None:
             handed.add(id(rec))
             try:
+                self._front.observe(rec, outcome)
                 done(rec, outcome)
             except Exception:  # the caller's bug must not take the other records down
                 log.exception("done callback failed for offset %d", rec.source.offset)
@@ -186,15 +191,16 @@ class Processor:
         for (rec, req), got in zip(parsed, found, strict=True):
             if got.recalled is not None and got.recalled.kind == "response":
                 ready.append((rec, req, None))
-                out.append(OutRecord(responses, rec.key, got.recalled.value))
+                out.append(OutRecord(responses, rec.key, got.recalled.value,
+                                     self._front.headers(rec)))
             elif got.hit is not None:
                 try:
-                    value = response_record(req, got.hit, latency_ms=self._latency_ms(rec))
+                    value = self._front.record(rec, req, got.hit, self._latency_ms(rec))
                 except Exception as exc:  # a cached body we cannot write back: this record only
                     later(rec, self.fail(rec, exc, req))
                     continue
                 ready.append((rec, req, got.hit))
-                out.append(OutRecord(responses, rec.key, value))
+                out.append(OutRecord(responses, rec.key, value, self._front.headers(rec)))
             else:
                 later(rec, self._guarded(rec, req, self._miss(cache, rec, req, got)))
         if not out:
@@ -217,12 +223,14 @@ class Processor:
         (``cache.coalesce``), remembered, published. ``got`` is None when the prefetch failed."""
         ref = None
         try:
+            answer = self._front.answer
             if cache is None:
-                comp = await self._dispatcher.dispatch(req)
+                comp = await answer(req, self._dispatcher.dispatch)
             else:
                 key, ref = (got.key, got.ref) if got is not None else (
                     cache.key(req), cache.ref(req, rec.source.topic))
-                comp = await cache.coalesce(req, key, lambda: self._dispatcher.dispatch(req))
+                comp = await cache.coalesce(req, key,
+                                            lambda: answer(req, self._dispatcher.dispatch))
         except DispatchFailed as failed:
             return await self._letters.write(
                 rec, failed.error, req, req.id, failed.attempts, failed.endpoints
@@ -266,12 +274,7 @@ class Processor:
             return await self.fail(rec, exc, req)
 
     def _parse(self, rec: InRecord) -> Request:
-        return parse_request(
-            rec.value,
-            max_bytes=self._settings.limits.max_value_bytes,
-            default_model=self._settings.worker.default_model,
-            max_ttl=self._settings.cache.max_ttl_seconds,
-        )
+        return self._front.parse(rec)
 
     def _latency_ms(self, rec: InRecord) -> int:
         return max(0, int(self._clock() * 1000) - rec.source.timestamp)
@@ -279,14 +282,15 @@ class Processor:
     async def _respond(
         self, rec: InRecord, req: Request, comp: Completion, ref: IdemRef | None
     ) -> str:
-        value = response_record(req, comp, latency_ms=self._latency_ms(rec))
+        value = self._front.record(rec, req, comp, self._latency_ms(rec))
         cache = self._cache
         try:
             if cache is not None and ref is not None and not comp.cached:
                 # Remembered before it is published (and so before its offset is committed):
                 # whoever saw this answer, a redelivery of the id never pays for it again.
                 await cache.remember(ref, value)
-            await self._publisher.publish(self._topics.responses, rec.key, value)
+            await self._publisher.publish(self._topics.responses, rec.key, value,
+                                          self._front.headers(rec))
         except OutputTooLarge as exc:
             return await self._letters.write(rec, exc, req, req.id, comp.attempts, comp.endpoints)
         return self._count(rec, comp)
