@@ -25,10 +25,9 @@ from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry
-from pydantic import ValidationError
 
 from streams.config import Settings
-from streams.contract import USAGE_KEYS, Completion, Message, Request
+from streams.contract import USAGE_KEYS, CacheControl, Completion, Message, Request
 from streams.errors import DispatchFailed, InvalidOutput, TemplateFailed, ValidationFailed
 from streams.intake.front import Dispatch, Record
 from streams.output.records import Headers
@@ -38,6 +37,7 @@ from streams.pipelines.schema import repair_messages
 
 RAW_ANSWER_CHARS = 2_000  # of the last answer, in an invalid_output dead letter
 _ID_MAX = 256
+_NO_CACHE_CONTROL = CacheControl()
 
 
 def event_value(value: bytes) -> Any:
@@ -128,14 +128,14 @@ class PipelineFront:
         deadline = None
         if cfg.deadline_ms is not None and ctx["timestamp"] > 0:
             deadline = ctx["timestamp"] + cfg.deadline_ms
-        try:
-            return Request(id=rid, messages=[Message(**m) for m in messages], model=cfg.model,
-                           params=self._params, priority=self._priority(ctx), tenant=tenant,
-                           deadline=deadline)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise TemplateFailed(f"{where}: {first['msg']}") from None
+        if tenant is not None and len(tenant) > _ID_MAX:
+            raise TemplateFailed(f"tenant: rendered {len(tenant)} characters (at most {_ID_MAX})")
+        # Every field is checked above or at start (model, params: settings.py), and rendered
+        # text is always a string: constructed without a second validation (~15 us an event).
+        return Request.model_construct(
+            id=rid, messages=[Message.model_construct(**m) for m in messages], input=None,
+            model=cfg.model, params=self._params, priority=self._priority(ctx), tenant=tenant,
+            cache=_NO_CACHE_CONTROL, deadline=deadline, metadata=None)
 
     def _priority(self, ctx: dict[str, Any]) -> int:
         given = self.pipe.priority

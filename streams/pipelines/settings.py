@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from streams.contract import unrepresentable
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Parameters the pipeline sets itself (model, messages, response_format) or we cannot honour.
 RESERVED_PARAMS = frozenset({"model", "messages", "stream", "response_format"})
@@ -94,6 +96,9 @@ class PipelineConfig(_Section):
         reserved = RESERVED_PARAMS.intersection(value)
         if reserved:
             raise ValueError(f"may not set {sorted(reserved)}: the pipeline sends them")
+        bad = unrepresentable(value, "params")
+        if bad is not None:
+            raise ValueError(bad)
         return value
 
     @field_validator("priority")

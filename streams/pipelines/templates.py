@@ -13,6 +13,7 @@ Usage::
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jinja2
@@ -58,20 +59,43 @@ def is_template(text: str) -> bool:
     return "{{" in text or "{%" in text or "{#" in text
 
 
+# ``{{ event.a.b }}`` alone (ids, tenants): read without Jinja's per-render context (~10 us)
+# whenever every step is a key of a JSON object; anything else takes Jinja's own path.
+_FIELD = re.compile(r"\{\{\s*event((?:\.[A-Za-z_][A-Za-z0-9_]*)+)\s*\}\}")
+
+
+def _field_path(source: str) -> tuple[str, ...] | None:
+    match = _FIELD.fullmatch(source)
+    if match is None:
+        return None
+    path = tuple(match.group(1)[1:].split("."))
+    # Jinja reads a dict's attribute before its key (event.items is the method): not ours
+    return None if any(hasattr(dict, p) for p in path) else path
+
+
 class Template:
     """One compiled template (or a constant); ``where`` names it in errors."""
 
-    __slots__ = ("where", "source", "_compiled")
+    __slots__ = ("where", "source", "_compiled", "_path")
 
     def __init__(self, where: str, source: str, compiled: jinja2.Template | None) -> None:
         self.where = where
         self.source = source
         self._compiled = compiled
+        self._path = _field_path(source) if compiled is not None else None
 
     def render(self, context: dict[str, Any]) -> str:
         """The rendered text; raises ``TemplateFailed`` naming this template and the field."""
         if self._compiled is None:
             return self.source
+        if self._path is not None:
+            value: Any = context.get("event")
+            for key in self._path:
+                if type(value) is not dict or key not in value:
+                    break  # Jinja's path gives its own answer or error
+                value = value[key]
+            else:
+                return str(value)
         try:
             text = self._compiled.render(context)
         except jinja2.UndefinedError as exc:

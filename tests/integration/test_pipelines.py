@@ -12,6 +12,7 @@ import jsonschema
 import orjson
 import yaml
 
+from streams.config import load_settings
 from tests.integration.harness import (
     PY,
     ROOT,
@@ -25,14 +26,9 @@ from tests.integration.harness import (
     start_worker,
 )
 
-SCHEMA = {
-    "type": "object",
-    "properties": {"category": {"type": "string", "enum": ["billing", "bug", "account", "other"]},
-                   "urgency": {"type": "integer", "minimum": 1, "maximum": 5},
-                   "summary": {"type": "string", "maxLength": 120}},
-    "required": ["category", "urgency", "summary"],
-    "additionalProperties": False,
-}
+# The shipped support-triage pipeline's schema (category enum, urgency 1-5, summary).
+SCHEMA = load_settings(ROOT / "config" / "pipelines" / "support-triage.yaml",
+                       environ={}).pipelines[0].output.schema_
 NAME = "triage"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +124,22 @@ async def test_shipped_pipelines_compile_and_render_their_examples(name: str) ->
     assert read_event(f"@{path}") == lines[0].encode()
     if name == "support-triage":  # its last example is missing the subject on purpose
         assert texts[-1].endswith("dead letter template: prompt.user: missing field 'subject'")
+
+
+@pytest.mark.parametrize("ctx", [
+    {"event": {"a": {"b": "x"}}}, {"event": {"a": {"b": None}}}, {"event": {"a": {"b": 1.5}}},
+    {"event": {"a": {"b": [1, "z"]}}}, {"event": {"a": {"b": True}}}, {"event": {"a": "str"}},
+    {"event": {"a": {}}}, {"event": "text"}, {"event": {"a": {"b": {"c": 1}}}},
+])
+def test_a_plain_field_reads_as_jinja_renders_it(ctx: dict[str, Any]) -> None:
+    fast = compile_template("id", "{{ event.a.b }}", pipeline="p")
+    slow = compile_template("id", "{{ event.a.b }}{# no fast path #}", pipeline="p")
+    assert fast._path == ("a", "b") and slow._path is None
+    try:
+        want = slow.render(ctx)
+    except TemplateFailed as exc:
+        with pytest.raises(TemplateFailed, match=re.escape(str(exc))):
+            fast.render(ctx)
+    else:
+        assert fast.render(ctx) == want
+    assert compile_template("id", "{{ event.items }}", pipeline="p")._path is None
