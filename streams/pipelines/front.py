@@ -30,6 +30,7 @@ from streams.config import Settings
 from streams.contract import USAGE_KEYS, CacheControl, Completion, Message, Request
 from streams.errors import DispatchFailed, InvalidOutput, TemplateFailed, ValidationFailed
 from streams.intake.front import Dispatch, Record
+from streams.output.deadletters import original_headers
 from streams.output.records import Headers
 from streams.pipelines.compiled import CompiledPipeline
 from streams.pipelines.metrics import PipelineStageMetrics
@@ -54,10 +55,7 @@ def event_value(value: bytes) -> Any:
 
 def header_list(headers: Any) -> Headers | None:
     """A consumed record's headers as a list of (name, bytes) pairs, or None."""
-    if not headers:
-        return None
-    items = headers.items() if isinstance(headers, dict) else headers
-    return [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in items]
+    return original_headers(headers) or None
 
 
 def _text(raw: bytes | None) -> str | None:

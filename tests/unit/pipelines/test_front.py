@@ -76,13 +76,19 @@ async def test_still_invalid_after_repairs_is_an_invalid_output_dead_letter_neve
 async def test_missing_field_is_a_template_dead_letter_and_the_rest_flows(
         rig_factory: Callable[..., Rig]) -> None:
     rig = rig_factory()
-    done = await rig.run([event(0, {"id": "A", "subject": "s"}), event(1, {"id": "B"}),
+    done = await rig.run([event(0, {"id": "A", "subject": "s"}),
+                          event(1, {"id": "B"}, [("trace", b"t-1")]),
                           event(2, "just text"), event(3, b"\xff\xfe"), event(4, {"id": "C", "subject": "t"})])
     assert done == {0: "ok", 1: "dead_letter_template", 2: "dead_letter_template",
                     3: "dead_letter_validation", 4: "ok"}
     letters = {o[2]["source"]["offset"]: o[2] for o in rig.publisher.out if o[0] == "tickets.dlq"}
     assert letters[1]["error"]["message"] == "prompt.user: missing field 'subject'"
     assert letters[1]["error"]["type"] == "template" and letters[1]["id"] == "B"
+    # the event's own headers follow Kafka Connect's, so a replay republishes them
+    (hdrs,) = [h for (t, _, v), h in zip(rig.publisher.out, rig.publisher.headers, strict=True)
+               if t == "tickets.dlq" and v["source"]["offset"] == 1]
+    assert hdrs is not None and hdrs[-1] == ("trace", b"t-1")
+    assert hdrs[0][0] == "__connect.errors.topic"
     assert letters[2]["error"]["message"] == "prompt.user: missing field 'subject'"
     assert "neither JSON nor UTF-8" in letters[3]["error"]["message"]
 
