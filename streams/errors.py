@@ -174,6 +174,7 @@ class TemplateFailed(ValidationFailed):
 
     retry_now = retryable = False
     dlq_type = "template"
+    request_id: str | None = None  # the event's id, when its template rendered
 
 
 class InvalidOutput(StreamsError):

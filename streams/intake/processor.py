@@ -161,7 +161,8 @@ class Processor:
             try:
                 parsed.append((rec, self._parse(rec)))
             except ValidationFailed as exc:
-                later(rec, self._letters.write(rec, exc, None, peek_id(rec.value), 0, []))
+                rid = getattr(exc, "request_id", None) or peek_id(rec.value)
+                later(rec, self._letters.write(rec, exc, None, rid, 0, []))
         cache = self._cache
         if cache is None or not parsed:
             for rec, req in parsed:

@@ -117,11 +117,15 @@ class PipelineFront:
     def request(self, ctx: dict[str, Any]) -> Request:
         """The request an event's context renders to; raises ``TemplateFailed``."""
         pipe, cfg = self.pipe, self.pipe.cfg
-        messages = self.messages(ctx)
         rid = (pipe.id.render(ctx).strip() if pipe.id is not None
                else f"{ctx['topic']}-{ctx['partition']}-{ctx['offset']}")
         if not 0 < len(rid) <= _ID_MAX:
             raise TemplateFailed(f"id: rendered an id of {len(rid)} characters (1-{_ID_MAX})")
+        try:
+            messages = self.messages(ctx)
+        except TemplateFailed as exc:
+            exc.request_id = rid  # the dead letter's id
+            raise
         tenant = pipe.tenant.render(ctx).strip() or None if pipe.tenant is not None else None
         deadline = None
         if cfg.deadline_ms is not None and ctx["timestamp"] > 0:

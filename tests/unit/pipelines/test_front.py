@@ -89,7 +89,8 @@ async def test_missing_field_is_a_template_dead_letter_and_the_rest_flows(
                if t == "tickets.dlq" and v["source"]["offset"] == 1]
     assert hdrs is not None and hdrs[-1] == ("trace", b"t-1")
     assert hdrs[0][0] == "__connect.errors.topic"
-    assert letters[2]["error"]["message"] == "prompt.user: missing field 'subject'"
+    assert letters[2]["error"]["message"] == "id: missing field 'id'"  # the id renders first
+    assert letters[2]["id"] is None  # a text event has no id to render
     assert "neither JSON nor UTF-8" in letters[3]["error"]["message"]
 
 
@@ -141,3 +142,10 @@ async def test_text_output_and_event_left_out(rig_factory: Callable[..., Rig]) -
     out = rig.publisher.out[0][2]
     assert set(out) == {"answer", "_llm"} and out["answer"] == "plain words"
     assert "response_format" not in rig.model.requests[0].params
+
+
+async def test_a_template_dead_letter_carries_the_rendered_id() -> None:
+    rig = Rig(settings(pipeline(id="{{ event.ticket }}")), ScriptedModel())
+    assert await rig.run([event(0, {"ticket": "T-9"})]) == {0: "dead_letter_template"}
+    letter = rig.publisher.out[0][2]
+    assert letter["id"] == "T-9" and letter["error"]["message"].endswith("missing field 'subject'")
