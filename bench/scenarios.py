@@ -230,6 +230,13 @@ async def priority(env: Env) -> dict[str, Any]:
             "p0_wait_p99_ms": percentile(waits[0], 99), "p9_wait_p99_ms": percentile(waits[9], 99)}
 
 
+async def pipeline_miss(env: Env) -> dict[str, Any]:
+    """A pipeline beside the native miss path (bench/pipelines.py)."""
+    from bench.pipelines import pipeline_miss as run  # it builds on this module's helpers
+
+    return await run(env)
+
+
 SCENARIOS = {
     "miss_path": miss_path,
     "cache_hit": cache_hit,
@@ -237,4 +244,5 @@ SCENARIOS = {
     "moderate_load": moderate,
     "two_workers": two_workers,
     "priority": priority,
+    "pipeline_miss": pipeline_miss,
 }

@@ -5,7 +5,12 @@ GET /stats returns counts (calls, statuses, distinct prompts, duplicate calls, t
 1-second window; with ``?log=1`` every call's time, status, fault and prompt, and the mock's
 own stalls); POST /reset
 clears them; POST /config changes behaviour at run time (JSON with any of latency_ms,
-jitter_ms, error_rate, status_on_error, retry_after, down, faults, hang_seconds).
+jitter_ms, error_rate, status_on_error, retry_after, down, faults, hang_seconds,
+invalid_share).
+
+A request with ``response_format`` (``json_schema`` or ``json_object``) gets a JSON answer
+valid against the schema, derived from the prompt (``mockllm/structured.py``);
+``invalid_share`` of them are invalid instead (not JSON, or breaking the schema).
 
 ``faults`` is a chaos mix: the share of calls that fail each way, drawn per call, e.g.
 ``{"500": 0.2, "429": 0.1, "hang": 0.05, "reset": 0.05}``. A status fault answers with that
@@ -41,6 +46,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from mockllm.structured import invalid_answer, response_schema, schema_answer
+
 
 @dataclass
 class MockBehaviour:
@@ -54,6 +61,9 @@ class MockBehaviour:
     hang_seconds: float = 300.0
     error_headers: list[dict[str, str]] = field(default_factory=list)  # one drawn per error
     oversize_bytes: int = 9 * 1_048_576
+    # Share of structured (response_format) answers that are invalid: half not JSON, half
+    # JSON breaking the schema (mockllm/structured.py); drawn per call.
+    invalid_share: float = 0.0
 
 
 FAULT_KINDS = ("hang", "reset")  # besides HTTP statuses "400".."599"
@@ -238,8 +248,20 @@ class MockLLM:
         self.stats.ok += 1
         self.stats.record(now, 200, prompt)
         payload = completion_body(str(body.get("model", "mock")), prompt)
+        wants_json, schema = response_schema(body)
+        if wants_json:
+            payload["choices"][0]["message"]["content"] = self._structured(schema, prompt)
         payload["mock"] = {"latency_ms": max(0.0, delay)}  # the benchmark subtracts it per request
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+    def _structured(self, schema: Any, prompt: str) -> str:
+        """A schema-valid JSON answer, or (``invalid_share`` of calls) an invalid one."""
+        share = self.behaviour.invalid_share
+        if share and self._rng.random() < share:
+            kind = "json" if self._rng.random() < 0.5 else "schema"
+            self.stats.by_fault[f"invalid_{kind}"] += 1
+            return invalid_answer(schema, prompt, kind)
+        return orjson.dumps(schema_answer(schema, prompt)).decode()
 
     def _draw_fault(self) -> str:
         mix = self.behaviour.faults

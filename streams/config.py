@@ -39,6 +39,7 @@ from pydantic_settings import (
 from streams.config_errors import format_error, yaml_problem
 from streams.config_tenants import PriceConfig, TenantConfig
 from streams.errors import ConfigError
+from streams.pipelines.settings import PipelineConfig, check_pipelines
 from streams.redact import url_secrets
 
 ENV_PREFIX = "LLM_STREAMS__"
@@ -276,6 +277,9 @@ class EndpointConfig(_Section):
     # A longer answer is not read (dead letter "upstream"): bounds the memory of one call,
     # far above any chat completion (a response record over Kafka's 1 MiB fails anyway).
     max_response_bytes: int = Field(8 * 1_048_576, ge=1_024)
+    # Takes response_format json_schema (OpenAI, Azure, vLLM, Ollama); false: the schema of a
+    # pipeline's structured output is sent as an instruction instead.
+    structured_outputs: bool = True
 
     _env_name = field_validator("api_key_env")(env_name)
 
@@ -326,6 +330,7 @@ class Settings(BaseSettings):
     worker: WorkerConfig = WorkerConfig()
     pricing: dict[str, PriceConfig] = {}
     tenants: dict[str, TenantConfig] = {}
+    pipelines: list[PipelineConfig] = []  # streams/pipelines/settings.py
 
     @field_validator("endpoints")
     @classmethod
@@ -336,6 +341,12 @@ class Settings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError("endpoint names must be unique")
         return value
+
+    @model_validator(mode="after")
+    def _pipelines_fit(self) -> Settings:
+        check_pipelines(self.pipelines, {e.name: e.models for e in self.endpoints},
+                        self.topics.requests)
+        return self
 
     def secret_values(self) -> list[str]:
         """Every secret in the settings (keys, passwords), for redaction."""

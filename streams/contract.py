@@ -338,6 +338,7 @@ def dead_letter_record(
                 "message": message,
                 "status": error.status,
                 "retryable": bool(error.retryable),
+                **({"details": error.details} if error.details else {}),
             },
             "attempts": attempts,
             "endpoints": endpoints,

@@ -12,6 +12,8 @@ left now, but a replay may well succeed.
     ├── StartupError                Kafka or Redis refused the worker at start (wrong
     │                               credentials, unreachable); one line, exit 1
     ├── ValidationFailed            a request record breaks the contract  -> DLQ "validation"
+    │   └── TemplateFailed          a pipeline's template cannot render an event (a missing
+    │                               field, named; a render error)        -> DLQ "template"
     ├── UpstreamError               an endpoint call failed               -> DLQ "upstream"
     │   ├── UpstreamStatusError     HTTP status >= 400 (retryable: 408, 429, 5xx)
     │   ├── UpstreamTimeout         the hard per-call timeout fired (retryable)
@@ -29,7 +31,9 @@ left now, but a replay may well succeed.
     │                               RuntimeError)                          -> DLQ "internal"
     ├── OutputTooLarge              the broker refuses an output record's size -> DLQ "internal"
     │                               (not retryable)
-    └── InternalError               a bug while handling a request        -> DLQ "internal"
+    ├── InternalError               a bug while handling a request        -> DLQ "internal"
+    └── InvalidOutput               a pipeline's answer fails its schema after every repair
+                                    (retryable: a new answer may pass)    -> DLQ "invalid_output"
 
 Foreign exceptions (aiohttp, redis, aiokafka) are translated where they enter, in
 ``dispatch/upstream.py``, ``cache/``, ``dispatch/ratelimit.py``, ``output/publisher.py``,
@@ -51,6 +55,7 @@ class StreamsError(Exception):
     retryable: bool = False  # a replay later may succeed (the dead letter says so)
     dlq_type: str = "internal"
     status: int | None = None
+    details: dict[str, Any] | None = None  # more for the dead letter's error (JSON values)
 
 
 class ConfigError(StreamsError):
@@ -177,3 +182,27 @@ class InternalError(StreamsError):
     """A bug or an unexpected failure while handling a request (dead letter "internal")."""
 
     retry_now = retryable = False
+
+
+class TemplateFailed(ValidationFailed):
+    """A pipeline's template could not render an event; the message names the field."""
+
+    retry_now = retryable = False
+    dlq_type = "template"
+    request_id: str | None = None  # the event's id, when its template rendered
+
+
+class InvalidOutput(StreamsError):
+    """A pipeline's answer is not valid (JSON, schema) after its repairs.
+
+    ``errors``: the validator's messages; ``raw``: the model's last answer (truncated); both
+    go into the dead letter's ``error.details``.
+    """
+
+    retry_now = False
+    retryable = True  # the model may answer validly next time
+    dlq_type = "invalid_output"
+
+    def __init__(self, message: str, errors: list[str], raw: str | None) -> None:
+        super().__init__(message)
+        self.details = {"errors": errors, "last_answer": raw}

@@ -7,8 +7,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import settings
 
 from tests.integration.harness import Mock, start_mocks
+
+# Speed is measured by benchmarks, not tests: no per-example deadline (a busy machine made the
+# 200 ms default fail property tests whose code was right).
+settings.register_profile("streams", deadline=None)
+settings.load_profile("streams")
 
 REDIS_HOST = os.environ.get("TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("TEST_REDIS_PORT", "6379"))

@@ -41,6 +41,7 @@ from streams.errors import (
     UpstreamTimeout,
 )
 from streams.redact import Redactor
+from streams.structured import schema_as_instruction
 
 log = logging.getLogger("streams.upstream")
 
@@ -175,6 +176,8 @@ class UpstreamClient:
 
     async def complete(self, endpoint: EndpointConfig, model: str, messages: ChatMessages,
                        params: Params) -> dict[str, Any]:
+        if not endpoint.structured_outputs and "response_format" in params:
+            messages, params = schema_as_instruction(messages, params)
         payload = orjson.dumps({**params, "model": model, "messages": messages})
         url, query, headers = request_target(endpoint)
         name = endpoint.name

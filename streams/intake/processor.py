@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from streams.cache.idempotency import IdemRef
 from streams.cache.responses import Prefetched
@@ -28,9 +28,7 @@ from streams.contract import (
     Completion,
     Request,
     Source,
-    parse_request,
     peek_id,
-    response_record,
 )
 from streams.errors import (
     DispatchFailed,
@@ -38,6 +36,7 @@ from streams.errors import (
     OutputTooLarge,
     ValidationFailed,
 )
+from streams.intake.front import Front, NativeFront
 from streams.logs import request_extra
 from streams.metrics import PipelineMetrics
 from streams.output.deadletters import DeadLetters
@@ -61,6 +60,7 @@ class InRecord:
     source: Source
     key: bytes | None
     value: bytes | None
+    headers: Any = None  # the consumed record's headers (what the client gave: list or None)
 
 
 class Answerer(Protocol):
@@ -90,6 +90,7 @@ class Processor:
         cache: Cache | None,
         metrics: PipelineMetrics,
         clock: Callable[[], float] = time.time,
+        front: Front | None = None,
     ) -> None:
         self._settings = settings
         self._publisher = publisher
@@ -101,6 +102,9 @@ class Processor:
         self._redact = Redactor(settings.secret_values())
         self._letters = DeadLetters(settings, publisher, metrics)
         self._pricing = Pricing(settings.pricing)
+        # How a record becomes a request and an answer its output (a pipeline's own, or the
+        # request topic's): the one record path below is the same for both.
+        self._front = front or NativeFront(settings)
 
     async def process_batch(
         self,
@@ -124,6 +128,7 @@ class Processor:
         def finish(rec: InRecord, outcome: str) -> None:
             handed.add(id(rec))
             try:
+                self._front.observe(rec, outcome)
                 done(rec, outcome)
             except Exception:  # the caller's bug must not take the other records down
                 log.exception("done callback failed for offset %d", rec.source.offset)
@@ -162,7 +167,8 @@ class Processor:
             try:
                 parsed.append((rec, self._parse(rec)))
             except ValidationFailed as exc:
-                later(rec, self._letters.write(rec, exc, None, peek_id(rec.value), 0, []))
+                rid = getattr(exc, "request_id", None) or peek_id(rec.value)
+                later(rec, self._letters.write(rec, exc, None, rid, 0, []))
         cache = self._cache
         if cache is None or not parsed:
             for rec, req in parsed:
@@ -183,17 +189,18 @@ class Processor:
         for rec, req, got in await self._prefetch(cache, parsed, later):
             if got.recalled is not None and got.recalled.kind == "response":
                 ready.append((rec, req, None, None))
-                out.append(OutRecord(responses, rec.key, got.recalled.value))
+                out.append(OutRecord(responses, rec.key, got.recalled.value,
+                                     self._front.headers(rec)))
             elif got.hit is not None:
                 try:
                     cost = self._pricing.of_completion(got.hit)
-                    value = response_record(req, got.hit, latency_ms=self._latency_ms(rec),
-                                            cost=None if cost is None else cost.record())
+                    value = self._front.record(rec, req, got.hit, self._latency_ms(rec),
+                                               None if cost is None else cost.record())
                 except Exception as exc:  # a cached body we cannot write back: this record only
                     later(rec, self.fail(rec, exc, req))
                     continue
                 ready.append((rec, req, got.hit, cost))
-                out.append(OutRecord(responses, rec.key, value))
+                out.append(OutRecord(responses, rec.key, value, self._front.headers(rec)))
             else:
                 later(rec, self._guarded(rec, req, self._miss(rec, req, got)))
         if not out:
@@ -248,12 +255,13 @@ class Processor:
         (``cache.coalesce``), remembered, published. ``got`` is None without a cache."""
         ref = None
         try:
+            answer = self._front.answer
             if got is None or self._cache is None:
-                comp = await self._dispatcher.dispatch(req)
+                comp = await answer(req, self._dispatcher.dispatch)
             else:
                 ref = got.ref
                 comp = await self._cache.coalesce(
-                    req, got.key, lambda: self._dispatcher.dispatch(req)
+                    req, got.key, lambda: answer(req, self._dispatcher.dispatch)
                 )
         except DispatchFailed as failed:
             return await self._letters.write(
@@ -302,12 +310,7 @@ class Processor:
             return await self.fail(rec, exc, req)
 
     def _parse(self, rec: InRecord) -> Request:
-        return parse_request(
-            rec.value,
-            max_bytes=self._settings.limits.max_value_bytes,
-            default_model=self._settings.worker.default_model,
-            max_ttl=self._settings.cache.max_ttl_seconds,
-        )
+        return self._front.parse(rec)
 
     def _latency_ms(self, rec: InRecord) -> int:
         return max(0, int(self._clock() * 1000) - rec.source.timestamp)
@@ -316,15 +319,16 @@ class Processor:
         self, rec: InRecord, req: Request, comp: Completion, ref: IdemRef | None
     ) -> str:
         cost = self._pricing.of_completion(comp)
-        value = response_record(req, comp, latency_ms=self._latency_ms(rec),
-                                cost=None if cost is None else cost.record())
+        value = self._front.record(rec, req, comp, self._latency_ms(rec),
+                                   None if cost is None else cost.record())
         cache = self._cache
         try:
             if cache is not None and ref is not None and not comp.cached:
                 # Remembered before it is published (and so before its offset is committed):
                 # whoever saw this answer, a redelivery of the id never pays for it again.
                 await cache.remember(ref, value)
-            await self._publisher.publish(self._topics.responses, rec.key, value)
+            await self._publisher.publish(self._topics.responses, rec.key, value,
+                                          self._front.headers(rec))
         except OutputTooLarge as exc:
             return await self._letters.write(rec, exc, req, req.id, comp.attempts, comp.endpoints)
         return self._count(rec, req, comp, cost)

@@ -37,6 +37,7 @@ from streams.dispatch.parts import build_dispatcher
 from streams.dispatch.upstream import UpstreamClient
 from streams.intake.acks import AckTracker
 from streams.intake.finished import Ledger
+from streams.intake.front import Front
 from streams.intake.processor import InRecord, Processor, cancelling
 from streams.intake.slots import Slots
 from streams.intake.stopping import task_lines
@@ -54,8 +55,10 @@ BATCHES_AHEAD = 2
 class Runtime:
     """Owns the resources and the in-flight work of one worker process."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None,
+                 front: Front | None = None) -> None:
         self.settings = settings
+        self._front = front  # a pipeline's front stage; None: the requests topic
         self.registry = registry or CollectorRegistry()
         self.metrics = PipelineMetrics(self.registry, configured_models(settings), settings.tenants)
         self.app: faust.App | None = None
@@ -100,7 +103,8 @@ class Runtime:
         # Always: with cache.enabled false it is the idempotency store alone (no lookups,
         # no coalescing), so a redelivery is still never sent upstream again.
         cache = await stack.enter_async_context(ResponseCache(s, self._redis, self.registry))
-        self._processor = Processor(s, publisher, dispatcher, cache, self.metrics)
+        self._processor = Processor(s, publisher, dispatcher, cache, self.metrics,
+                                    front=self._front)
         if s.metrics.port:
             runner = await start_http(self.registry, s.metrics.host, s.metrics.port, self.ready)
             stack.push_async_callback(runner.cleanup)
@@ -205,9 +209,9 @@ class Runtime:
                 continue
             ts = msg.timestamp
             src = Source(msg.topic, msg.partition, msg.offset, int(ts * 1000) if ts else 0)
-            rec = InRecord(src, msg.key, msg.value)
+            rec = InRecord(src, msg.key, msg.value, msg.headers)
             # The tracker keeps the message (what its ack needs), never the record's bytes.
-            msg.key = msg.value = None
+            msg.key = msg.value = msg.headers = None
             # Nothing between add() and the batch can fail: a tracked offset always gets a task.
             if not tracker.add(tp, msg.offset, msg):
                 self._slots.release()  # a redelivery of work still in flight: no second task

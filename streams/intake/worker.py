@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Callable
 
 import faust
+from prometheus_client import CollectorRegistry
 
 from streams.config import Settings
 from streams.intake.agent import build_app
+from streams.intake.front import Front
 from streams.intake.runtime import Runtime
 from streams.kafka_io import check_kafka, ensure_topics
 from streams.redact import redact_url
@@ -54,15 +57,21 @@ async def prepare(settings: Settings) -> None:
              ", ".join(e.name for e in settings.endpoints))
 
 
-def run_worker(settings: Settings) -> int:
-    """Run until SIGINT/SIGTERM; return the exit code. Raises ``StartupError``."""
+def run_worker(settings: Settings,
+               make_front: Callable[[CollectorRegistry], Front] | None = None) -> int:
+    """Run until SIGINT/SIGTERM; return the exit code. Raises ``StartupError``.
+
+    ``make_front``: a pipeline's front stage (``streams/pipelines/front.py``), given the
+    worker's metrics registry; ``settings`` are then the pipeline's (``pipeline_settings``).
+    """
     if settings.worker.gc_threshold:
         # Fewer cyclic-GC passes with thousands of requests in flight (see BENCHMARKS.md).
         gc.set_threshold(settings.worker.gc_threshold, 50, 100)
     asyncio.run(prepare(settings))
     loop = _new_loop(settings.worker.event_loop)
     asyncio.set_event_loop(loop)
-    runtime = Runtime(settings)
+    registry = CollectorRegistry()
+    runtime = Runtime(settings, registry, make_front(registry) if make_front else None)
     app = build_app(settings, runtime)
     worker = faust.Worker(
         app, loop=loop, loglevel=settings.worker.log_level.lower(), quiet=True,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 from streams.config import Settings
 from streams.contract import Request, Source, dead_letter_record, minimal_dead_letter
@@ -31,6 +31,14 @@ class Received(Protocol):
     def key(self) -> bytes | None: ...
     @property
     def value(self) -> bytes | None: ...
+
+
+def original_headers(headers: Any) -> Headers:
+    """A consumed record's headers as (name, bytes) pairs: what the client gave, or none."""
+    if not headers:
+        return []
+    items = headers.items() if isinstance(headers, dict) else headers
+    return [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in items]
 
 
 class DeadLetters:
@@ -66,7 +74,9 @@ class DeadLetters:
             error=error, source=rec.source, value=rec.value, request=req, request_id=request_id,
             attempts=attempts, endpoints=endpoints, raw_limit=raw_limit,
         )
-        headers: Headers | None = full_headers
+        # The record's own headers follow Kafka Connect's (KIP-298 keeps them): a replay
+        # republishes them with the original value.
+        headers: Headers | None = full_headers + original_headers(getattr(rec, "headers", None))
         key: bytes | None = rec.key
         for limit in (None, min(raw_limit, 1024), 0, -1):
             if limit is not None:

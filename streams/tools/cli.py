@@ -1,11 +1,14 @@
 """Command line: parse, load settings, call the one function that does the work.
 
-    llm-streams worker [--config PATH] [--log-format text|json]
+    llm-streams worker [--pipeline NAME] [--config PATH] [--log-format text|json]
+    llm-streams pipeline render NAME --event JSON|@FILE [--call] [--config PATH]
     llm-streams batch REQUESTS.jsonl --save SAVE.jsonl [--errors ERRORS.jsonl] [--config PATH]
     llm-streams mock-llm [--port] [--latency-ms] [--jitter-ms] [--error-rate]
                          [--status-on-error] [--retry-after] [--faults MIX] [--hang-seconds]
-    llm-streams dlq inspect [--limit N] [--config PATH]
-    llm-streams dlq replay [--error-type T] [--since TIME] [--dry-run] [--config PATH]
+                         [--invalid-share]
+    llm-streams dlq inspect [--limit N] [--pipeline NAME] [--config PATH]
+    llm-streams dlq replay [--error-type T] [--since TIME] [--dry-run] [--pipeline NAME]
+                           [--config PATH]
 """
 
 from __future__ import annotations
@@ -37,7 +40,35 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _start(args, level=None, check=False)  # the worker checks Kafka and Redis
     from streams.intake.worker import run_worker  # faust is heavy to import: only when needed
 
-    return run_worker(settings)
+    if not settings.pipelines and args.pipeline is None:
+        return run_worker(settings)
+    from streams.pipelines.compiled import compile_all, find, pipeline_settings
+    from streams.pipelines.front import PipelineFront
+
+    pipes = {p.name: p for p in compile_all(settings)}  # a broken one stops every worker: exit 2
+    if args.pipeline is None:
+        return run_worker(settings)
+    pipe = pipes[find(settings, args.pipeline).name]
+    wsettings = pipeline_settings(settings, pipe.cfg)
+    return run_worker(wsettings, lambda registry: PipelineFront(pipe, wsettings, registry))
+
+
+def cmd_pipeline_render(args: argparse.Namespace) -> int:
+    settings = _start(args, check=False)
+    from streams.pipelines.render import read_event, render
+
+    print(asyncio.run(render(settings, args.name, read_event(args.event), args.call)))
+    return 0
+
+
+def _dlq_settings(args: argparse.Namespace) -> Settings:
+    """The settings whose topics a dlq command reads: with --pipeline, that pipeline's."""
+    settings = _start(args)
+    if args.pipeline is None:
+        return settings
+    from streams.pipelines.compiled import find, pipeline_settings
+
+    return pipeline_settings(settings, find(settings, args.pipeline))
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
@@ -57,14 +88,14 @@ def cmd_mock(args: argparse.Namespace) -> int:
     behaviour = MockBehaviour(
         latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, error_rate=args.error_rate,
         status_on_error=args.status_on_error, retry_after=args.retry_after,
-        faults=args.faults, hang_seconds=args.hang_seconds,
+        faults=args.faults, hang_seconds=args.hang_seconds, invalid_share=args.invalid_share,
     )
     run_mock(args.host, args.port, behaviour)
     return 0
 
 
 def cmd_dlq_inspect(args: argparse.Namespace) -> int:
-    settings = _start(args)
+    settings = _dlq_settings(args)
     from rich.console import Console
 
     from streams.tools.dlq import print_inspection, read_dead_letters
@@ -75,7 +106,7 @@ def cmd_dlq_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
-    settings = _start(args)
+    settings = _dlq_settings(args)
     from streams.tools.dlq import plan_replay, publish_replay, read_dead_letters, replay_summary
 
     letters = asyncio.run(read_dead_letters(settings))
@@ -123,7 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run the stream processor until SIGINT/SIGTERM")
     common(w)
+    w.add_argument("--pipeline", metavar="NAME", help="run this pipeline (config pipelines:)")
     w.set_defaults(func=cmd_worker)
+
+    pl = sub.add_parser("pipeline", help="work on a configured pipeline")
+    plsub = pl.add_subparsers(dest="pipeline_command", required=True)
+    pr = plsub.add_parser("render", help="print the request an event renders to (--call: "
+                                         "send it and print the validated output)")
+    pr.add_argument("name", help="the pipeline's name")
+    pr.add_argument("--event", required=True, metavar="JSON|@FILE",
+                    help="the event: JSON text or @file (a .jsonl file's first line)")
+    pr.add_argument("--call", action="store_true", help="send it and print the output record")
+    common(pr)
+    pr.set_defaults(func=cmd_pipeline_render)
 
     b = sub.add_parser("batch", help="publish a JSONL file of requests and collect the answers")
     b.add_argument("requests", help="JSONL file, one request object per line")
@@ -144,18 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--faults", type=_faults, default={}, metavar="MIX",
                    help="chaos mix, e.g. 500=0.2,429=0.1,hang=0.05,reset=0.05")
     m.add_argument("--hang-seconds", type=float, default=300.0)
+    m.add_argument("--invalid-share", type=float, default=0.0,
+                   help="share of structured answers that are invalid (repair tests)")
     m.set_defaults(func=cmd_mock)
 
     d = sub.add_parser("dlq", help="inspect or replay the dead-letter topic")
     dsub = d.add_subparsers(dest="dlq_command", required=True)
     di = dsub.add_parser("inspect", help="dead letters grouped by error type and endpoint")
     di.add_argument("--limit", type=_positive, default=None, help="read at most N records")
+    di.add_argument("--pipeline", metavar="NAME", help="that pipeline's dead-letter topic")
     common(di)
     di.set_defaults(func=cmd_dlq_inspect)
     dr = dsub.add_parser("replay", help="republish dead letters' original requests")
     dr.add_argument("--error-type", choices=("validation", "upstream", "exhausted", "expired",
-                                             "internal"),
-                    help="only this error type (validation is replayed only when named)")
+                                             "internal", "template", "invalid_output"),
+                    help="only this error type (validation and template are replayed only "
+                         "when named)")
+    dr.add_argument("--pipeline", metavar="NAME",
+                    help="that pipeline's dead letters, republished to its source")
     dr.add_argument("--since", type=_since, default=None, metavar="TIME",
                     help="only dead letters failed at or after TIME (ISO 8601 or epoch ms)")
     dr.add_argument("--dry-run", action="store_true", help="count, publish nothing")

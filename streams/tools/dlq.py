@@ -7,10 +7,11 @@ A replay republishes a dead letter's ORIGINAL request value (its ``raw`` field, 
 when ``raw_encoding`` is ``base64``) to the requests topic with its original key and the
 header ``llm-streams.replay-of: {dlq topic}/{partition}/{offset}``. Dead letters whose raw value
 is unavailable or was cut at ``worker.dlq_raw_limit_bytes`` cannot be replayed faithfully and are
-skipped, and so are ``validation`` dead letters (replaying them fails again) unless that type is
-asked for explicitly; likewise ``budget`` dead letters of requests that could never fit their
-tenant's budget (``retryable: false``), while the others, refused by ``on_exhausted: reject``,
-are replayed (a later window has room).
+skipped, and so are ``validation`` and ``template`` dead letters (replaying them fails again)
+unless that type is asked for explicitly; likewise ``budget`` dead letters of requests that could
+never fit their tenant's budget (``retryable: false``), while the others, refused by
+``on_exhausted: reject``, are replayed (a later window has room). A pipeline's dead letters
+(``--pipeline``) are read from its dead-letter topic and republished to its source.
 
 Usage::
 
@@ -46,6 +47,9 @@ CONNECT_PREFIX = "__connect.errors."
 UNREADABLE = "unreadable"  # error type shown for a dead-letter value that is not a JSON object
 # A UTF-8 raw value cut at the limit may lose up to 3 bytes of a split character.
 _UTF8_SLACK = 3
+# Types a replay would fail again the same way: replayed only when asked for by name. A
+# template dead letter's event may be any text (not JSON).
+FAIL_AGAIN = frozenset({"validation", "template"})
 
 Header = tuple[str, bytes]
 
@@ -149,7 +153,7 @@ def original_value(letter: DeadLetter, raw_limit: int) -> tuple[bytes | None, st
         cut_at = raw_limit - _UTF8_SLACK
     if raw_limit > 0 and len(value) >= cut_at:
         return None, "truncated"  # the worker cuts raw at the limit: assume it did
-    if letter.error_type != "validation":
+    if letter.error_type not in FAIL_AGAIN:
         try:  # the worker parsed it, so the original is JSON; if this is not, it was cut
             orjson.loads(value)
         except orjson.JSONDecodeError:
@@ -202,8 +206,8 @@ def plan_replay(
     plan = ReplayPlan()
     for letter in select(letters, error_type, since_ms):
         plan.selected += 1
-        if letter.error_type == "validation" and error_type != "validation":
-            plan.skipped["validation"] += 1
+        if letter.error_type in FAIL_AGAIN and error_type != letter.error_type:
+            plan.skipped[letter.error_type] += 1
             continue
         if (letter.error_type == "budget" and letter.error.get("retryable") is False
                 and error_type != "budget"):  # its estimate exceeds a whole window: fails again

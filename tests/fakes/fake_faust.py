@@ -32,6 +32,7 @@ class FakeMessage:
         self.tp = (TOPIC, partition)
         self.key: bytes | None = f"k{offset}".encode()
         self.value = value
+        self.headers: list[tuple[str, bytes]] | None = None
         self.timestamp = 1.0
         self.generation_id = 1
         self.acked = False

@@ -11,18 +11,21 @@ from streams.output.records import Headers, OutRecord
 
 
 class FakePublisher:
-    """``out``: (topic, key, decoded value) of every record published; ``batches``: sizes."""
+    """``out``: (topic, key, decoded value) of every record published; ``headers``: theirs;
+    ``batches``: sizes."""
 
     def __init__(self, max_bytes: int = 1 << 20) -> None:
         self.out: list[tuple[str, bytes | None, dict[str, Any]]] = []
         self.max_bytes = max_bytes
         self.batches: list[int] = []
+        self.headers: list[Headers | None] = []
 
     async def publish(self, topic: str, key: bytes | None, value: bytes,
                       headers: Headers | None = None) -> None:
         if len(value) > self.max_bytes:
             raise OutputTooLarge(f"output record of {len(value)} bytes refused")
         self.out.append((topic, key, orjson.loads(value)))
+        self.headers.append(headers)
 
     async def publish_many(self, records: list[OutRecord]) -> list[OutputTooLarge | None]:
         self.batches.append(len(records))

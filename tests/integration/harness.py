@@ -172,13 +172,16 @@ class Worker:
         return self.proc.poll() is None
 
 
-def start_worker(stack: Stack, env: dict[str, str] | None = None, **extra: Any) -> Worker:
+def start_worker(stack: Stack, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+                 **extra: Any) -> Worker:
+    """A worker process on the stack's config (``extra``: ``section__key`` overrides; ``args``:
+    more command-line arguments, e.g. ``("--pipeline", NAME)``)."""
     port = free_port()
     cfg = stack.write_config(metrics__port=port, **extra)
     log = stack.tmp / f"worker-{port}.log"
     with log.open("wb") as out:  # the worker has its own copy of the handle
         proc = subprocess.Popen(
-            [PY, "-m", "streams.tools.cli", "worker", "--config", str(cfg)],
+            [PY, "-m", "streams.tools.cli", "worker", "--config", str(cfg), *args],
             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
             env={**os.environ, **(env or {})},
         )

@@ -176,6 +176,41 @@ async def _load(stack: Stack, mocks: list[Mock], worker: Worker) -> None:
         await col.wait_for(58, timeout=60)
 
 
+PIPELINE = "mon"
+
+
+def _with_pipeline(stack: Stack) -> str:
+    source = f"it-{stack.name}.events"
+    stack.overrides["pipelines"] = [{
+        "name": PIPELINE, "source": source, "sink": f"{source}.enriched", "model": "gpt-4o-mini",
+        "prompt": {"user": "{{ event.text }}"},
+        "output": {"format": "json", "schema": {"type": "object", "required": ["label"],
+                                                "properties": {"label": {"type": "string"}}}},
+    }]
+    return source
+
+
+async def _pipeline_load(stack: Stack, mocks: list[Mock], piped: Worker, source: str) -> None:
+    """Enriched events, repairs of invalid answers, template dead letters."""
+    for m in mocks:
+        await m.configure(invalid_share=0.4)
+    await piped.ready()
+    docs = [{"text": f"event {i}"} if i % 5 else {"no_text": i} for i in range(30)]
+    await produce(source, encode(docs), bootstrap=stack.kafka)
+    deadline = time.monotonic() + 90
+    while await _metric_sum(piped, "llm_streams_pipeline_outputs_total") < len(docs):
+        assert time.monotonic() < deadline, "the pipeline's events were not all finished"
+        await asyncio.sleep(0.5)
+
+
+async def _metric_sum(worker: Worker, name: str) -> float:
+    async with aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{worker.metrics_port}/metrics") as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{"))
+
+
 async def _wait_for_data(prom: Prometheus, queries: list[tuple[str, str]],
                          timeout: float = 60) -> dict[str, dict[str, Any]]:
     """Every query's last answer, once all that must have data have it (or at the timeout)."""
@@ -200,16 +235,20 @@ async def test_prometheus_evaluates_every_dashboard_query_on_a_loaded_worker(
     # prices and a budget (that never binds) for the cost row's panels
     stack.overrides["pricing"] = {"gpt-4o-mini": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}
     stack.overrides["tenants"] = {"default": {"budgets": [{"window": "day", "tokens": 10**9}]}}
+    source = _with_pipeline(stack)
     worker = start_worker(stack)
+    piped = start_worker(stack, args=("--pipeline", PIPELINE))  # the Pipelines row's data
     try:
-        prometheus.start([f"127.0.0.1:{worker.metrics_port}"])
+        prometheus.start([f"127.0.0.1:{worker.metrics_port}", f"127.0.0.1:{piped.metrics_port}"])
         await wait_http(f"{prometheus.url}/-/ready", timeout=60)
         await _load(stack, mocks, worker)
+        await _pipeline_load(stack, mocks, piped, source)
         queries = _queries()
         answers = await _wait_for_data(prometheus, queries)
-        exposed = await _exposed_series(worker)
+        exposed = await _exposed_series(worker) | await _exposed_series(piped)
     finally:
         assert worker.stop() == 0
+        assert piped.stop() == 0
 
     bad = {n: a for n, a in answers.items() if a.get("status") != "success"}
     assert not bad, f"queries Prometheus refused: {bad}"
@@ -222,7 +261,7 @@ async def test_prometheus_evaluates_every_dashboard_query_on_a_loaded_worker(
     # the dashboard's worker picker, and the alerting rules loaded and evaluated without error
     values = await prometheus.get("/api/v1/label/instance/values",
                                   **{"match[]": "llm_streams_in_flight"})
-    assert values["data"] == [f"127.0.0.1:{worker.metrics_port}"]
+    assert sorted(values["data"]) == sorted(f"127.0.0.1:{w.metrics_port}" for w in (worker, piped))
     rules = (await prometheus.get("/api/v1/rules"))["data"]["groups"]
     loaded = {r["name"]: r for g in rules for r in g["rules"]}
     assert set(loaded) == set(_alerts(yaml.safe_load((PROM / "alerts.yml").read_text())))

@@ -354,3 +354,23 @@ def test_any_2xx_body_is_a_completion_or_a_bad_response(raw: bytes, status: int)
     comp = Completion(model="m", body=body, endpoint="m", attempts=1)
     assert all(type(v) is int and v >= 0 for v in comp.usage.values())
     assert comp.output is None or isinstance(comp.output, str)
+
+
+async def test_structured_outputs_false_sends_the_schema_as_an_instruction(
+        mock: tuple[MockLLM, str]) -> None:
+    llm, url = mock
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    messages = [{"role": "user", "content": "hi"}]
+    async with aiohttp.ClientSession() as s:
+        native = await UpstreamClient(s).complete(ep(url), "m", messages,
+                                                  {"response_format": fmt, "temperature": 0})
+        plain = await UpstreamClient(s).complete(ep(url, structured_outputs=False), "m", messages,
+                                                 {"response_format": fmt, "temperature": 0})
+    assert orjson.loads(native["choices"][0]["message"]["content"]).keys() == {"n"}
+    # no response_format reached the mock: a text answer, to a prompt that carries the schema
+    text = plain["choices"][0]["message"]["content"]
+    assert text.startswith("mock answer") and "Answer with only a JSON value" in text
+    first, second = llm.stats.prompts
+    assert second.startswith("Answer with only a JSON value") and orjson.dumps(schema).decode() in second
+    assert first == "hi" and messages == [{"role": "user", "content": "hi"}]

@@ -135,3 +135,38 @@ async def test_oversized_answer_and_bad_error_headers_config(serve: Any) -> None
             async with s.post(f"{url}/config", json={"error_headers": bad}) as resp:
                 assert resp.status == 400, bad
     assert check_faults({"not_json": 0.5, "oversized": 0.5}) == {"not_json": 0.5, "oversized": 0.5}
+
+
+async def test_response_format_gets_a_schema_valid_answer_and_an_invalid_share(serve: Any) -> None:
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}},
+              "required": ["n"], "additionalProperties": False}
+    _, url = await serve(MockBehaviour())
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+
+    async def answer(session: aiohttp.ClientSession, prompt: str) -> str:
+        body = {"model": "m", "messages": [{"role": "user", "content": prompt}],
+                "response_format": fmt}
+        async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+            return str((await resp.json())["choices"][0]["message"]["content"])
+
+    async with aiohttp.ClientSession() as s:
+        first = await answer(s, "p1")
+        jsonschema.validate(orjson.loads(first), schema)
+        assert await answer(s, "p1") == first
+        async with s.post(f"{url}/config", json={"invalid_share": 0.5}) as r:
+            assert r.status == 200
+        answers = [await answer(s, f"p{i}") for i in range(400)]
+        stats = await (await s.get(f"{url}/stats")).json()
+    valid = jsonschema.Draft202012Validator(schema)
+
+    def ok(text: str) -> bool:
+        try:
+            return valid.is_valid(orjson.loads(text))
+        except orjson.JSONDecodeError:
+            return False
+
+    bad = sum(not ok(a) for a in answers)
+    assert 140 <= bad <= 260
+    assert stats["by_fault"]["invalid_json"] + stats["by_fault"]["invalid_schema"] == bad

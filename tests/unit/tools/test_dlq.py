@@ -138,3 +138,20 @@ def test_group_by_type_and_last_endpoint() -> None:
     rows = [(t, e, n, ex.offset) for t, e, n, ex in group(letters)]
     assert rows == [("exhausted", "b", 2, 0), ("exhausted", "a", 1, 2),
                     ("unreadable", "-", 1, 4), ("validation", "-", 1, 3)]
+
+
+def test_plan_skips_template_unless_asked_and_replays_invalid_output() -> None:
+    letters = [_letter(0, kind="template", raw="plain text event"), _letter(1, kind="invalid_output"),
+               _letter(2, kind="validation")]
+    plan = plan_replay(letters, "src.dlq", LIMIT)
+    assert [v for _, v, _ in plan.records] == [orjson.dumps({"id": "r1", "input": "hi"})]
+    assert plan.skipped == {"template": 1, "validation": 1}
+    asked = plan_replay(letters, "src.dlq", LIMIT, error_type="template")
+    assert [v for _, v, _ in asked.records] == [b"plain text event"] and not asked.skipped
+
+
+def test_dlq_commands_take_a_pipeline() -> None:
+    args = build_parser().parse_args(["dlq", "replay", "--pipeline", "triage",
+                                      "--error-type", "invalid_output"])
+    assert args.pipeline == "triage" and args.error_type == "invalid_output"
+    assert build_parser().parse_args(["dlq", "inspect", "--pipeline", "t"]).pipeline == "t"
