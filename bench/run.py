@@ -32,7 +32,7 @@ from bench.procs import Procs, free_port
 from bench.scenarios import SCENARIOS, SIZES
 from bench.stats import summarize
 
-RUN_LIMIT = {"smoke": 90.0, "full": 900.0}  # seconds, per scenario run
+RUN_LIMIT = {"smoke": 180.0, "full": 900.0}  # seconds, per scenario run
 
 
 async def run_all(procs: Procs, size_name: str, only: list[str], peers: bool, n_runs: int) -> dict[str, Any]:
