@@ -1,11 +1,13 @@
 """An OpenAI-compatible mock endpoint for the demo, the tests and the benchmarks.
 
-POST /v1/chat/completions answers deterministically from the prompt, with a usage block.
+POST /v1/chat/completions answers deterministically from the prompt, with a usage block;
+POST /v1/embeddings returns vectors derived from each input (``mockllm/embeddings.py``).
 GET /stats returns counts (calls, statuses, distinct prompts, duplicate calls, the busiest
 1-second window; with ``?log=1`` every call's time, status, fault and prompt, and the mock's
 own stalls); POST /reset
 clears them; POST /config changes behaviour at run time (JSON with any of latency_ms,
-jitter_ms, error_rate, status_on_error, retry_after, down, faults, hang_seconds).
+jitter_ms, error_rate, status_on_error, retry_after, down, faults, hang_seconds,
+embed_input_ms, refuse_inputs).
 
 ``faults`` is a chaos mix: the share of calls that fail each way, drawn per call, e.g.
 ``{"500": 0.2, "429": 0.1, "hang": 0.05, "reset": 0.05}``. A status fault answers with that
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hashlib
 import random
 import socket
@@ -40,6 +43,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from mockllm.embeddings import handle_embeddings
 
 
 @dataclass
@@ -54,6 +59,8 @@ class MockBehaviour:
     hang_seconds: float = 300.0
     error_headers: list[dict[str, str]] = field(default_factory=list)  # one drawn per error
     oversize_bytes: int = 9 * 1_048_576
+    embed_input_ms: float = 0.0  # /v1/embeddings: cost per input on top of latency_ms per call
+    refuse_inputs: list[str] = field(default_factory=list)  # /v1/embeddings answers 400 to these
 
 
 FAULT_KINDS = ("hang", "reset")  # besides HTTP statuses "400".."599"
@@ -101,6 +108,13 @@ def check_headers(sets: object) -> list[dict[str, str]]:
                                     for k, v in h.items()) for h in sets):
         raise ValueError("error_headers must be a list of objects of header: string value")
     return sets
+
+
+def check_inputs(inputs: object) -> list[str]:
+    """A valid ``refuse_inputs``: a list of strings."""
+    if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+        raise ValueError("refuse_inputs must be a list of strings")
+    return inputs
 
 
 @dataclass
@@ -298,6 +312,8 @@ class MockLLM:
                 changes["faults"] = check_faults(changes["faults"])
             if "error_headers" in changes:
                 changes["error_headers"] = check_headers(changes["error_headers"])
+            if "refuse_inputs" in changes:
+                changes["refuse_inputs"] = check_inputs(changes["refuse_inputs"])
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         for key, value in changes.items():
@@ -322,6 +338,7 @@ class MockLLM:
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.cleanup_ctx.append(self._watch_stalls)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/embeddings", functools.partial(handle_embeddings, self))
         app.router.add_get("/stats", self.get_stats)
         app.router.add_post("/reset", self.reset)
         app.router.add_post("/config", self.configure)

@@ -58,6 +58,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
         latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, error_rate=args.error_rate,
         status_on_error=args.status_on_error, retry_after=args.retry_after,
         faults=args.faults, hang_seconds=args.hang_seconds,
+        embed_input_ms=args.embed_input_ms,
     )
     run_mock(args.host, args.port, behaviour)
     return 0
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--faults", type=_faults, default={}, metavar="MIX",
                    help="chaos mix, e.g. 500=0.2,429=0.1,hang=0.05,reset=0.05")
     m.add_argument("--hang-seconds", type=float, default=300.0)
+    m.add_argument("--embed-input-ms", type=float, default=0.0,
+                   help="/v1/embeddings: cost per input, on top of --latency-ms per call")
     m.set_defaults(func=cmd_mock)
 
     d = sub.add_parser("dlq", help="inspect or replay the dead-letter topic")
