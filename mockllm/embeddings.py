@@ -76,8 +76,6 @@ def _inputs(body: Any) -> list[str] | None:
 
 async def handle_embeddings(mock: MockLLM, request: web.Request) -> web.StreamResponse:
     """``POST /v1/embeddings`` (see the module docstring)."""
-    from mockllm.server import _reset
-
     now = time.time()
     b = mock.behaviour
     try:
@@ -91,15 +89,10 @@ async def handle_embeddings(mock: MockLLM, request: web.Request) -> web.StreamRe
     for text in inputs:
         mock.stats.prompts[text] += 1
     fault = mock._draw_fault()
-    if fault == "reset":
-        mock.stats.record(now, 0, None, fault)
-        return _reset(request)
-    if fault == "hang":
-        mock.stats.record(now, 0, None, fault)
-        await asyncio.sleep(b.hang_seconds)
-        return web.Response(status=504)
-    delay = b.latency_ms + (mock._rng.uniform(-b.jitter_ms, b.jitter_ms) if b.jitter_ms else 0)
-    delay += b.embed_input_ms * len(inputs)
+    cut = await mock.cut_off(fault, request, now, None)
+    if cut is not None:  # a reset or a hang: logged without its inputs
+        return cut
+    delay = mock.delay_ms() + b.embed_input_ms * len(inputs)
     if delay > 0:
         await asyncio.sleep(delay / 1000.0)
     refuse = set(b.refuse_inputs)

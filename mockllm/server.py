@@ -229,14 +229,10 @@ class MockLLM:
         prompt = _prompt_text(body)
         self.stats.prompts[prompt] += 1
         fault = self._draw_fault()
-        if fault == "reset":
-            self.stats.record(now, 0, prompt, fault)
-            return _reset(request)
-        if fault == "hang":
-            self.stats.record(now, 0, prompt, fault)
-            await asyncio.sleep(b.hang_seconds)
-            return web.Response(status=504)
-        delay = b.latency_ms + (self._rng.uniform(-b.jitter_ms, b.jitter_ms) if b.jitter_ms else 0)
+        cut = await self.cut_off(fault, request, now, prompt)
+        if cut is not None:
+            return cut
+        delay = self.delay_ms()
         if delay > 0:
             await asyncio.sleep(delay / 1000.0)
         if fault in BODY_FAULTS:
@@ -254,6 +250,23 @@ class MockLLM:
         payload = completion_body(str(body.get("model", "mock")), prompt)
         payload["mock"] = {"latency_ms": max(0.0, delay)}  # the benchmark subtracts it per request
         return web.Response(body=orjson.dumps(payload), content_type="application/json")
+
+    async def cut_off(self, fault: str, request: web.Request, now: float, prompt: str | None
+                      ) -> web.StreamResponse | None:
+        """The answer of a ``reset`` or ``hang`` fault (logged), else None."""
+        if fault == "reset":
+            self.stats.record(now, 0, prompt, fault)
+            return _reset(request)
+        if fault == "hang":
+            self.stats.record(now, 0, prompt, fault)
+            await asyncio.sleep(self.behaviour.hang_seconds)
+            return web.Response(status=504)
+        return None
+
+    def delay_ms(self) -> float:
+        """One call's latency: ``latency_ms`` plus jitter."""
+        b = self.behaviour
+        return b.latency_ms + (self._rng.uniform(-b.jitter_ms, b.jitter_ms) if b.jitter_ms else 0)
 
     def _draw_fault(self) -> str:
         mix = self.behaviour.faults
