@@ -357,6 +357,13 @@ async def priority(env: Env) -> dict[str, Any]:
             "p0_wait_p99_ms": percentile(waits[0], 99), "p9_wait_p99_ms": percentile(waits[9], 99)}
 
 
+async def embeddings(env: Env) -> dict[str, Any]:
+    """Scenario 7: embeddings batched across records vs one call per record (bench/embeddings.py)."""
+    from bench.embeddings import embedding_batching
+
+    return await embedding_batching(env)
+
+
 SCENARIOS = {
     "miss_path": miss_path,
     "cache_hit": cache_hit,
@@ -364,4 +371,5 @@ SCENARIOS = {
     "moderate_load": moderate,
     "two_workers": two_workers,
     "priority": priority,
+    "embeddings": embeddings,
 }
