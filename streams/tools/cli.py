@@ -4,6 +4,7 @@
     llm-streams batch REQUESTS.jsonl --save SAVE.jsonl [--errors ERRORS.jsonl] [--config PATH]
     llm-streams mock-llm [--port] [--latency-ms] [--jitter-ms] [--error-rate]
                          [--status-on-error] [--retry-after] [--faults MIX] [--hang-seconds]
+                         [--embed-input-ms]
     llm-streams dlq inspect [--limit N] [--config PATH]
     llm-streams dlq replay [--error-type T] [--since TIME] [--dry-run] [--config PATH]
 """
