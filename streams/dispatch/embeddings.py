@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
 from streams.config import EndpointConfig, Settings
 from streams.contract import Completion, Params, Request, upstream_usage
 from streams.dispatch.admission import Admission, Grant, Ticket, fits
 from streams.dispatch.retry import error_class, is_retryable
 from streams.dispatch.scheduler import Entry, Scheduler
+from streams.dispatch.telemetry import EmbeddingMetrics
 from streams.dispatch.vectors import read_vectors, split_usage
 from streams.embedding import embedding_body, estimate_input_tokens
 from streams.errors import (
@@ -59,8 +60,6 @@ log = logging.getLogger("streams.embeddings")
 
 # A 4xx with one of these statuses may be one input's fault: the batch is split to find it.
 SPLIT_STATUSES = frozenset({400, 413, 422})
-_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 
 
 class EmbedClient(Protocol):
@@ -79,24 +78,6 @@ class Attempts(Protocol):
     def other_usable(self, model: str, failed: str) -> bool: ...
     async def attempt_call(self, grant: Grant, call: Callable[[], Awaitable[dict[str, Any]]]
                            ) -> dict[str, Any]: ...
-
-
-class EmbeddingMetrics:
-    """Inputs by outcome, calls by endpoint and outcome, inputs per call, batch wait."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.inputs = Counter("llm_streams_embedding_inputs",
-                              "Embedding inputs finished by the batcher, by outcome",
-                              ["outcome"], registry=registry)
-        self.calls = Counter("llm_streams_embedding_calls",
-                             "/embeddings calls by endpoint and outcome (ok, retry, split, failed)",
-                             ["endpoint", "outcome"], registry=registry)
-        self.batch_inputs = Histogram("llm_streams_embedding_batch_inputs",
-                                      "Inputs per /embeddings call", buckets=_SIZE_BUCKETS,
-                                      registry=registry)
-        self.batch_wait = Histogram("llm_streams_embedding_batch_wait_seconds",
-                                    "From an input's arrival to the forming of its batch",
-                                    buckets=_WAIT_BUCKETS, registry=registry)
 
 
 @dataclass(eq=False, slots=True)
@@ -150,7 +131,6 @@ class EmbeddingBatcher:
         self.metrics = EmbeddingMetrics(registry)
         self._groups: dict[tuple[str, bytes], _Group] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._caps: dict[str, int] = {}
 
     # ---- the API -------------------------------------------------------------------------------
 
@@ -223,14 +203,12 @@ class EmbeddingBatcher:
                 del self._groups[key]
 
     def _cap(self, model: str) -> int:
-        """Most estimated tokens in one batch: the config's, and one second of the smallest tpm."""
-        cap = self._caps.get(model)
-        if cap is None:
-            tpms = [ep.tpm for ep in self._d.parts.balancer.candidates(model)
-                    if ep.tpm is not None and ep.weight > 0]
-            cap = min([self._max_tokens, *(max(t // 60, 1) for t in tpms)])
-            self._caps[model] = cap
-        return cap
+        """Most estimated tokens in one batch: the config's, and one second of the smallest tpm.
+
+        Not kept per model: model names come from requests (the balancer's sets are bounded)."""
+        tpms = [ep.tpm for ep in self._d.parts.balancer.candidates(model)
+                if ep.tpm is not None and ep.weight > 0]
+        return min([self._max_tokens, *(max(t // 60, 1) for t in tpms)])
 
     async def _fill(self, group: _Group) -> None:
         """Wait until the group holds a full batch or its oldest input has waited max_wait."""
@@ -400,4 +378,4 @@ class EmbeddingBatcher:
         return task
 
 
-__all__ = ["EmbeddingBatcher", "EmbeddingMetrics", "SPLIT_STATUSES"]
+__all__ = ["EmbeddingBatcher", "SPLIT_STATUSES"]

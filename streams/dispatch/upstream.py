@@ -170,8 +170,10 @@ class UpstreamClient:
     """
 
     def __init__(self, session: aiohttp.ClientSession, *, log_interval: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 embedding_bytes_per_input: int = EMBEDDING_BYTES_PER_INPUT) -> None:
         self._session = session
+        self._embedding_bytes = embedding_bytes_per_input
         self._log_interval = log_interval
         self._clock = clock
         self._usage_logged: dict[str, float] = {}  # endpoint -> when last logged
@@ -185,9 +187,9 @@ class UpstreamClient:
     async def embed(self, endpoint: EndpointConfig, model: str, inputs: list[str],
                     params: Params) -> dict[str, Any]:
         """One ``/embeddings`` call for many inputs: the JSON body (``vectors.read_vectors``
-        checks it). Its size limit grows with the inputs (``EMBEDDING_BYTES_PER_INPUT``)."""
+        checks it). Its size limit grows with the inputs (``embedding_bytes_per_input``)."""
         payload = orjson.dumps({**params, "model": model, "input": inputs})
-        limit = max(endpoint.max_response_bytes, EMBEDDING_BYTES_PER_INPUT * len(inputs))
+        limit = max(endpoint.max_response_bytes, self._embedding_bytes * len(inputs))
         raw, status = await self.post(endpoint, "/embeddings", payload, limit)
         if raw is None:
             raise UpstreamBadResponse(f"HTTP {status} with a body over {limit} bytes",

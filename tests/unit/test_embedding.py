@@ -151,3 +151,28 @@ def test_base64_vector_is_the_float_vector() -> None:
     floats = array("f")
     floats.frombytes(raw)
     assert floats.tolist() == vector_for("x", 8)
+
+
+_params = st.dictionaries(
+    st.sampled_from(["dimensions", "encoding_format", "user", "temperature", "model"]),
+    st.none() | st.booleans() | st.integers(-5, 70_000) | st.text(max_size=6)
+    | st.sampled_from(["float", "base64"]),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({"id": st.text(min_size=1, max_size=5), "kind": st.just("embedding")},
+                             optional={"input": st.none() | st.text(max_size=20),
+                                       "messages": st.just([{"role": "user", "content": "x"}]),
+                                       "params": _params, "tenant": st.text(max_size=4)}))
+def test_property_embedding_requests_parse_or_are_validation_errors(doc: dict[str, Any]) -> None:
+    try:
+        req = _parse(doc)
+    except ValidationFailed:
+        return
+    assert req.kind == "embedding" and req.input and req.messages is None
+    assert set(req.params) <= {"dimensions", "encoding_format", "user"}
+    assert cache_key(req, NormalizeConfig())
+    comp = Completion(model="emb", body=embedding_body([0.5], 1, 1, 1), endpoint="a", attempts=1)
+    assert orjson.loads(response_record(req, comp, latency_ms=0))["kind"] == "embedding"

@@ -305,3 +305,36 @@ def test_max_concurrency_holds_across_batches() -> None:
         assert up.max_active == 4 and len(up.calls) == 50
 
     run(main)
+
+
+def test_stop_cancels_inputs_waiting_for_a_batch_or_a_grant() -> None:
+    async def main(clock: VirtualClock) -> None:
+        d, up, _ = _make(clock, {"max_concurrency": 1}, latency=1.0,
+                         embeddings={"max_batch_inputs": 2})
+        await d.start()
+        tasks = [asyncio.create_task(d.dispatch(_req(i))) for i in range(7)]
+        await asyncio.sleep(0.5)  # one call under way, a batch waiting for the slot, 3 waiting
+        await d.stop()
+        got = await asyncio.gather(*tasks, return_exceptions=True)
+        # The call under way finishes (its records are answered); the others are cancelled,
+        # neither answered nor failed, so their records are redelivered after a restart.
+        assert [type(g).__name__ for g in got].count("Completion") == 2
+        assert [type(g).__name__ for g in got].count("CancelledError") == 5
+        assert len(up.calls) == 1
+
+    run(main)
+
+
+def test_a_caller_that_gives_up_leaves_the_batch() -> None:
+    async def main(clock: VirtualClock) -> None:
+        d, up, _ = _make(clock, embeddings={"max_wait_ms": 50})
+        async with d:
+            gone = asyncio.create_task(d.dispatch(_req("gone")))
+            kept = asyncio.create_task(d.dispatch(_req("kept")))
+            await asyncio.sleep(0.01)
+            gone.cancel()
+            comp = await kept
+        assert isinstance(comp, Completion) and comp.body["batch_size"] == 1
+        assert [c[2] for c in up.calls] == [["text number kept"]]
+
+    run(main)
