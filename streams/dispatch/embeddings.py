@@ -193,10 +193,16 @@ class EmbeddingBatcher:
                 batch = _Batch(group.model, group.params, items, ticket)
                 try:
                     grant = await self._grant(ticket)
-                except BaseException:
+                except asyncio.CancelledError:
                     self._cancel(items)
                     raise
+                except Exception as exc:
+                    self._crash(items, exc)
+                    raise
                 self._spawn(self._send(batch, grant))
+        except Exception as exc:  # a bug: every waiting input gets it (an internal dead letter)
+            log.exception("embedding batches of %s failed", group.model)
+            self._crash(group.pending.drain(), exc)
         finally:
             group.task = None
             if not len(group.pending) and self._groups.get(key) is group:
@@ -286,9 +292,7 @@ class EmbeddingBatcher:
             raise
         except Exception as exc:  # a bug: each input gets it (an internal dead letter)
             log.exception("embedding batch of %d inputs failed", len(batch.items))
-            for item in batch.items:
-                if not item.future.done():
-                    item.future.set_exception(exc)
+            self._crash(batch.items, exc)
 
     async def _call(self, batch: _Batch, grant: Grant) -> bool:
         """One call for the batch; True when it is to be called again (after a backoff)."""
@@ -367,6 +371,12 @@ class EmbeddingBatcher:
     def _cancel(items: list[_Input]) -> None:
         for item in items:
             item.future.cancel()
+
+    @staticmethod
+    def _crash(items: list[_Input], exc: Exception) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(exc)
 
     def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         async def run() -> None:

@@ -338,3 +338,18 @@ def test_a_caller_that_gives_up_leaves_the_batch() -> None:
         assert [c[2] for c in up.calls] == [["text number kept"]]
 
     run(main)
+
+
+def test_a_bug_in_a_call_fails_each_input_instead_of_stranding_it() -> None:
+    async def main(clock: VirtualClock) -> None:
+        d, up, _ = _make(clock)
+
+        def bug(n: int) -> StreamsError | None:
+            raise RuntimeError("client bug")
+
+        up.fail = bug
+        async with d:
+            got = await _all(d, [_req(i) for i in range(5)])
+        assert all(isinstance(g, RuntimeError) for g in got)  # the processor dead-letters these
+
+    run(main)
