@@ -237,6 +237,13 @@ async def pipeline_miss(env: Env) -> dict[str, Any]:
     return await run(env)
 
 
+async def embeddings(env: Env) -> dict[str, Any]:
+    """Scenario 8: embeddings batched across records vs one call per record (bench/embeddings.py)."""
+    from bench.embeddings import embedding_batching
+
+    return await embedding_batching(env)
+
+
 SCENARIOS = {
     "miss_path": miss_path,
     "cache_hit": cache_hit,
@@ -245,4 +252,5 @@ SCENARIOS = {
     "two_workers": two_workers,
     "priority": priority,
     "pipeline_miss": pipeline_miss,
+    "embeddings": embeddings,
 }

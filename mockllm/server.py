@@ -1,12 +1,13 @@
 """An OpenAI-compatible mock endpoint for the demo, the tests and the benchmarks.
 
-POST /v1/chat/completions answers deterministically from the prompt, with a usage block.
+POST /v1/chat/completions answers deterministically from the prompt, with a usage block;
+POST /v1/embeddings returns vectors derived from each input (``mockllm/embeddings.py``).
 GET /stats returns counts (calls, statuses, distinct prompts, duplicate calls, the busiest
 1-second window; with ``?log=1`` every call's time, status, fault and prompt, and the mock's
 own stalls); POST /reset
 clears them; POST /config changes behaviour at run time (JSON with any of latency_ms,
 jitter_ms, error_rate, status_on_error, retry_after, down, faults, hang_seconds,
-invalid_share).
+invalid_share, embed_input_ms, refuse_inputs).
 
 A request with ``response_format`` (``json_schema`` or ``json_object``) gets a JSON answer
 valid against the schema, derived from the prompt (``mockllm/structured.py``);
@@ -34,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hashlib
 import random
 import socket
@@ -46,6 +48,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from mockllm.embeddings import handle_embeddings
 from mockllm.structured import invalid_answer, response_schema, schema_answer
 
 
@@ -64,6 +67,8 @@ class MockBehaviour:
     # Share of structured (response_format) answers that are invalid: half not JSON, half
     # JSON breaking the schema (mockllm/structured.py); drawn per call.
     invalid_share: float = 0.0
+    embed_input_ms: float = 0.0  # /v1/embeddings: cost per input on top of latency_ms per call
+    refuse_inputs: list[str] = field(default_factory=list)  # /v1/embeddings answers 400 to these
 
 
 FAULT_KINDS = ("hang", "reset")  # besides HTTP statuses "400".."599"
@@ -111,6 +116,13 @@ def check_headers(sets: object) -> list[dict[str, str]]:
                                     for k, v in h.items()) for h in sets):
         raise ValueError("error_headers must be a list of objects of header: string value")
     return sets
+
+
+def check_inputs(inputs: object) -> list[str]:
+    """A valid ``refuse_inputs``: a list of strings."""
+    if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+        raise ValueError("refuse_inputs must be a list of strings")
+    return inputs
 
 
 @dataclass
@@ -225,14 +237,10 @@ class MockLLM:
         prompt = _prompt_text(body)
         self.stats.prompts[prompt] += 1
         fault = self._draw_fault()
-        if fault == "reset":
-            self.stats.record(now, 0, prompt, fault)
-            return _reset(request)
-        if fault == "hang":
-            self.stats.record(now, 0, prompt, fault)
-            await asyncio.sleep(b.hang_seconds)
-            return web.Response(status=504)
-        delay = b.latency_ms + (self._rng.uniform(-b.jitter_ms, b.jitter_ms) if b.jitter_ms else 0)
+        cut = await self.cut_off(fault, request, now, prompt)
+        if cut is not None:
+            return cut
+        delay = self.delay_ms()
         if delay > 0:
             await asyncio.sleep(delay / 1000.0)
         if fault in BODY_FAULTS:
@@ -262,6 +270,22 @@ class MockLLM:
             self.stats.by_fault[f"invalid_{kind}"] += 1
             return invalid_answer(schema, prompt, kind)
         return orjson.dumps(schema_answer(schema, prompt)).decode()
+    async def cut_off(self, fault: str, request: web.Request, now: float, prompt: str | None
+                      ) -> web.StreamResponse | None:
+        """The answer of a ``reset`` or ``hang`` fault (logged), else None."""
+        if fault == "reset":
+            self.stats.record(now, 0, prompt, fault)
+            return _reset(request)
+        if fault == "hang":
+            self.stats.record(now, 0, prompt, fault)
+            await asyncio.sleep(self.behaviour.hang_seconds)
+            return web.Response(status=504)
+        return None
+
+    def delay_ms(self) -> float:
+        """One call's latency: ``latency_ms`` plus jitter."""
+        b = self.behaviour
+        return b.latency_ms + (self._rng.uniform(-b.jitter_ms, b.jitter_ms) if b.jitter_ms else 0)
 
     def _draw_fault(self) -> str:
         mix = self.behaviour.faults
@@ -320,6 +344,8 @@ class MockLLM:
                 changes["faults"] = check_faults(changes["faults"])
             if "error_headers" in changes:
                 changes["error_headers"] = check_headers(changes["error_headers"])
+            if "refuse_inputs" in changes:
+                changes["refuse_inputs"] = check_inputs(changes["refuse_inputs"])
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         for key, value in changes.items():
@@ -344,6 +370,7 @@ class MockLLM:
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.cleanup_ctx.append(self._watch_stalls)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/embeddings", functools.partial(handle_embeddings, self))
         app.router.add_get("/stats", self.get_stats)
         app.router.add_post("/reset", self.reset)
         app.router.add_post("/config", self.configure)

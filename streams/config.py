@@ -296,6 +296,14 @@ class EndpointConfig(_Section):
         return self.models is None or model in self.models
 
 
+class EmbeddingsConfig(_Section):
+    """How embedding requests are batched into one ``/embeddings`` call (``dispatch/embeddings.py``)."""
+
+    max_batch_inputs: int = Field(256, ge=1, le=2_048)
+    max_batch_tokens: int = Field(100_000, ge=1)
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+
+
 class MetricsConfig(_Section):
     port: int = Field(9300, ge=0, le=65_535)
     host: str = "127.0.0.1"
@@ -331,6 +339,7 @@ class Settings(BaseSettings):
     pricing: dict[str, PriceConfig] = {}
     tenants: dict[str, TenantConfig] = {}
     pipelines: list[PipelineConfig] = []  # streams/pipelines/settings.py
+    embeddings: EmbeddingsConfig = EmbeddingsConfig()
 
     @field_validator("endpoints")
     @classmethod

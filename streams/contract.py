@@ -21,12 +21,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from streams.embedding import check_embedding, embedding_record
 from streams.errors import StreamsError, ValidationFailed
 
 log = logging.getLogger("streams.contract")
@@ -75,9 +76,12 @@ class Request(BaseModel):
     cache: CacheControl = CacheControl()
     deadline: int | None = Field(None, ge=0)
     metadata: Any = None
+    kind: Literal["chat", "embedding"] = "chat"  # embedding: see streams/embedding.py
 
     @model_validator(mode="after")
     def _one_prompt(self) -> Request:
+        if self.kind == "embedding":
+            check_embedding(self.input, self.messages, self.params)
         if (self.messages is None) == (self.input is None):
             raise ValueError("exactly one of 'messages' or 'input' is required")
         reserved = _RESERVED_PARAMS.intersection(self.params)
@@ -263,6 +267,8 @@ class Completion:
 
 def response_record(req: Request, comp: Completion, *, latency_ms: int,
                     cost: dict[str, Any] | None = None) -> bytes:
+    if req.kind == "embedding":
+        return embedding_record(req, comp, latency_ms=latency_ms, cost=cost)
     return orjson.dumps(
         {
             "id": req.id,

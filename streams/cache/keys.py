@@ -144,6 +144,8 @@ def cache_key(req: Request, normalize: NormalizeConfig) -> str:
     The tenant is hashed into the digest as well as into the prefix, so even a key built
     by hand under the wrong tag cannot match another tenant's entry.
     """
+    if req.kind == "embedding":
+        return embedding_key(req)
     params = {k: v for k, v in req.params.items() if k not in IGNORED_PARAMS}
     doc = [
         KEY_VERSION,
@@ -176,5 +178,27 @@ def fingerprint(req: Request, topic: str) -> bytes:
     an id reused with any other content does not. (Valid JSON has no NaN or Infinity, which
     orjson would write as null; validation rejects them.)
     """
-    doc = [IDEM_VERSION, topic, req.model_dump()]
+    # A chat request's print is what it was before ``kind`` existed: records already
+    # remembered stay redeliveries after an upgrade.
+    doc = [IDEM_VERSION, topic, req.model_dump(exclude=_CHAT_KIND if req.kind == "chat" else None)]
     return hashlib.blake2b(_dumps(doc), digest_size=FINGERPRINT_SIZE).digest()
+
+
+_CHAT_KIND = {"kind"}
+EMBEDDING_KEY_VERSION = "e1"
+
+
+def embedding_key(req: Request) -> str:
+    """``"{tenant_tag}:{digest}"`` of one embedding input: tenant, model, the exact input
+    (no normalization: any character may change a vector), ``dimensions`` and
+    ``encoding_format`` (``user`` changes nothing)."""
+    params = req.params
+    doc = [
+        EMBEDDING_KEY_VERSION,
+        req.tenant or None,
+        req.model,
+        req.input,
+        params.get("dimensions"),
+        params.get("encoding_format") or "float",
+    ]
+    return f"{tenant_tag(req.tenant)}:{_hex(_dumps(doc), 16)}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
@@ -35,6 +35,7 @@ from streams.contract import ChatMessages, Completion, Params, Request, upstream
 from streams.dispatch.admission import Admission, Grant, Ticket, fits
 from streams.dispatch.budgetgate import Hold
 from streams.dispatch.cooldown import EndpointState
+from streams.dispatch.embeddings import EmbeddingBatcher
 from streams.dispatch.ratelimit import LATE_SLOT_SECONDS
 from streams.dispatch.retry import error_class, hurts_health, is_rate_limited, is_retryable
 from streams.dispatch.telemetry import DispatchMetrics, DispatchSnapshot, StateCollector
@@ -123,6 +124,7 @@ class Dispatcher:
         self._default_model = settings.worker.default_model
         self._metrics = DispatchMetrics(registry, settings.endpoints)
         self._admission = Admission(settings, parts, self._metrics)
+        self.embeddings = EmbeddingBatcher(settings, client, self, self._admission, registry)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._closed = False
@@ -152,6 +154,7 @@ class Dispatcher:
         In-flight attempts are not interrupted: callers wait for those (shutdown grace).
         """
         self._closed = True
+        self.embeddings.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -181,6 +184,8 @@ class Dispatcher:
         if self._closed:
             raise DispatcherStopped("dispatcher stopped")
         self._ensure_started()
+        if req.kind == "embedding":  # batched with others into one call (embeddings.py)
+            return await self.embeddings.embed(req)
         model = req.model or self._default_model
         if not self.parts.balancer.candidates(model):
             self._metrics.outcome["no_endpoint"].inc()
@@ -295,6 +300,14 @@ class Dispatcher:
             raise
         return True
 
+    async def until_slot(self, grant: Grant, ticket: Ticket) -> bool:
+        """``_until_slot`` for the embedding batcher."""
+        return await self._until_slot(grant, ticket)
+
+    def other_usable(self, model: str, failed: str) -> bool:
+        """Could another endpoint serving ``model`` take a retry now?"""
+        return self._other_usable(model, failed)
+
     def _other_usable(self, model: str, failed: str) -> bool:
         return any(
             ep.name != failed and ep.weight > 0 and self._cooldowns.usable(ep.name)
@@ -322,12 +335,24 @@ class Dispatcher:
 
     async def _attempt(self, grant: Grant, model: str, messages: ChatMessages, params: Params
                        ) -> dict[str, Any]:
+        return await self.attempt_call(
+            grant, lambda: self._client.complete(grant.endpoint, model, messages, params)
+        )
+
+    async def attempt_call(
+        self,
+        grant: Grant,
+        call: Callable[[], Awaitable[dict[str, Any]]],
+        used_tokens: Callable[[Mapping[str, Any]], int | None] = _used_tokens,
+    ) -> dict[str, Any]:
+        """One call under ``grant``: its metrics, the endpoint's health verdict, the grant
+        released with the tokens used (also for the embedding batcher's calls)."""
         name = grant.endpoint.name
         self._metrics.requests_by[name].inc()
         used: int | None = None
         start = self._clock()
         try:
-            body = await self._client.complete(grant.endpoint, model, messages, params)
+            body = await call()
         except StreamsError as exc:
             self._metrics.errors.labels(name, error_class(exc)).inc()
             if hurts_health(exc):
@@ -351,7 +376,7 @@ class Dispatcher:
             raise
         else:
             self._cooldowns.record_success(name, probe=grant.probe)
-            used = _used_tokens(body)
+            used = used_tokens(body)
             return body
         finally:
             self._metrics.latency_by[name].observe(max(self._clock() - start, 0.0))

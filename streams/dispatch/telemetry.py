@@ -114,3 +114,25 @@ class StateCollector(Collector):
                     state.add_metric([name, s.value], 1.0 if s is current else 0.0)
             fallback.add_metric([], 1.0 if snap.limits_degraded else 0.0)
         return [depth, inflight, state, fallback]
+
+
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+_BATCH_WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+
+class EmbeddingMetrics:
+    """Inputs by outcome, calls by endpoint and outcome, inputs per call, batch wait."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.inputs = Counter("llm_streams_embedding_inputs",
+                              "Embedding inputs finished by the batcher, by outcome",
+                              ["outcome"], registry=registry)
+        self.calls = Counter("llm_streams_embedding_calls",
+                             "/embeddings calls by endpoint and outcome (ok, retry, split, failed)",
+                             ["endpoint", "outcome"], registry=registry)
+        self.batch_inputs = Histogram("llm_streams_embedding_batch_inputs",
+                                      "Inputs per /embeddings call", buckets=_SIZE_BUCKETS,
+                                      registry=registry)
+        self.batch_wait = Histogram("llm_streams_embedding_batch_wait_seconds",
+                                    "From an input's arrival to the forming of its batch",
+                                    buckets=_BATCH_WAIT_BUCKETS, registry=registry)

@@ -52,6 +52,8 @@ _JSON = {"Content-Type": "application/json"}
 # ``retry.max_retry_after_ms``); header values longer than this many characters are garbage.
 MAX_WAIT_SECONDS = 86_400.0
 _MAX_HEADER_CHARS = 64
+# An /embeddings answer may be this large per input (3,072 floats as JSON take ~65 KB).
+EMBEDDING_BYTES_PER_INPUT = 131_072
 _NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 _DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|h|m|s))+")
 _UNIT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|h|m|s)")
@@ -118,8 +120,9 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     return max(resets) if resets else None
 
 
-def request_target(endpoint: EndpointConfig) -> tuple[str, dict[str, str], dict[str, str]]:
-    """URL, query parameters and headers of a chat-completions call to ``endpoint``."""
+def request_target(endpoint: EndpointConfig, path: str = "/chat/completions"
+                   ) -> tuple[str, dict[str, str], dict[str, str]]:
+    """URL, query parameters and headers of a call to ``endpoint`` (chat completions by default)."""
     headers = dict(_JSON)
     if endpoint.api_key is not None:
         key = endpoint.api_key.get_secret_value()
@@ -128,7 +131,7 @@ def request_target(endpoint: EndpointConfig) -> tuple[str, dict[str, str], dict[
         else:
             headers[endpoint.api_key_header] = key
     query = {"api-version": endpoint.api_version} if endpoint.api_version else {}
-    return f"{endpoint.url}/chat/completions", query, headers
+    return f"{endpoint.url}{path}", query, headers
 
 
 def _error_message(raw: bytes, status: int) -> str:
@@ -168,8 +171,10 @@ class UpstreamClient:
     """
 
     def __init__(self, session: aiohttp.ClientSession, *, log_interval: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 embedding_bytes_per_input: int = EMBEDDING_BYTES_PER_INPUT) -> None:
         self._session = session
+        self._embedding_bytes = embedding_bytes_per_input
         self._log_interval = log_interval
         self._clock = clock
         self._usage_logged: dict[str, float] = {}  # endpoint -> when last logged
@@ -179,9 +184,38 @@ class UpstreamClient:
         if not endpoint.structured_outputs and "response_format" in params:
             messages, params = schema_as_instruction(messages, params)
         payload = orjson.dumps({**params, "model": model, "messages": messages})
-        url, query, headers = request_target(endpoint)
+        raw, status = await self.post(endpoint, "/chat/completions", payload)
+        return self._completion(raw, status, endpoint)
+
+    async def embed(self, endpoint: EndpointConfig, model: str, inputs: list[str],
+                    params: Params) -> dict[str, Any]:
+        """One ``/embeddings`` call for many inputs: the JSON body (``vectors.read_vectors``
+        checks it). Its size limit grows with the inputs (``embedding_bytes_per_input``)."""
+        payload = orjson.dumps({**params, "model": model, "input": inputs})
+        limit = max(endpoint.max_response_bytes, self._embedding_bytes * len(inputs))
+        raw, status = await self.post(endpoint, "/embeddings", payload, limit)
+        if raw is None:
+            raise UpstreamBadResponse(f"HTTP {status} with a body over {limit} bytes",
+                                      endpoint=endpoint.name, status=status)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamBadResponse(f"HTTP {status} with a body that is not JSON",
+                                      endpoint=endpoint.name, status=status) from None
+        if not isinstance(body, dict):
+            raise UpstreamBadResponse(f"HTTP {status} with a body that is not an object",
+                                      endpoint=endpoint.name, status=status)
+        if usage_is_invalid(body):
+            self._log_invalid_usage(endpoint.name, body["usage"])
+        return body
+
+    async def post(self, endpoint: EndpointConfig, path: str, payload: bytes,
+                   limit: int | None = None) -> tuple[bytes | None, int]:
+        """One POST of ``payload`` to ``{url}{path}``: the body (None: over the size limit)
+        and the status of a 2xx/3xx answer; failures raise the ``UpstreamError`` family."""
+        url, query, headers = request_target(endpoint, path)
         name = endpoint.name
-        limit = endpoint.max_response_bytes
+        limit = endpoint.max_response_bytes if limit is None else limit
         try:
             async with asyncio.timeout(endpoint.timeout_seconds):
                 async with self._session.post(
@@ -208,7 +242,7 @@ class UpstreamClient:
             raise UpstreamConnectionError(
                 f"connection failed: {type(exc).__name__}", endpoint=name
             ) from None
-        return self._completion(raw, status, endpoint)
+        return raw, status
 
     def _completion(self, raw: bytes | None, status: int, endpoint: EndpointConfig) -> dict[str, Any]:
         name = endpoint.name

@@ -5,7 +5,7 @@
     llm-streams batch REQUESTS.jsonl --save SAVE.jsonl [--errors ERRORS.jsonl] [--config PATH]
     llm-streams mock-llm [--port] [--latency-ms] [--jitter-ms] [--error-rate]
                          [--status-on-error] [--retry-after] [--faults MIX] [--hang-seconds]
-                         [--invalid-share]
+                         [--invalid-share] [--embed-input-ms]
     llm-streams dlq inspect [--limit N] [--pipeline NAME] [--config PATH]
     llm-streams dlq replay [--error-type T] [--since TIME] [--dry-run] [--pipeline NAME]
                            [--config PATH]
@@ -89,6 +89,7 @@ def cmd_mock(args: argparse.Namespace) -> int:
         latency_ms=args.latency_ms, jitter_ms=args.jitter_ms, error_rate=args.error_rate,
         status_on_error=args.status_on_error, retry_after=args.retry_after,
         faults=args.faults, hang_seconds=args.hang_seconds, invalid_share=args.invalid_share,
+        embed_input_ms=args.embed_input_ms,
     )
     run_mock(args.host, args.port, behaviour)
     return 0
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hang-seconds", type=float, default=300.0)
     m.add_argument("--invalid-share", type=float, default=0.0,
                    help="share of structured answers that are invalid (repair tests)")
+    m.add_argument("--embed-input-ms", type=float, default=0.0,
+                   help="/v1/embeddings: cost per input, on top of --latency-ms per call")
     m.set_defaults(func=cmd_mock)
 
     d = sub.add_parser("dlq", help="inspect or replay the dead-letter topic")

@@ -162,18 +162,19 @@ def _queries() -> list[tuple[str, str]]:
 
 async def _load(stack: Stack, mocks: list[Mock], worker: Worker) -> None:
     """Traffic that exercises every panel: answers, cache hits, coalesced twins, an
-    idempotent replay, dead letters, upstream errors with retries, a rate limit."""
+    idempotent replay, dead letters, upstream errors with retries, a rate limit, embeddings."""
     await mocks[1].configure(error_rate=0.3, status_on_error=500)
     await worker.ready()
     first = [request(i) for i in range(40)]
     first += [request(i, input="the same prompt") for i in range(40, 46)]  # coalesced
+    first += [request(i, kind="embedding") for i in range(200, 210)]  # batched embeddings
     await produce(stack.requests, [*encode(first), b"not json", b'{"id": "bad"}'],
                   bootstrap=stack.kafka)
     async with Collector(stack) as col:
-        await col.wait_for(48, timeout=90)
+        await col.wait_for(58, timeout=90)
         again = [request(i, input=f"prompt number {i - 100}") for i in range(100, 110)]  # hits
         await produce(stack.requests, encode([*again, request(0)]), bootstrap=stack.kafka)
-        await col.wait_for(58, timeout=60)
+        await col.wait_for(68, timeout=60)
 
 
 PIPELINE = "mon"
