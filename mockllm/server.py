@@ -54,6 +54,10 @@ class MockBehaviour:
     hang_seconds: float = 300.0
     error_headers: list[dict[str, str]] = field(default_factory=list)  # one drawn per error
     oversize_bytes: int = 9 * 1_048_576
+    # The Batch API (mockllm/batches.py): time to complete, lines failing, how a batch ends.
+    batch_delay_seconds: float = 2.0
+    batch_error_rate: float = 0.0
+    batch_outcome: str = "completed"  # or "failed", "expired"
 
 
 FAULT_KINDS = ("hang", "reset")  # besides HTTP statuses "400".."599"
@@ -325,6 +329,9 @@ class MockLLM:
         app.router.add_get("/stats", self.get_stats)
         app.router.add_post("/reset", self.reset)
         app.router.add_post("/config", self.configure)
+        from mockllm.batches import BatchApi  # the Batch API: /v1/files, /v1/batches
+
+        BatchApi(self).add_routes(app)
         return app
 
 

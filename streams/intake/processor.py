@@ -74,6 +74,13 @@ class Cache(Protocol):
     ) -> Completion: ...
 
 
+class Parker(Protocol):
+    """Work that can wait (``streams.batchapi.parking.Parking``): requests parked for a batch job."""
+
+    def wants(self, req: Request) -> bool: ...
+    async def park(self, rec: InRecord, req: Request) -> str: ...
+
+
 class Processor:
     """See the module docstring."""
 
@@ -85,7 +92,9 @@ class Processor:
         cache: Cache | None,
         metrics: PipelineMetrics,
         clock: Callable[[], float] = time.time,
+        parking: Parker | None = None,
     ) -> None:
+        self._parking = parking
         self._settings = settings
         self._publisher = publisher
         self._dispatcher = dispatcher
@@ -195,6 +204,8 @@ class Processor:
                     continue
                 ready.append((rec, req, got.hit))
                 out.append(OutRecord(responses, rec.key, value))
+            elif self._parking is not None and self._parking.wants(req):  # answered from a batch job
+                later(rec, self._guarded(rec, req, self._parking.park(rec, req)))
             else:
                 later(rec, self._guarded(rec, req, self._miss(cache, rec, req, got)))
         if not out:
