@@ -75,7 +75,7 @@ class Request(BaseModel):
     cache: CacheControl = CacheControl()
     deadline: int | None = Field(None, ge=0)
     metadata: Any = None
-    batch_api: bool | None = None  # through a provider Batch API; None: by the batch_api policy
+    batch_api: bool | None = Field(None, strict=True)  # a Batch API; None: by the policy
 
     @model_validator(mode="after")
     def _one_prompt(self) -> Request:

@@ -70,18 +70,35 @@ class Cut:
         return orjson.dumps(asdict(self))
 
 
+PART_STATES = ("building", "submitted", "completed", "failed")
+
+
 def decode_cut(raw: bytes) -> Cut | None:
-    """A cut from its record, or None when it is not one of ours (logged)."""
+    """A cut from its record, or None when it is not one of ours (logged). Never raises."""
     try:
         doc: Any = orjson.loads(raw)
         parts = [Part(**p) for p in doc.pop("parts")]
         cut = Cut(**doc, parts=parts)
-        if not all(type(v) is int for v in (cut.partition, cut.start, cut.end, cut.count)):
-            raise TypeError("partition, start, end and count must be integers")
-    except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
+        _check(cut)
+    except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError, ValueError) as exc:
         log.error("unreadable batch job record skipped: %s", exc)
         return None
     return cut
+
+
+def _check(cut: Cut) -> None:
+    if not all(type(v) is int and v >= 0 for v in (cut.partition, cut.start, cut.end, cut.count)):
+        raise TypeError("partition, start, end and count must be integers >= 0")
+    if cut.end < cut.start or type(cut.done) is not bool:
+        raise ValueError("end before start, or done not a bool")
+    if type(cut.created) not in (int, float) or cut.created != cut.created:
+        raise TypeError("created must be a number")
+    for p in cut.parts:
+        if not (isinstance(p.endpoint, str) and isinstance(p.model, str)
+                and type(p.lines) is int and p.state in PART_STATES
+                and all(v is None or isinstance(v, str)
+                        for v in (p.file_id, p.batch_id, p.submitted_at))):
+            raise TypeError("a part of unexpected types")
 
 
 class JobStore:
