@@ -331,7 +331,8 @@ class MockLLM:
         app.router.add_post("/config", self.configure)
         from mockllm.batches import BatchApi  # the Batch API: /v1/files, /v1/batches
 
-        BatchApi(self).add_routes(app)
+        self.batches = BatchApi(self)
+        self.batches.add_routes(app)
         return app
 
 
