@@ -37,6 +37,16 @@ class _Batch:
     lines: list[bytes] = field(default_factory=list)
 
 
+OUTCOMES = ("completed", "failed", "expired")
+
+
+def check_outcome(value: object) -> str:
+    """A valid ``batch_outcome``, or ValueError naming the choices."""
+    if value not in OUTCOMES:
+        raise ValueError(f"batch_outcome must be one of {', '.join(OUTCOMES)}")
+    return str(value)
+
+
 def _id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(8)}"
 

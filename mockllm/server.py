@@ -302,6 +302,10 @@ class MockLLM:
                 changes["faults"] = check_faults(changes["faults"])
             if "error_headers" in changes:
                 changes["error_headers"] = check_headers(changes["error_headers"])
+            if "batch_outcome" in changes:
+                from mockllm.batches import check_outcome
+
+                changes["batch_outcome"] = check_outcome(changes["batch_outcome"])
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         for key, value in changes.items():

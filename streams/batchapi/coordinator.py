@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
 from streams.batchapi.jobs import JobStore
 from streams.batchapi.metrics import JOB_STATES, BatchMetrics
@@ -142,7 +143,11 @@ class Coordinator:
             if offset is not None and offset > self._committed.get(partition, -1):
                 offsets[TopicPartition(self._topic, partition)] = offset
         if offsets:
-            await consumer.commit(offsets)
+            try:
+                await consumer.commit(offsets)
+            except KafkaError as exc:  # a rebalance under way: the next owner reads it again
+                log.warning("commit of parked offsets failed (%s)", type(exc).__name__)
+                return
             for tp, offset in offsets.items():
                 self._committed[tp.partition] = offset
         for partition, pj in self._parts.items():

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from mockllm.batches import BatchApi
 from mockllm.server import MockBehaviour, MockLLM
-from streams.batchapi.client import BatchClient
+from streams.batchapi.client import BatchApiError, BatchClient
 from streams.batchapi.jobs import Cut, Part
 from streams.batchapi.metrics import BatchMetrics
 from streams.batchapi.parking import ParkedRecord
@@ -148,3 +148,25 @@ async def test_a_resumed_part_finds_its_batch_instead_of_creating_another(rig: A
     first.cut.parts = [Part("b", "m", 2, file_id=file_id)]
     await r.runner.run(r.pj, first)
     assert api.stats["batches_created"] == 1 and api.stats["files"] == 1
+
+
+async def test_the_mock_cancels_lists_and_refuses_what_it_cannot_take(rig: Any) -> None:
+    r, mock, api = rig
+    endpoint = r.settings.endpoints[0]
+    mock.behaviour.batch_delay_seconds = 60
+    file_id = await r.client.upload(endpoint, b'{"custom_id": "0", "body": {}}\n')
+    batch = await r.client.create(endpoint, file_id, {"k": "v"})
+    assert (await r.client.retrieve(endpoint, batch["id"]))["status"] == "in_progress"
+    assert (await r.client.cancel(endpoint, batch["id"]))["status"] == "cancelled"
+    assert (await r.client.find(endpoint, "k", "v"))["id"] == batch["id"]  # type: ignore[index]
+    assert await r.client.find(endpoint, "k", "other") is None
+    assert await r.client.content(endpoint, file_id) == b'{"custom_id": "0", "body": {}}\n'
+    with pytest.raises(BatchApiError, match="404"):
+        await r.client.retrieve(endpoint, "batch-none")
+    with pytest.raises(BatchApiError, match="400"):
+        await r.client.create(endpoint, "file-none", {})
+    async with aiohttp.ClientSession() as s:
+        base = endpoint.url.removesuffix("/v1")
+        async with s.post(f"{base}/config", json={"batch_outcome": "maybe"}) as resp:
+            assert resp.status == 400 and "batch_outcome" in await resp.text()
+    assert api.stats["batches_cancelled"] == 1
