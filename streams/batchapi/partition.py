@@ -127,6 +127,8 @@ class PartitionJobs:
     def finished_cuts(self, committed: int) -> list[Cut]:
         """Done cuts the committed offset has passed (to drop from the store); forgotten here."""
         gone = [a.cut for a in self.cuts if a.cut.done and committed >= a.cut.end]
+        if gone:
+            self.handled = {o for o in self.handled if o >= committed}
         self.cuts = [a for a in self.cuts if not (a.cut.done and committed >= a.cut.end)]
         return gone
 

@@ -124,6 +124,8 @@ class CutRunner:
         stored = {p.model: p.endpoint for p in active.cut.parts}
         invalid = []
         for held in active.held:
+            if held.rec.offset in pj.handled:
+                continue  # answered by a normal call already (its deadline came)
             req = held.req
             if req is None or req.model is None:
                 invalid.append(held)
@@ -189,7 +191,7 @@ class CutRunner:
                 batch = await d.client.retrieve(endpoint, part.batch_id)
             except BatchApiError as exc:
                 log.warning("batch %s: poll failed: %s", part.batch_id, exc)
-                batch = {}
+                batch = {"status": "failed"} if exc.status == 404 else {}  # gone
             status = batch.get("status")
             log.debug("batch %s: %s", part.batch_id, status)
             if status in DONE_STATES:
@@ -219,11 +221,10 @@ class CutRunner:
         ready: list[tuple[Held, Completion]] = []
         for cid, helds in by_key.items():
             result = results.get(cid)
-            live = [h for h in helds if h.rec.offset in pj.open]
-            late = [h for h in live if h.rec.offset in pj.handled]
-            if late:
-                self._d.metrics.late_dropped.inc(len(late))
-            live = [h for h in live if h.rec.offset not in pj.handled]
+            late = sum(1 for h in helds if h.rec.offset in pj.handled)
+            if late and result is not None and result.ok:
+                self._d.metrics.late_dropped.inc(late)
+            live = [h for h in helds if h.rec.offset in pj.open and h.rec.offset not in pj.handled]
             if result is None or result.body is None:
                 failed += live
                 continue
@@ -241,6 +242,7 @@ class CutRunner:
         reqs = [h.req for h, _ in chunk if h.req is not None]
         found = await d.cache.prefetch(reqs, [h.rec.source.topic for h, _ in chunk])
         out: list[OutRecord] = []
+        writes = []
         stored: set[str] = set()
         responses = d.settings.topics.responses
         for (held, comp), got in zip(chunk, found, strict=True):
@@ -252,13 +254,14 @@ class CutRunner:
             value = self._record(held, req, comp, part)
             if got.key not in stored:
                 stored.add(got.key)
-                await d.cache.store(req, comp, got.key)
-            await d.cache.remember(got.ref, value)
+                writes.append(d.cache.store(req, comp, got.key))
+            writes.append(d.cache.remember(got.ref, value))
             out.append(OutRecord(responses, held.rec.key, value))
             d.metrics.answered.inc()
             saved = d.saved_cost(req, comp) if d.saved_cost is not None else None
             if saved:
                 d.metrics.cost_saved.inc(saved)
+        await asyncio.gather(*writes)  # remembered before published, as in the processor
         refused = await d.publisher.publish_many(out)
         for (held, _), too_large in zip(chunk, refused, strict=True):
             if too_large is not None:

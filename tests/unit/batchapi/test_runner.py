@@ -130,11 +130,16 @@ async def test_failed_lines_and_failed_jobs_take_the_normal_path(rig: Any) -> No
 
 
 async def test_a_request_answered_by_a_normal_call_gets_no_second_output(rig: Any) -> None:
-    r, _, _ = rig
-    active = r.cut(["a", "b", "c"])
-    r.pj.handled.add(1)  # its deadline came first
-    await r.runner.run(r.pj, active)
-    assert set(r.answers()) == {"r0", "r2"}
+    r, mock, api = rig
+    active = r.cut(["a", "b", "c", "d"])
+    r.pj.handled.add(3)  # its deadline came before the job was built: not in it
+    mock.behaviour.batch_delay_seconds = 0.5
+    task = asyncio.create_task(r.runner.run(r.pj, active))
+    while not api.stats["batches_created"]:
+        await asyncio.sleep(0.01)
+    r.pj.handled.add(1)  # its deadline came while the job ran
+    await task
+    assert set(r.answers()) == {"r0", "r2"} and api.stats["lines_answered"] == 3
     assert r.metrics.late_dropped._value.get() == 1
 
 
