@@ -4,7 +4,9 @@ The runtime calls ``process_batch`` (one Redis round trip per batch, hits publis
 together; each miss goes on as a task of its own). It never raises (except on cancellation):
 every failure becomes a dead letter, so nothing a record contains can crash the agent or
 skip its offset (faust-streaming #315/#527). A record is done only once its output is
-acknowledged by the broker; the caller acks the offset after that.
+acknowledged by the broker; the caller acks the offset after that. A miss that can wait is
+parked instead (``parking``, work that can wait: ``streams.batchapi``); the parked record is
+its output.
 
 Usage::
 
