@@ -69,6 +69,10 @@ class MockBehaviour:
     invalid_share: float = 0.0
     embed_input_ms: float = 0.0  # /v1/embeddings: cost per input on top of latency_ms per call
     refuse_inputs: list[str] = field(default_factory=list)  # /v1/embeddings answers 400 to these
+    # The Batch API (mockllm/batches.py): time to complete, lines failing, how a batch ends.
+    batch_delay_seconds: float = 2.0
+    batch_error_rate: float = 0.0
+    batch_outcome: str = "completed"  # or "failed", "expired"
 
 
 FAULT_KINDS = ("hang", "reset")  # besides HTTP statuses "400".."599"
@@ -346,6 +350,10 @@ class MockLLM:
                 changes["error_headers"] = check_headers(changes["error_headers"])
             if "refuse_inputs" in changes:
                 changes["refuse_inputs"] = check_inputs(changes["refuse_inputs"])
+            if "batch_outcome" in changes:
+                from mockllm.batches import check_outcome
+
+                changes["batch_outcome"] = check_outcome(changes["batch_outcome"])
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         for key, value in changes.items():
@@ -374,6 +382,10 @@ class MockLLM:
         app.router.add_get("/stats", self.get_stats)
         app.router.add_post("/reset", self.reset)
         app.router.add_post("/config", self.configure)
+        from mockllm.batches import BatchApi  # the Batch API: /v1/files, /v1/batches
+
+        self.batches = BatchApi(self)
+        self.batches.add_routes(app)
         return app
 
 

@@ -114,6 +114,18 @@ class TopicsConfig(_Section):
     requests: str = "llm.requests"
     responses: str = "llm.responses"
     dead_letter: str = "llm.requests.dlq"
+    # Work that can wait (batch_api): requests waiting for a Batch API job (default
+    # "<requests>.parked"), and the jobs' state (compacted; default "<requests>.batch-jobs").
+    parked: str | None = None
+    batch_jobs: str | None = None
+
+    @property
+    def parked_topic(self) -> str:
+        return self.parked or f"{self.requests}.parked"
+
+    @property
+    def batch_jobs_topic(self) -> str:
+        return self.batch_jobs or f"{self.requests}.batch-jobs"
 
 
 class RedisConfig(_Section):
@@ -280,6 +292,8 @@ class EndpointConfig(_Section):
     # Takes response_format json_schema (OpenAI, Azure, vLLM, Ollama); false: the schema of a
     # pipeline's structured output is sent as an instruction instead.
     structured_outputs: bool = True
+    # Offers /files and /batches (OpenAI and Azure OpenAI style): used for work that can wait.
+    batch_api: bool = False
 
     _env_name = field_validator("api_key_env")(env_name)
 
@@ -318,6 +332,25 @@ class WorkerConfig(_Section):
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
 
+class BatchApiConfig(_Section):
+    """Work that can wait: which requests go through provider Batch APIs (README)."""
+
+    enabled: bool = False
+    min_priority: int = Field(7, ge=0, le=9)  # priority 7-9 qualify by default
+    # The deadline must be at least this far (or absent) for a request to qualify.
+    min_slack_seconds: float = Field(3_600.0, ge=0)
+    max_requests_per_job: int = Field(50_000, ge=1, le=50_000)
+    max_wait_seconds: float = Field(300.0, ge=0)  # longest a request waits for its job to fill
+    poll_seconds: float = Field(30.0, gt=0)
+    fallback_slack_seconds: float = Field(600.0, ge=0)
+
+    @model_validator(mode="after")
+    def _slack_order(self) -> BatchApiConfig:
+        if self.min_slack_seconds < self.fallback_slack_seconds:
+            raise ValueError("min_slack_seconds must be at least fallback_slack_seconds")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole configuration; see config/default.yaml for every key with a comment."""
 
@@ -340,6 +373,7 @@ class Settings(BaseSettings):
     tenants: dict[str, TenantConfig] = {}
     pipelines: list[PipelineConfig] = []  # streams/pipelines/settings.py
     embeddings: EmbeddingsConfig = EmbeddingsConfig()
+    batch_api: BatchApiConfig = BatchApiConfig()
 
     @field_validator("endpoints")
     @classmethod

@@ -77,6 +77,7 @@ class Request(BaseModel):
     deadline: int | None = Field(None, ge=0)
     metadata: Any = None
     kind: Literal["chat", "embedding"] = "chat"  # embedding: see streams/embedding.py
+    batch_api: bool | None = Field(None, strict=True)  # a Batch API; None: by the policy
 
     @model_validator(mode="after")
     def _one_prompt(self) -> Request:

@@ -4,7 +4,9 @@ The runtime calls ``process_batch`` (one Redis round trip per batch, hits publis
 together; each miss goes on as a task of its own). It never raises (except on cancellation):
 every failure becomes a dead letter, so nothing a record contains can crash the agent or
 skip its offset (faust-streaming #315/#527). A record is done only once its output is
-acknowledged by the broker; the caller acks the offset after that.
+acknowledged by the broker; the caller acks the offset after that. A miss that can wait is
+parked instead (``parking``, work that can wait: ``streams.batchapi``); the parked record is
+its output.
 
 Usage::
 
@@ -79,6 +81,13 @@ class Cache(Protocol):
     ) -> Completion: ...
 
 
+class Parker(Protocol):
+    """Work that can wait (``streams.batchapi.parking.Parking``): requests parked for a batch job."""
+
+    def wants(self, req: Request) -> bool: ...
+    async def park(self, rec: InRecord, req: Request) -> str: ...
+
+
 class Processor:
     """See the module docstring."""
 
@@ -91,7 +100,9 @@ class Processor:
         metrics: PipelineMetrics,
         clock: Callable[[], float] = time.time,
         front: Front | None = None,
+        parking: Parker | None = None,
     ) -> None:
+        self._parking = parking
         self._settings = settings
         self._publisher = publisher
         self._dispatcher = dispatcher
@@ -201,6 +212,8 @@ class Processor:
                     continue
                 ready.append((rec, req, got.hit, cost))
                 out.append(OutRecord(responses, rec.key, value, self._front.headers(rec)))
+            elif self._parking is not None and self._parking.wants(req):  # answered from a batch job
+                later(rec, self._guarded(rec, req, self._parking.park(rec, req)))
             else:
                 later(rec, self._guarded(rec, req, self._miss(rec, req, got)))
         if not out:

@@ -30,6 +30,7 @@ import aiohttp
 import faust
 from prometheus_client import CollectorRegistry
 
+from streams.batchapi.wiring import batch_parts
 from streams.cache.responses import ResponseCache
 from streams.config import Settings
 from streams.contract import Source
@@ -103,8 +104,10 @@ class Runtime:
         # Always: with cache.enabled false it is the idempotency store alone (no lookups,
         # no coalescing), so a redelivery is still never sent upstream again.
         cache = await stack.enter_async_context(ResponseCache(s, self._redis, self.registry))
+        parking = await stack.enter_async_context(batch_parts(  # work that can wait (batchapi)
+            s, publisher, dispatcher, cache, self.metrics, self.registry, session))
         self._processor = Processor(s, publisher, dispatcher, cache, self.metrics,
-                                    front=self._front)
+                                    front=self._front, parking=parking)
         if s.metrics.port:
             runner = await start_http(self.registry, s.metrics.host, s.metrics.port, self.ready)
             stack.push_async_callback(runner.cleanup)

@@ -50,6 +50,12 @@ MAY_BE_EMPTY = {
     "llm_streams_cache_skipped_writes_total": "only for answers over cache.max_value_bytes or "
                                               "not serializable, or during a Redis outage: the "
                                               "mock's answers are small and valid",
+    **dict.fromkeys(
+        ("llm_streams_batch_parked_total", "llm_streams_batch_answered_total",
+         "llm_streams_batch_fallbacks_total", "llm_streams_batch_late_results_dropped_total",
+         "llm_streams_batch_jobs_finished_total", "llm_streams_batch_requests_per_job_bucket",
+         "llm_streams_batch_cost_saved_total"),
+        "work that can wait: only with batch_api enabled (tests/integration/test_batch_api.py)"),
 }
 
 

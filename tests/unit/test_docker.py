@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
+from streams.batchapi.metrics import BatchMetrics
 from streams.cache.responses import ResponseCache
 from streams.config import Settings
 from streams.dispatch.parts import build_dispatcher
@@ -66,6 +67,7 @@ def _exported_series() -> dict[str, set[str]]:
     build_dispatcher(settings, None, None, registry)  # type: ignore[arg-type]
     ResponseCache(settings, FakeRedis(), registry)  # type: ignore[arg-type]
     PipelineStageMetrics(registry)
+    BatchMetrics(registry)
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
                 "summary": ("_sum", "_count"), "gauge": ("",)}
     return {m.name: {m.name + s for s in suffixes[m.type]} for m in registry.collect()}

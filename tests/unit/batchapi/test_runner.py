@@ -1,0 +1,178 @@
+"""A cut from its requests to their outputs, against the mock's Batch API in process.
+
+The real client, cache (on a fake Redis) and runner; a fake job store and publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+
+from mockllm.batches import BatchApi
+from mockllm.server import MockBehaviour, MockLLM
+from streams.batchapi.client import BatchApiError, BatchClient
+from streams.batchapi.jobs import Cut, Part
+from streams.batchapi.metrics import BatchMetrics
+from streams.batchapi.parking import ParkedRecord
+from streams.batchapi.partition import ActiveCut, Held, PartitionJobs
+from streams.batchapi.policy import BatchPolicy
+from streams.batchapi.runner import META_KEY, CutRunner, RunnerDeps
+from streams.cache.responses import ResponseCache
+from streams.config import load_settings
+from streams.contract import Request, Source
+from streams.metrics import PipelineMetrics
+from streams.output.deadletters import DeadLetters
+from tests.fakes.fake_redis import FakeRedis
+from tests.fakes.publisher import FakePublisher
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.saved: list[dict[str, Any]] = []
+
+    async def save(self, cut: Cut) -> None:
+        self.saved.append(orjson.loads(cut.encode()))
+
+    async def drop(self, cut: Cut) -> None:
+        pass
+
+
+class Rig:
+    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+        self.settings = load_settings(environ={}, endpoints=[
+            {"name": "b", "url": f"{url}/v1", "batch_api": True}],
+            batch_api={"enabled": True, "poll_seconds": 0.05})
+        reg = CollectorRegistry()
+        self.metrics = BatchMetrics(reg)
+        self.cache = ResponseCache(self.settings, FakeRedis(), reg)  # type: ignore[arg-type]
+        self.publisher = FakePublisher()
+        self.store = FakeStore()
+        self.normal: list[tuple[list[int], str]] = []
+        self.client = BatchClient(session)
+        deps = RunnerDeps(self.settings, BatchPolicy(self.settings, self.metrics), self.client,
+                          self.store, self.cache, self.publisher,  # type: ignore[arg-type]
+                          DeadLetters(self.settings, self.publisher, PipelineMetrics(reg)),
+                          self.metrics)
+        self.runner = CutRunner(deps)
+        self.pj = PartitionJobs(0, [], self._start, self._normal, 100, 1000, 0)
+
+    def _start(self, pj: PartitionJobs, active: ActiveCut) -> asyncio.Task[None]:
+        raise AssertionError("the test runs cuts itself")
+
+    def _normal(self, pj: PartitionJobs, helds: list[Held], reason: str) -> None:
+        self.normal.append(([h.rec.offset for h in helds], reason))
+
+    def cut(self, prompts: list[str], parts: list[Part] | None = None) -> ActiveCut:
+        helds = []
+        for i, prompt in enumerate(prompts):
+            req = Request(id=f"r{i}", input=prompt, model="m", priority=8)
+            rec = ParkedRecord(Source("req", 1, 100 + i, 0), b"k", orjson.dumps(
+                req.model_dump(mode="json")), i, 0.0)
+            helds.append(Held(rec, req))
+            self.pj.feed(helds[-1])
+        self.pj.pending.clear()
+        cut = Cut(0, 0, len(prompts), len(prompts), parts=parts or [])
+        return ActiveCut(cut, helds)
+
+    def answers(self) -> dict[str, dict[str, Any]]:
+        return {v["id"]: v for _, _, v in self.publisher.out}
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[tuple[Rig, MockLLM, BatchApi]]:
+    mock = MockLLM(MockBehaviour(batch_delay_seconds=0.1), rng=random.Random(3))
+    app = mock.app()
+    server = TestServer(app)
+    await server.start_server()
+    api = mock.batches
+    async with aiohttp.ClientSession() as session:
+        yield Rig(str(server.make_url("")).rstrip("/"), session), mock, api
+    await server.close()
+
+
+async def test_identical_requests_share_a_line_and_every_one_is_answered(rig: Any) -> None:
+    r, mock, api = rig
+    active = r.cut(["a", "b", "a", "c", "a"])
+    await r.runner.run(r.pj, active)
+    assert api.stats["batches_created"] == 1 and api.stats["lines_answered"] == 3
+    answers = r.answers()
+    assert set(answers) == {f"r{i}" for i in range(5)} and len(r.publisher.out) == 5
+    assert answers["r0"]["output"] == answers["r2"]["output"] != answers["r1"]["output"]
+    job = answers["r4"]["batch_job"]
+    assert job["id"].startswith("batch-") and job["submitted_at"].endswith("Z")
+    assert r.pj.commit_offset() == 5 and active.cut.done
+    assert mock.stats.calls == 0  # no synchronous call
+    states = [[p["state"] for p in s["parts"]] for s in r.store.saved]
+    assert states[0] == ["building"] and states[-1] == ["completed"] and r.store.saved[-1]["done"]
+    found = await r.cache.prefetch([active.held[1].req], ["requests"])
+    assert found[0].hit is not None  # job answers are cached
+
+
+async def test_failed_lines_and_failed_jobs_take_the_normal_path(rig: Any) -> None:
+    r, mock, _ = rig
+    mock.behaviour.batch_error_rate = 1.0
+    await r.runner.run(r.pj, r.cut(["a", "b"]))
+    assert r.normal == [([0, 1], "line_error")] and r.publisher.out == []
+    mock.behaviour.batch_error_rate = 0.0
+    mock.behaviour.batch_outcome = "expired"
+    r.normal.clear()
+    r.pj.handled.clear()
+    r.pj.open.clear()
+    await r.runner.run(r.pj, r.cut(["x", "y"]))
+    assert r.normal == [([0, 1], "job_failed")]
+
+
+async def test_a_request_answered_by_a_normal_call_gets_no_second_output(rig: Any) -> None:
+    r, mock, api = rig
+    active = r.cut(["a", "b", "c", "d"])
+    r.pj.handled.add(3)  # its deadline came before the job was built: not in it
+    mock.behaviour.batch_delay_seconds = 0.5
+    task = asyncio.create_task(r.runner.run(r.pj, active))
+    while not api.stats["batches_created"]:
+        await asyncio.sleep(0.01)
+    r.pj.handled.add(1)  # its deadline came while the job ran
+    await task
+    assert set(r.answers()) == {"r0", "r2"} and api.stats["lines_answered"] == 3
+    assert r.metrics.late_dropped._value.get() == 1
+
+
+async def test_a_resumed_part_finds_its_batch_instead_of_creating_another(rig: Any) -> None:
+    r, _, api = rig
+    first = r.cut(["a", "b"])
+    endpoint = r.settings.endpoints[0]
+    file_id = await r.client.upload(endpoint, b'{"custom_id": "0", "body": {"messages": []}}\n')
+    # Killed after the batch was created, before its id was written to the job store:
+    await r.client.create(endpoint, file_id, {META_KEY: f"{first.cut.key}/b/m"})
+    first.cut.parts = [Part("b", "m", 2, file_id=file_id)]
+    await r.runner.run(r.pj, first)
+    assert api.stats["batches_created"] == 1 and api.stats["files"] == 1
+
+
+async def test_the_mock_cancels_lists_and_refuses_what_it_cannot_take(rig: Any) -> None:
+    r, mock, api = rig
+    endpoint = r.settings.endpoints[0]
+    mock.behaviour.batch_delay_seconds = 60
+    file_id = await r.client.upload(endpoint, b'{"custom_id": "0", "body": {}}\n')
+    batch = await r.client.create(endpoint, file_id, {"k": "v"})
+    assert (await r.client.retrieve(endpoint, batch["id"]))["status"] == "in_progress"
+    assert (await r.client.cancel(endpoint, batch["id"]))["status"] == "cancelled"
+    assert (await r.client.find(endpoint, "k", "v"))["id"] == batch["id"]  # type: ignore[index]
+    assert await r.client.find(endpoint, "k", "other") is None
+    assert await r.client.content(endpoint, file_id) == b'{"custom_id": "0", "body": {}}\n'
+    with pytest.raises(BatchApiError, match="404"):
+        await r.client.retrieve(endpoint, "batch-none")
+    with pytest.raises(BatchApiError, match="400"):
+        await r.client.create(endpoint, "file-none", {})
+    async with aiohttp.ClientSession() as s:
+        base = endpoint.url.removesuffix("/v1")
+        async with s.post(f"{base}/config", json={"batch_outcome": "maybe"}) as resp:
+            assert resp.status == 400 and "batch_outcome" in await resp.text()
+    assert api.stats["batches_cancelled"] == 1
