@@ -40,6 +40,8 @@ from streams.config import EndpointConfig, Settings
 from streams.contract import Completion, Request, response_record
 from streams.output.deadletters import DeadLetters
 from streams.output.records import OutRecord, Publisher
+from streams.pricing import Cost, Pricing
+from streams.tenancy import CostMetrics
 
 log = logging.getLogger("streams.batchapi")
 
@@ -57,10 +59,6 @@ class BatchCache(Protocol):
     async def remember(self, ref: IdemRef, value: bytes) -> None: ...
 
 
-# The cost saved by answering ``comp`` from a batch: normal price minus batch price, or None.
-# PRICING HOOK (#17): the lead wires ``pricing.<model>.batch_discount`` here at merge.
-SavedCost = Callable[[Request, Completion], float | None]
-
 
 @dataclass(slots=True)
 class RunnerDeps:
@@ -72,7 +70,9 @@ class RunnerDeps:
     publisher: Publisher
     letters: DeadLetters
     metrics: BatchMetrics
-    saved_cost: SavedCost | None = None
+    pricing: Pricing | None = None  # the batch price (``pricing.<model>.batch_discount``)
+    costs: CostMetrics | None = None  # the tenants' cost counters, as for normal answers
+    model_label: Callable[[str], str] = str  # bounded model labels (``PipelineMetrics``)
     clock: Callable[[], float] = time.time
 
 
@@ -251,16 +251,16 @@ class CutRunner:
             if got.recalled is not None and got.recalled.kind == "response":
                 out.append(OutRecord(responses, held.rec.key, got.recalled.value))
                 continue  # answered before a restart: republished as it was
-            value = self._record(held, req, comp, part)
+            cost = self._cost(req, comp)
+            value = self._record(held, req, comp, part, cost)
             if got.key not in stored:
                 stored.add(got.key)
                 writes.append(d.cache.store(req, comp, got.key))
             writes.append(d.cache.remember(got.ref, value))
             out.append(OutRecord(responses, held.rec.key, value))
             d.metrics.answered.inc()
-            saved = d.saved_cost(req, comp) if d.saved_cost is not None else None
-            if saved:
-                d.metrics.cost_saved.inc(saved)
+            if d.costs is not None:
+                d.costs.count(req.tenant, d.model_label(comp.model), cost, False, comp.usage)
         await asyncio.gather(*writes)  # remembered before published, as in the processor
         refused = await d.publisher.publish_many(out)
         for (held, _), too_large in zip(chunk, refused, strict=True):
@@ -268,12 +268,26 @@ class CutRunner:
                 await d.letters.write(held.rec, too_large, held.req, None, 1, [part.endpoint])
             pj.settle(held.rec.offset)
 
-    def _record(self, held: Held, req: Request, comp: Completion, part: Part) -> bytes:
+    def _cost(self, req: Request, comp: Completion) -> Cost | None:
+        """The batch price of an answer (None without a price), and what batching saved counted."""
+        pricing = self._d.pricing
+        if pricing is None:
+            return None
+        usage = comp.body.get("usage") if isinstance(comp.body, dict) else None
+        usage = usage if isinstance(usage, dict) else None
+        cost = pricing.price(comp.model, comp.endpoint, usage, batch=True)
+        normal = pricing.price(comp.model, comp.endpoint, usage)
+        if cost is not None and normal is not None and normal.total > cost.total:
+            self._d.metrics.cost_saved.inc(normal.total - cost.total)
+        return cost
+
+    def _record(self, held: Held, req: Request, comp: Completion, part: Part,
+                cost: Cost | None) -> bytes:
         latency = max(0, int(self._d.clock() * 1000) - held.rec.source.timestamp)
-        doc: dict[str, Any] = orjson.loads(response_record(req, comp, latency_ms=latency))
+        value = response_record(req, comp, latency_ms=latency,
+                                cost=None if cost is None else cost.record())
+        doc: dict[str, Any] = orjson.loads(value)
         doc["batch_job"] = {"id": part.batch_id, "submitted_at": part.submitted_at}
-        # PRICING HOOK (#17): with pricing, ``cost`` here is the batch price
-        # (pricing.<model>.batch_discount, default 0.5, times the normal price).
         return orjson.dumps(doc)
 
     async def _to_normal(self, pj: PartitionJobs, by_key: dict[str, list[Held]], reason: str,

@@ -21,13 +21,14 @@ from streams.batchapi.jobs import JobStore, ensure_batch_topics
 from streams.batchapi.metrics import BatchMetrics
 from streams.batchapi.parking import Parking
 from streams.batchapi.policy import BatchPolicy
-from streams.batchapi.runner import BatchCache, CutRunner, RunnerDeps, SavedCost
+from streams.batchapi.runner import BatchCache, CutRunner, RunnerDeps
 from streams.config import Settings
 from streams.intake.processor import Answerer, Processor
 from streams.kafka_io import start_producer
 from streams.metrics import PipelineMetrics
 from streams.output.deadletters import DeadLetters
 from streams.output.records import Publisher
+from streams.pricing import Pricing
 
 
 @asynccontextmanager
@@ -39,7 +40,6 @@ async def batch_parts(
     metrics: PipelineMetrics,
     registry: CollectorRegistry,
     session: aiohttp.ClientSession,
-    saved_cost: SavedCost | None = None,
 ) -> AsyncIterator[Parking | None]:
     """The processor's parking hook and the running coordinator; None when batch_api is off.
 
@@ -58,7 +58,8 @@ async def batch_parts(
         plain = Processor(settings, publisher, dispatcher, cache, metrics)  # type: ignore[arg-type]
         deps = RunnerDeps(settings, policy, BatchClient(session), store, cache, publisher,
                           DeadLetters(settings, publisher, metrics), batch_metrics,
-                          saved_cost=saved_cost)
+                          pricing=Pricing(settings.pricing), costs=metrics.costs,
+                          model_label=metrics.model_label)
         async with Coordinator(settings, store, CutRunner(deps), plain, batch_metrics):
             yield Parking(settings, policy, publisher, batch_metrics)
     finally:

@@ -30,6 +30,7 @@ from streams.config import load_settings
 from streams.contract import Request, Source
 from streams.metrics import PipelineMetrics
 from streams.output.deadletters import DeadLetters
+from streams.pricing import Pricing
 from tests.fakes.fake_redis import FakeRedis
 from tests.fakes.publisher import FakePublisher
 
@@ -46,10 +47,11 @@ class FakeStore:
 
 
 class Rig:
-    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+    def __init__(self, url: str, session: aiohttp.ClientSession,
+                 pricing: dict[str, Any] | None = None) -> None:
         self.settings = load_settings(environ={}, endpoints=[
             {"name": "b", "url": f"{url}/v1", "batch_api": True}],
-            batch_api={"enabled": True, "poll_seconds": 0.05})
+            batch_api={"enabled": True, "poll_seconds": 0.05}, pricing=pricing or {})
         reg = CollectorRegistry()
         self.metrics = BatchMetrics(reg)
         self.cache = ResponseCache(self.settings, FakeRedis(), reg)  # type: ignore[arg-type]
@@ -60,7 +62,7 @@ class Rig:
         deps = RunnerDeps(self.settings, BatchPolicy(self.settings, self.metrics), self.client,
                           self.store, self.cache, self.publisher,  # type: ignore[arg-type]
                           DeadLetters(self.settings, self.publisher, PipelineMetrics(reg)),
-                          self.metrics)
+                          self.metrics, pricing=Pricing(self.settings.pricing))
         self.runner = CutRunner(deps)
         self.pj = PartitionJobs(0, [], self._start, self._normal, 100, 1000, 0)
 
@@ -176,3 +178,26 @@ async def test_the_mock_cancels_lists_and_refuses_what_it_cannot_take(rig: Any) 
         async with s.post(f"{base}/config", json={"batch_outcome": "maybe"}) as resp:
             assert resp.status == 400 and "batch_outcome" in await resp.text()
     assert api.stats["batches_cancelled"] == 1
+
+
+async def test_a_job_answer_costs_the_batch_price_and_counts_the_saving() -> None:
+    mock = MockLLM(MockBehaviour(batch_delay_seconds=0.1), rng=random.Random(3))
+    server = TestServer(mock.app())
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            r = Rig(str(server.make_url("")).rstrip("/"), session, pricing={
+                "m": {"input_per_mtok": 2.0, "output_per_mtok": 8.0, "batch_discount": 0.5}})
+            active = r.cut(["a", "b"])
+            await r.runner.run(r.pj, active)
+            saved = 0.0
+            for doc in r.answers().values():
+                u = doc["usage"]
+                normal = u["prompt_tokens"] * 2.0 / 1e6 + u["completion_tokens"] * 8.0 / 1e6
+                assert doc["cost"]["total"] == pytest.approx(normal / 2, abs=1e-12)
+                assert doc["cost"]["saved"] == 0.0 and doc["batch_job"]["id"]  # a paid call
+                saved += normal / 2
+            assert saved > 0
+            assert r.metrics.cost_saved._value.get() == pytest.approx(saved, abs=1e-12)
+    finally:
+        await server.close()
