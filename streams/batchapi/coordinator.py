@@ -68,7 +68,7 @@ class Coordinator:
             **consumer_options(self._settings))
         await consumer.start()
         for _ in range(100):  # a topic just created: the group assigns only what metadata shows
-            if await topic_partitions(consumer, self._topic):
+            if await topic_partitions(self._settings, self._topic):
                 break
             await asyncio.sleep(0.1)
         consumer.subscribe([self._topic], listener=_Listener(self))

@@ -115,7 +115,7 @@ class JobStore:
                                     **consumer_options(self._settings))
         await consumer.start()
         try:
-            tps = await topic_partitions(consumer, self._topic)
+            tps = await topic_partitions(self._settings, self._topic)
             if not tps:
                 return {}
             consumer.assign(tps)
