@@ -30,7 +30,7 @@ import binascii
 import bisect
 import zlib
 from collections.abc import Hashable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from streams.intake.acks import AckTracker
 
@@ -260,6 +260,23 @@ def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise ValueError("varint too long")
+
+
+class CommitMetadata(Protocol):
+    """The metadata each commit carries, and what is read back at an assignment
+    (``finished.Ledger``: the offsets finished above the committed one)."""
+
+    def written(self, tp: Hashable, offset: int) -> str:
+        """The metadata for a commit of ``offset`` on ``tp``."""
+        ...
+
+    def read(self, tp: Hashable, offset: int | None, metadata: str | None) -> int:
+        """The committed offset and metadata found for ``tp`` at an assignment."""
+        ...
+
+    def grew(self, tp: Hashable, offset: int) -> bool:
+        """True when more offsets above ``offset`` finished than its last commit named."""
+        ...
 
 
 class Ledger:

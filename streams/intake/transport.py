@@ -9,7 +9,9 @@ Its consumer thread (``_ConsumerThread``) also:
   batch are delivered, the partition is then not fetched again, and one log line names
   the partition and offset (``unreadable_partitions`` feeds ``/readyz``). The other
   partitions keep flowing; a rebalance or a seek releases the hold (it is tried again);
-- does not crash after a rebalance revoked every offset to commit.
+- does not crash after a rebalance revoked every offset to commit;
+- writes each commit's metadata and reads it back at an assignment (``CommitMetadata``:
+  the offsets finished above the committed one, ``finished.py``).
 
 faust's consumer hands each fetched record to the conductor with
 ``Service.wait_first(callback(message), suspend_flow.wait())``: four tasks (the delivery,
@@ -38,7 +40,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from time import monotonic
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import aiokafka
 from aiokafka.consumer.fetcher import FetchResult
@@ -49,31 +51,15 @@ from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, AppT, TransportT
 from mode import Service, ServiceT
 
+from streams.intake.finished import CommitMetadata
+
 log = logging.getLogger("streams.kafka")
 
 #: SHA-256 of the source of faust's ``Consumer._drain_messages`` that this module copies.
 UPSTREAM_DRAIN_SHA256 = "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417"
-#: ... of faust's ``AIOKafkaConsumerThread._commit`` and aiokafka's
-#: ``AIOKafkaConsumer.seek_to_committed``, which ``_ConsumerThread`` redoes with metadata.
+#: ... of faust's ``AIOKafkaConsumerThread._commit``, aiokafka's ``seek_to_committed`` (redone).
 UPSTREAM_COMMIT_SHA256 = "932852ce7a23f658804273d0296de6affaa7d21c19311c279712c2fae91a3b03"
 UPSTREAM_SEEK_SHA256 = "f6cd85c8b70a4ccf7e862de24f6c5d985038eed3e140990f000aa4b52eda8d72"
-
-
-class CommitMetadata(Protocol):
-    """The metadata each commit carries, and what is read back at an assignment
-    (``finished.Ledger``: the offsets finished above the committed one)."""
-
-    def written(self, tp: Any, offset: int) -> str:
-        """The metadata for a commit of ``offset`` on ``tp``."""
-        ...
-
-    def read(self, tp: Any, offset: int | None, metadata: str | None) -> int:
-        """The committed offset and metadata found for ``tp`` at an assignment."""
-        ...
-
-    def grew(self, tp: Any, offset: int) -> bool:
-        """True when more offsets above ``offset`` finished than its last commit named."""
-        ...
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
@@ -82,8 +68,7 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
 
     #: partitions held because their next batch cannot be decoded: tp -> (offset, reason)
     unreadable: dict[TP, tuple[int, str]]
-    #: the broker refused our commit metadata as too large: commit without it
-    metadata_refused = False
+    metadata_refused = False  # the broker refused our commit metadata as too large
 
     def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
@@ -112,50 +97,38 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
     def _metadata(self) -> CommitMetadata | None:
         return None if self.metadata_refused else getattr(self.transport, "commit_metadata", None)
 
-    async def commit(self, offsets: Mapping[TP, int]) -> bool:
-        # On the event loop, where the tracker lives: each offset's metadata is made here.
+    async def commit(self, offsets: Mapping[TP, int]) -> bool:  # on the loop: the tracker's
         hook = self._metadata()
         metadata = {tp: hook.written(tp, off) for tp, off in offsets.items()} if hook else {}
         return bool(await self.call_thread(self._commit, offsets, metadata))
 
     async def _commit(self, offsets: Mapping[TP, int],
                       metadata: Mapping[TP, str] | None = None) -> bool:
-        # faust's ``_commit`` (UPSTREAM_COMMIT_SHA256) with each offset's metadata, and:
-        # if a rebalance revoked all of them meanwhile, faust hands aiokafka an empty dict,
-        # aiokafka raises ``ValueError({})`` and faust crashes the worker (seen in the scale
-        # 1-3-1 fault test). Nothing of ours is left to commit then: the new owners
-        # redeliver from the last commit.
-        assigned = self.assignment()
-        committable = {tp: off for tp, off in offsets.items() if tp in assigned}
+        # faust's _commit (UPSTREAM_COMMIT_SHA256) with metadata, and: if a rebalance revoked
+        # every offset meanwhile, faust would hand aiokafka an empty dict (ValueError, the worker
+        # crashes: scale 1-3-1 fault test); nothing is left to commit, the new owners redeliver.
+        committable = {tp: off for tp, off in offsets.items() if tp in self.assignment()}
         if not committable:
             return False
         consumer = self._ensure_consumer()
-        meta = metadata or {}
-        payload = {driver.ensure_aiokafka_TP(tp): OffsetAndMetadata(off, meta.get(tp, ""))
+        payload = {driver.ensure_aiokafka_TP(tp): OffsetAndMetadata(off, (metadata or {}).get(tp, ""))
                    for tp, off in committable.items()}
-        now = monotonic()
-        self.tp_last_committed_at.update({tp: now for tp in committable})
+        self.tp_last_committed_at.update(dict.fromkeys(committable, monotonic()))
         try:
             try:
                 await consumer.commit(payload)
             except OffsetMetadataTooLargeError:
-                # The broker's offset.metadata.max.bytes is below kafka.commit_metadata_max_bytes:
-                # commit without metadata from now on (every record above the committed offset
-                # is redone after a crash, as without this feature).
+                # the broker's offset.metadata.max.bytes is below kafka.commit_metadata_max_bytes:
+                # from now on commit without it (everything above the commit is redone after a crash)
                 self.metadata_refused = True
-                log.warning("the broker refused the commit metadata as too large; committing "
-                            "without it (lower kafka.commit_metadata_max_bytes to the broker's "
-                            "offset.metadata.max.bytes)")
+                log.warning("the broker refused the commit metadata as too large; committing without"
+                            " it (set kafka.commit_metadata_max_bytes to offset.metadata.max.bytes)")
                 await consumer.commit({tp: OffsetAndMetadata(o.offset, "")
                                        for tp, o in payload.items()})
-        except CommitFailedError as exc:
-            if "already rebalanced" in str(exc):
-                return False
-            self.log.exception("Committing raised exception: %r", exc)
-            await self.crash(exc)
-            return False
         except Exception as exc:
-            self.log.exception("Got exception: %r\nCurrent assignment: %r", exc,
+            if isinstance(exc, CommitFailedError) and "already rebalanced" in str(exc):
+                return False
+            self.log.exception("Committing raised exception: %r (assignment %r)", exc,
                                self.assignment())
             await self.crash(exc)
             return False
@@ -163,27 +136,22 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         found: dict[TP, tuple[int | None, str]] = await self.call_thread(self._seek_committed)
-        hook = self._metadata()
-        if hook is not None:  # back on the event loop
+        if (hook := self._metadata()) is not None:  # back on the event loop
             for tp, (offset, metadata) in found.items():
                 hook.read(tp, offset, metadata)
         return {tp: offset for tp, (offset, _) in found.items()}  # type: ignore[misc]
 
     async def _seek_committed(self) -> dict[TP, tuple[int | None, str]]:
-        # aiokafka's ``AIOKafkaConsumer.seek_to_committed`` (UPSTREAM_SEEK_SHA256), one request
-        # for every partition, keeping each commit's metadata.
+        # aiokafka's seek_to_committed (UPSTREAM_SEEK_SHA256) keeping each commit's metadata
         consumer = self._ensure_consumer()
-        partitions = consumer._subscription.assigned_partitions()
-        if not partitions:
-            return {}
-        commits = await consumer._coordinator.fetch_committed_offsets(partitions)
+        tps = consumer._subscription.assigned_partitions()
+        commits = await consumer._coordinator.fetch_committed_offsets(tps) if tps else {}
         out: dict[TP, tuple[int | None, str]] = {}
-        for tp in partitions:
-            commit = commits.get(tp)
-            offset = commit.offset if commit is not None and commit.offset != -1 else None
-            if offset and offset > 0:
-                consumer._fetcher.seek_to(tp, offset)
-            out[tp] = (offset, (commit.metadata or "") if commit is not None else "")
+        for tp in tps:
+            commit = commits.get(tp)  # left out: no commit yet
+            if commit is not None and commit.offset > 0:
+                consumer._fetcher.seek_to(tp, commit.offset)
+            out[tp] = (commit.offset, commit.metadata or "") if commit is not None else (None, "")
         return out
 
 
@@ -275,12 +243,10 @@ class DirectDeliveryConsumer(driver.Consumer):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     def _filter_committable_offsets(self, tps: Any) -> dict[TP, int]:
-        # faust commits a partition only when its committed offset moves. Behind a slow head
-        # it does not, while the records above it finish: commit the same offset again when
-        # the set of finished offsets above it grew, so its metadata names them.
+        # faust commits only a moved offset; behind a slow head the records above it finish
+        # meanwhile: commit the same offset again when that set grew, for its metadata to say so
         offsets: dict[TP, int] = super()._filter_committable_offsets(tps)
-        hook = getattr(self.transport, "commit_metadata", None)
-        if hook is not None:
+        if (hook := getattr(self.transport, "commit_metadata", None)) is not None:
             for tp in self.assignment():
                 committed = self._committed_offset.get(tp)
                 if tp not in offsets and committed and hook.grew(tp, committed):
