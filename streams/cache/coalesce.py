@@ -5,7 +5,8 @@ its future (no Redis at all). Across processes, each process's leader takes a Re
 (``SET NX PX``, kept alive by a heartbeat); a leader that finds the lock held polls for the
 answer instead of computing. Failure never spreads: if the leader's compute fails, waiters
 run their own compute (their own retries); if the lock holder dies, its lock expires and a
-waiter takes over. Waiting is bounded by ``cache.coalesce_wait_seconds``.
+waiter takes over; a waiter that cannot reach Redis waits as long as the holder's lock could
+still live, then computes. Waiting is bounded by ``cache.coalesce_wait_seconds``.
 
 The Redis side is behind the small ``LockBackend`` protocol (``locks.py``),
 so this module holds only the state machine.
@@ -139,6 +140,7 @@ class Coalescer:
         # Start polling fast (mock or cached upstreams answer in ms), back off to the
         # configured interval; peeks from all waiters of a tick share one MGET.
         delay = min(0.005, self._poll)
+        held_at = self._clock()  # when the lock was last seen held
         while True:
             left = deadline - self._clock()
             if left <= 0:
@@ -147,7 +149,13 @@ class Coalescer:
             delay = min(delay * 2, self._poll)
             seen = await self._backend.peek(key)
             if seen is None:
+                # Redis did not answer (one timed-out command opens the cache's circuit for
+                # every waiter): the holder is alive until its lock would have expired, so
+                # computing now would pay its call twice. Keep waiting until then.
+                if self._clock() - held_at < self._lock_ms / 1000:
+                    continue
                 return _Outcome.UNAVAILABLE
+            held_at = self._clock()
             body, held = seen
             if body is not None:
                 return body

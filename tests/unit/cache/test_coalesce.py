@@ -117,6 +117,50 @@ async def test_a_lock_held_elsewhere_is_polled_until_its_answer_appears() -> Non
     assert got.cached and not calls and events["coalesced:remote"] == 1
 
 
+async def test_a_waiter_that_cannot_reach_redis_waits_while_the_lock_could_live() -> None:
+    # One timed-out command opens the cache's circuit: every remote waiter's peek then finds
+    # Redis unavailable. The holder still computes; computing now would pay its call twice.
+    events, calls = Counter[str](), list[int]()
+    locks = MemoryLocks(LockState.HELD)
+    locks.held.add("k")
+    away = True
+
+    class Flaky(MemoryLocks):
+        async def peek(self, key: str) -> tuple[Body | None, bool] | None:
+            return None if away else await locks.peek(key)
+
+    async def other_process() -> None:
+        nonlocal away
+        await asyncio.sleep(0.3)  # Redis away for 0.3 s; the holder answers meanwhile
+        locks.bodies["k"] = BODY
+        locks.held.discard("k")
+        away = False
+
+    task = asyncio.ensure_future(other_process())
+    c = Coalescer(Flaky(LockState.HELD), wait_seconds=5.0, lock_seconds=2.0, poll_seconds=0.01,
+                  on_coalesced=lambda scope: events.update([f"coalesced:{scope}"]))
+    got = await c.run("k", "m", computing(calls), remote=True, ttl=60)
+    await task
+    assert got.cached and not calls and events["coalesced:remote"] == 1
+
+
+async def test_a_waiter_computes_once_the_lock_would_have_expired_unseen() -> None:
+    events, calls = Counter[str](), list[int]()
+
+    class Away(MemoryLocks):
+        async def peek(self, key: str) -> tuple[Body | None, bool] | None:
+            return None
+
+    c = Coalescer(Away(LockState.HELD), wait_seconds=5.0, lock_seconds=0.2, poll_seconds=0.01,
+                  on_fallback=lambda reason: events.update([f"fallback:{reason}"]))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    got = await c.run("k", "m", computing(calls), remote=True, ttl=60)
+    waited = loop.time() - started
+    assert not got.cached and len(calls) == 1 and events["fallback:unavailable"] == 1
+    assert 0.2 <= waited < 2.0  # the lock's life, not the whole coalesce_wait_seconds
+
+
 @pytest.mark.parametrize("remote", [True, False])
 async def test_without_redis_or_remote_each_process_computes_alone(remote: bool) -> None:
     locks, events, calls = MemoryLocks(LockState.UNAVAILABLE), Counter[str](), list[int]()
