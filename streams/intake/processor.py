@@ -139,8 +139,8 @@ class Processor:
         def finish(rec: InRecord, outcome: str) -> None:
             handed.add(id(rec))
             try:
-                self._front.observe(rec, outcome)
                 done(rec, outcome)
+                self._front.observe(rec, outcome)  # after: its failure must not keep the ack
             except Exception:  # the caller's bug must not take the other records down
                 log.exception("done callback failed for offset %d", rec.source.offset)
 

@@ -38,7 +38,9 @@ def original_headers(headers: Any) -> Headers:
     if not headers:
         return []
     items = headers.items() if isinstance(headers, dict) else headers
-    return [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in items]
+    # a null header value (Kafka allows one) travels as empty bytes
+    return [(str(k), v if isinstance(v, bytes) else b"" if v is None else str(v).encode())
+            for k, v in items]
 
 
 class DeadLetters:

@@ -34,6 +34,7 @@ RIG = Rig(settings(pipeline(id=None, tenant="{{ event.t }}",
                             prompt={"user": "{{ event.subject }} / {{ event | tojson }}"})),
           ScriptedModel())
 HEADERS = st.lists(st.tuples(st.text(max_size=10), st.binary(max_size=20)), max_size=3) | st.none()
+NULL_HEADERS = [("trace", None)]
 
 
 @hsettings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -54,6 +55,10 @@ def test_any_event_renders_or_is_a_validation_or_template_error(
     jsonschema.validate(out["triage"], SCHEMA)
     assert out["_llm"]["prompt_version"] == RIG.front.pipe.prompt_version
     assert RIG.front.headers(rec) == (headers or None)
+
+
+def test_a_null_header_value_travels_as_empty_bytes() -> None:
+    assert RIG.front.headers(event(0, b"{}", NULL_HEADERS)) == [("trace", b"")]  # type: ignore[arg-type]
 
 
 SCHEMAS = st.sampled_from([
