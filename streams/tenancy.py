@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -66,15 +67,24 @@ class CostMetrics:
             ["tenant", "kind"], registry=registry,
         )
 
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # labels() is slow
+
+    def _child(self, family: Counter, *labels: str) -> Any:
+        key = (id(family), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
+
     def count(self, tenant: str | None, model: str, cost: Cost | None, cached: bool,
               usage: Mapping[str, int]) -> None:
         """Count one published answer (``model`` already a bounded label)."""
         label = self.label(tenant)
         if cost is not None:
             if cached:
-                self.saved.labels(label).inc(cost.saved)
+                self._child(self.saved, label).inc(cost.saved)
             else:
-                self.cost.labels(label, model).inc(cost.total)
+                self._child(self.cost, label, model).inc(cost.total)
         if not cached:
-            self.tokens.labels(label, "prompt").inc(usage["prompt_tokens"])
-            self.tokens.labels(label, "completion").inc(usage["completion_tokens"])
+            self._child(self.tokens, label, "prompt").inc(usage["prompt_tokens"])
+            self._child(self.tokens, label, "completion").inc(usage["completion_tokens"])

@@ -23,6 +23,8 @@ Usage::
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -40,45 +42,63 @@ class SlotBook:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self._sleeping: dict[str, list[Grant]] = {}
+        self._sleeping: dict[str, list[Grant]] = {}  # by slot time; released ones linger
+        self._top: dict[str, float] = {}  # at least the largest tag in the book
 
     def _book(self, name: str) -> list[Grant]:
+        """The endpoint's future grants, without those due (a few at the front: O(1) each)."""
+        book = self._sleeping.setdefault(name, [])
         soon = self._clock() + LEAD_SECONDS
-        book = [g for g in self._sleeping.get(name, ()) if not g.released and g.at > soon]
-        self._sleeping[name] = book
+        i = 0
+        while i < len(book) and (book[i].released or book[i].at <= soon):
+            i += 1
+        if i:
+            del book[:i]
+        if not book:
+            self._top[name] = -math.inf
         return book
 
     def service_tag(self, priority: int) -> float | None:
         """The smallest tag among the future grants of level ``priority`` (None: none)."""
-        tags = [g.tag[1] for name in list(self._sleeping) for g in self._book(name)
-                if g.tag is not None and g.tag[0] == priority]
-        return min(tags, default=None)
+        # Within a level the book is in tag order: the first of the level has the least.
+        found: float | None = None
+        for name in list(self._sleeping):
+            for g in self._book(name):
+                if g.tag is not None and g.tag[0] == priority and not g.released:
+                    found = g.tag[1] if found is None else min(found, g.tag[1])
+                    break
+        return found
 
     def place(self, grant: Grant) -> None:
         """Record ``grant``, in tag order among the future slots of its endpoint and level."""
         if not grant.at or grant.endpoint.tpm is not None:
             return
-        book = self._book(grant.endpoint.name)
+        name = grant.endpoint.name
+        book = self._book(name)
         tag = grant.tag
-        if tag is not None:
+        # Grants of one backlogged tenant come in tag order: nothing to scan for.
+        if tag is not None and self._top.get(name, -math.inf) > tag[1]:
             behind = [g for g in book if g.tag is not None and g.tag[0] == tag[0]
-                      and g.tag[1] > tag[1] and g.at < grant.at]
+                      and g.tag[1] > tag[1] and g.at < grant.at and not g.released]
             if behind:
                 times = [g.at for g in behind] + [grant.at]
                 grant.at = times[0]
                 for g, at in zip(behind, times[1:], strict=True):
                     g.at = at
-        book.append(grant)
-        book.sort(key=lambda g: g.at)
+        bisect.insort(book, grant, key=lambda g: g.at)
+        if tag is not None:
+            self._top[name] = max(self._top.get(name, -math.inf), tag[1])
 
     def steal(self, tag: Tag, serves: Callable[[Grant], bool]) -> Grant | None:
         """The future grant with the largest tag above ``tag`` in its level that ``serves``
         accepts, revoked (its request asks again); None if there is none."""
         best: Grant | None = None
         for name in list(self._sleeping):
+            if self._top.get(name, -math.inf) <= tag[1]:
+                continue  # nothing tagged after it here
             for g in self._book(name):
                 if (g.tag is not None and g.tag[0] == tag[0] and g.tag[1] > tag[1]
-                        and not g.probe and serves(g)
+                        and not g.probe and not g.released and serves(g)
                         and (best is None or best.tag is None or g.tag[1] > best.tag[1])):
                     best = g
         if best is not None:
