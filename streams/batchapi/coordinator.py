@@ -106,12 +106,12 @@ class Coordinator:
                     pj.feed(self._held(tp.partition, m))
             elif msgs and tp in consumer.assignment():  # fetched before its cuts were loaded
                 consumer.seek(tp, msgs[0].offset)
-        for partition, pj in self._parts.items():
+        for partition, pj in list(self._parts.items()):  # a rebalance may change it meanwhile
             tp = TopicPartition(self._topic, partition)
             if tp in consumer.assignment():
                 pj.position = max(pj.position, await consumer.position(tp))
         now = self._clock()
-        for pj in self._parts.values():
+        for pj in list(self._parts.values()):
             pj.tick(now)
         if now >= self._next_commit:
             self._next_commit = now + self._settings.kafka.commit_interval_seconds
@@ -136,7 +136,7 @@ class Coordinator:
         consumer = self._consumer
         assert consumer is not None
         offsets = {}
-        for partition, pj in self._parts.items():
+        for partition, pj in list(self._parts.items()):
             if only is not None and partition != only:
                 continue
             offset = pj.commit_offset()
@@ -150,7 +150,7 @@ class Coordinator:
                 return
             for tp, offset in offsets.items():
                 self._committed[tp.partition] = offset
-        for partition, pj in self._parts.items():
+        for partition, pj in list(self._parts.items()):
             for cut in pj.finished_cuts(self._committed.get(partition, -1)):
                 await self._store.drop(cut)
 

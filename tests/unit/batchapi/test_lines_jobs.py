@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import orjson
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.batchapi.jobs import Cut, Part, decode_cut
@@ -41,12 +41,14 @@ def test_failed_lines_are_failures_and_a_success_wins() -> None:
     assert set(got) == {"1", "2", "3", "4", "5"}
 
 
+@settings(deadline=None)  # a loaded machine: no per-example deadline
 @given(st.binary(max_size=2000))
 def test_any_output_file_is_read_without_raising(data: bytes) -> None:
     for result in read_results(data).values():
         assert result.ok == (result.error is None)
 
 
+@settings(deadline=None)  # a loaded machine: no per-example deadline
 @given(st.lists(st.dictionaries(st.text(max_size=12), JSON, max_size=5), max_size=8))
 def test_any_json_lines_are_read_without_raising(rows: list[dict[str, object]]) -> None:
     got = read_results(b"\n".join(orjson.dumps(r) for r in rows))
@@ -59,6 +61,7 @@ def test_a_cut_round_trips_through_its_record() -> None:
     assert decode_cut(cut.encode()) == cut
 
 
+@settings(deadline=None)  # a loaded machine: no per-example deadline
 @given(st.binary(max_size=300) | JSON.map(orjson.dumps))
 def test_any_job_record_decodes_or_is_skipped(raw: bytes) -> None:
     cut = decode_cut(raw)
@@ -74,6 +77,7 @@ def test_a_job_record_of_wrong_types_is_skipped() -> None:
     assert decode_cut(orjson.dumps(bad_part)) is None
 
 
+@settings(deadline=None)  # a loaded machine: no per-example deadline
 @given(st.lists(st.tuples(st.text(max_size=20), st.binary(max_size=60)), max_size=4))
 def test_any_headers_give_a_source_or_none(headers: list[tuple[str, bytes]]) -> None:
     got = read_source(headers)

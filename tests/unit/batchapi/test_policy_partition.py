@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
@@ -34,6 +34,7 @@ def _policy(**policy: Any) -> tuple[BatchPolicy, BatchMetrics]:
     return BatchPolicy(_settings(**policy), metrics, clock=lambda: NOW), metrics
 
 
+@settings(deadline=None)  # a loaded machine: no per-example deadline
 @given(priority=st.integers(0, 9), slack=st.none() | st.floats(-100, 10_000),
        flag=st.sampled_from([None, True, False]), model=st.sampled_from(["m", "other"]))
 def test_the_policy_parks_exactly_what_the_contract_says(
