@@ -33,11 +33,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from redis.exceptions import NoScriptError
-
 from streams.config import Settings
 from streams.config_tenants import BudgetConfig, tenant_config
-from streams.dispatch.gcra import sha
+from streams.dispatch.gcra import run_script
 from streams.redis_guard import REDIS_ERRORS, CommandErrorLog, RedisGuard
 from streams.tenancy import tenant_slot
 
@@ -264,11 +262,7 @@ class Budgets:
 
     async def _eval(self, src: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         assert self._redis is not None
-        async with asyncio.timeout(self._timeout):
-            try:
-                return await self._redis.evalsha(sha(src), len(keys), *keys, *args)
-            except NoScriptError:
-                return await self._redis.eval(src, len(keys), *keys, *args)
+        return await run_script(self._redis, src, keys, args, self._timeout)
 
 
 def _ttl_ms(c: Charge, now: float) -> int:

@@ -10,7 +10,12 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import NoScriptError
 
 # GCRA with reservations. Each key holds a "theoretical arrival time" (tat); a request's slot is
 # the latest of (tat - tolerance) over its keys, or now. A slot within ARGV[6] us is granted
@@ -67,3 +72,13 @@ return 1
 
 def sha(src: str) -> str:
     return hashlib.sha1(src.encode()).hexdigest()
+
+
+async def run_script(redis: Any, src: str, keys: Sequence[str], args: Sequence[Any],
+                     timeout: float) -> Any:
+    """Run a script by its SHA (loading it on ``NOSCRIPT``) within ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        try:
+            return await redis.evalsha(sha(src), len(keys), *keys, *args)
+        except NoScriptError:
+            return await redis.eval(src, len(keys), *keys, *args)

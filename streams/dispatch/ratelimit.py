@@ -51,10 +51,8 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any
 
-from redis.exceptions import NoScriptError
-
 from streams.config import EndpointConfig, Settings
-from streams.dispatch.gcra import ACQUIRE_LUA, ADJUST_LUA, sha
+from streams.dispatch.gcra import ACQUIRE_LUA, ADJUST_LUA, run_script
 from streams.redis_cluster import shared_tag
 from streams.redis_guard import REDIS_ERRORS, CommandErrorLog, RedisGuard
 
@@ -277,11 +275,7 @@ class RateLimiter:
 
     async def _eval(self, src: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         assert self._redis is not None
-        async with asyncio.timeout(self._timeout):
-            try:
-                return await self._redis.evalsha(sha(src), len(keys), *keys, *args)
-            except NoScriptError:
-                return await self._redis.eval(src, len(keys), *keys, *args)
+        return await run_script(self._redis, src, keys, args, self._timeout)
 
     @staticmethod
     def _ahead(rates: Sequence[_Rate], tokens: int, scale: float = 1.0) -> float:
