@@ -216,8 +216,8 @@ async def test_a_moved_slot_and_a_planned_failover_are_no_outage(
     assert not any(lim.degraded for lim in limiters), "a planned failover was taken for an outage"
     grants.sort()
     assert max_in_window(grants, 1.0) <= 10 and len(grants) >= 24
-    hit = await cache.lookup(_req(1))
-    assert hit is not None and not cache.redis_store.guard.degraded
+    found = await cache.prefetch([_req(1)], ["requests"])
+    assert found[0].hit is not None and not cache.redis_store.guard.degraded
 
 
 async def test_the_wrong_mode_stops_the_worker_at_start(redis_cluster: LocalCluster) -> None:
