@@ -8,11 +8,13 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 from mockllm.embeddings import vector_base64, vector_for
+from mockllm.server import MockBehaviour, MockLLM
 from streams.config import Settings, load_settings
 from streams.contract import Completion, Request
 from streams.embedding import embedding_body, estimate_input_tokens
@@ -209,3 +211,18 @@ async def test_render_shows_the_embedding_request() -> None:
     body = orjson.loads(text.split("--- request\n", 1)[1])["body"]
     assert body == {"dimensions": 8, "model": "text-embedding-3-small",
                     "input": ["title 2\nbody 2"]}
+
+
+async def test_render_call_embeds_at_the_endpoint_and_prints_the_record() -> None:
+    server = TestServer(MockLLM(MockBehaviour()).app())
+    await server.start_server()
+    try:
+        s = load_settings(environ={}, pipelines=[embed_pipeline(params={"dimensions": 4})],
+                          endpoints=[{"name": "ep", "url": f"http://127.0.0.1:{server.port}/v1"}])
+        text = await render(s, NAME, orjson.dumps(doc(3)), call=True)
+    finally:
+        await server.close()
+    out = orjson.loads(text.split("--- output\n", 1)[1])
+    assert out["vector"] == vector_for("title 3\nbody 3", 4) and out["id"] == "D-3"
+    assert out["_llm"]["dimensions"] == 4 and out["_llm"]["endpoint"] == "ep"
+    assert out["_llm"]["batch_size"] == 1 and out["_llm"]["usage"]["total_tokens"] >= 1
