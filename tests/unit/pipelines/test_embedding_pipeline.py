@@ -226,3 +226,16 @@ async def test_render_call_embeds_at_the_endpoint_and_prints_the_record() -> Non
     assert out["vector"] == vector_for("title 3\nbody 3", 4) and out["id"] == "D-3"
     assert out["_llm"]["dimensions"] == 4 and out["_llm"]["endpoint"] == "ep"
     assert out["_llm"]["batch_size"] == 1 and out["_llm"]["usage"]["total_tokens"] >= 1
+
+
+async def test_llm_cost_is_the_inputs_share_and_a_hit_saves_it() -> None:
+    s = load_settings(environ={}, pipelines=[embed_pipeline()],
+                      pricing={"text-embedding-3-small": {"input_per_mtok": 0.02,
+                                                          "output_per_mtok": 0.0}})
+    r = Rig(s, EmbedModel(), name=NAME)
+    await r.run([event(0, doc(0))])
+    await r.run([event(1, {**doc(0), "id": "D-1"})])
+    paid, hit = (o["_llm"]["cost"] for _, _, o in r.publisher.out)
+    tokens = estimate_input_tokens("title 0\nbody 0")
+    assert paid["total"] == pytest.approx(tokens * 0.02 / 1e6) and paid["saved"] == 0
+    assert hit["total"] == 0 and hit["saved"] == pytest.approx(paid["total"])
