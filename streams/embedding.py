@@ -13,6 +13,7 @@ many inputs shared the call that computed the vector), beside the usual fields.
 Usage::
 
     check_embedding(req.input, req.messages, req.params)    # raises ValueError
+    check_embedding_params(pipeline_params)                  # raises ValueError
     value = embedding_record(req, completion, latency_ms=12)
 """
 
@@ -37,6 +38,12 @@ def check_embedding(input_text: str | None, messages: object, params: Mapping[st
         raise ValueError("an embedding request has 'input', not 'messages'")
     if not input_text:
         raise ValueError("an embedding request needs a non-empty 'input'")
+    check_embedding_params(params)
+
+
+def check_embedding_params(params: Mapping[str, Any]) -> None:
+    """Raise ValueError (naming the parameter) unless ``params`` suit an embedding request
+    (also a pipeline's ``params`` with ``output.format: embedding``)."""
     extra = sorted(set(params) - EMBEDDING_PARAMS)
     if extra:
         raise ValueError(f"params {extra} not allowed for an embedding request "

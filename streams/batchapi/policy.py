@@ -53,8 +53,8 @@ class BatchPolicy:
     def wants(self, req: Request) -> bool:
         """True when ``req`` is to be parked for a batch job."""
         cfg = self._cfg
-        if not cfg.enabled or req.batch_api is False:
-            return False
+        if not cfg.enabled or req.batch_api is False or req.kind == "embedding":
+            return False  # embeddings: batched across records already (jobs are chat lines)
         slack = None if req.deadline is None else req.deadline / 1000.0 - self._clock()
         if req.batch_api is None:
             if req.priority < cfg.min_priority:

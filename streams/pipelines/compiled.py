@@ -31,16 +31,22 @@ class CompiledPipeline:
     cfg: PipelineConfig
     system: Template | None
     few_shot: tuple[tuple[Template, Template], ...]
-    user: Template
+    user: Template | None  # None for output.format embedding
     id: Template | None
     tenant: Template | None
     priority: Template | int
     checker: OutputChecker
     prompt_version: str
+    input: Template | None = None  # output.format embedding: the text embedded
 
     @property
     def name(self) -> str:
         return self.cfg.name
+
+    @property
+    def embeds(self) -> bool:
+        """True for ``output.format: embedding`` (an embedding request per event)."""
+        return self.input is not None
 
     def response_format(self) -> dict[str, Any] | None:
         """The ``response_format`` parameter sent upstream (None for text or schemaless JSON)."""
@@ -59,7 +65,10 @@ def _schema_name(name: str) -> str:
 
 def prompt_version(cfg: PipelineConfig, schema: dict[str, Any] | None) -> str:
     """A short hash of what shapes the answer: model, params, templates, schema, output."""
-    doc = {"model": cfg.model, "params": cfg.params, "prompt": cfg.prompt.model_dump(),
+    prompt = cfg.prompt.model_dump()
+    if prompt["input"] is None:  # versions of chat pipelines stay what they were before it
+        del prompt["input"]
+    doc = {"model": cfg.model, "params": cfg.params, "prompt": prompt,
            "output": cfg.output.model_dump(exclude={"schema_"}), "schema": schema}
     return hashlib.blake2b(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS),
                            digest_size=6).hexdigest()
@@ -89,12 +98,13 @@ def compile_pipeline(settings: Settings, name: str) -> CompiledPipeline:
         few_shot=tuple((tpl(f"prompt.few_shot[{i}].user", ex.user),
                         tpl(f"prompt.few_shot[{i}].assistant", ex.assistant))
                        for i, ex in enumerate(p.few_shot)),
-        user=tpl("prompt.user", p.user),
+        user=tpl("prompt.user", p.user) if p.user is not None else None,
         id=tpl("id", cfg.id) if cfg.id is not None else None,
         tenant=tpl("tenant", cfg.tenant) if cfg.tenant is not None else None,
         priority=priority,
         checker=checker,
         prompt_version=prompt_version(cfg, checker.schema),
+        input=tpl("prompt.input", p.input) if p.input is not None else None,
     )
 
 

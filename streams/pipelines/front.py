@@ -14,6 +14,10 @@ particular to pipelines happens here:
 - ``record``: the event (a JSON object, with ``include_event``) plus ``{field: result,
   "_llm": {...}}``; the output keeps the event's key and headers.
 
+With ``output.format: embedding`` the event renders ``prompt.input`` into an embedding request
+(``kind: "embedding"``, batched across records by ``dispatch/embeddings.py``); there is no
+answer to check, and the vector is the result (``_llm`` adds ``dimensions``, ``batch_size``).
+
 Usage::
 
     front = PipelineFront(compile_pipeline(settings, "triage"), settings, registry)
@@ -105,6 +109,7 @@ class PipelineFront:
     def messages(self, ctx: dict[str, Any]) -> list[dict[str, Any]]:
         """The rendered chat messages; raises ``TemplateFailed``."""
         pipe = self.pipe
+        assert pipe.user is not None  # settings.py: required unless the pipeline embeds
         out = []
         if pipe.system is not None:
             out.append({"role": "system", "content": pipe.system.render(ctx)})
@@ -122,7 +127,9 @@ class PipelineFront:
         if not 0 < len(rid) <= _ID_MAX:
             raise TemplateFailed(f"id: rendered an id of {len(rid)} characters (1-{_ID_MAX})")
         try:
-            messages = self.messages(ctx)
+            text = self.input(ctx) if self.pipe.input is not None else None
+            messages = None if text is not None else [
+                Message.model_construct(**m) for m in self.messages(ctx)]
         except TemplateFailed as exc:
             exc.request_id = rid  # the dead letter's id
             raise
@@ -135,9 +142,17 @@ class PipelineFront:
         # Every field is checked above or at start (model, params: settings.py), and rendered
         # text is always a string: constructed without a second validation (~15 us an event).
         return Request.model_construct(
-            id=rid, messages=[Message.model_construct(**m) for m in messages], input=None,
-            model=cfg.model, params=self._params, priority=self._priority(ctx), tenant=tenant,
-            cache=_NO_CACHE_CONTROL, deadline=deadline, metadata=None)
+            id=rid, messages=messages, input=text, model=cfg.model, params=self._params,
+            priority=self._priority(ctx), tenant=tenant, cache=_NO_CACHE_CONTROL,
+            deadline=deadline, metadata=None, kind="chat" if text is None else "embedding")
+
+    def input(self, ctx: dict[str, Any]) -> str:
+        """The rendered ``prompt.input`` (what is embedded); raises ``TemplateFailed``."""
+        assert self.pipe.input is not None
+        text = self.pipe.input.render(ctx)
+        if not text:
+            raise TemplateFailed("prompt.input: rendered an empty text (nothing to embed)")
+        return text
 
     def _priority(self, ctx: dict[str, Any]) -> int:
         given = self.pipe.priority
@@ -151,6 +166,8 @@ class PipelineFront:
     # -- answer, validated and repaired ---------------------------------------------------
 
     async def answer(self, req: Request, dispatch: Dispatch) -> Completion:
+        if self.pipe.embeds:  # a vector: nothing to validate or repair
+            return await dispatch(req)
         checker = self.pipe.checker
         comp = await dispatch(req)
         attempts, endpoints = comp.attempts, list(comp.endpoints)
@@ -187,10 +204,15 @@ class PipelineFront:
                cost: dict[str, Any] | None) -> bytes:
         # A fresh answer was validated in ``answer``; a cached one (a hit, a coalesced
         # leader's) is checked again here, whoever stored it.
-        result, errors = self.pipe.checker.check(comp.output, validate=comp.cached)
-        if errors:
-            raise InvalidOutput(f"cached answer not valid: {errors[0]}", errors,
-                                (comp.output or "")[:RAW_ANSWER_CHARS])
+        if self.pipe.embeds:
+            result = comp.body.get("embedding")
+            if not isinstance(result, list | str):
+                raise InvalidOutput("cached answer has no vector", ["no 'embedding'"], None)
+        else:
+            result, errors = self.pipe.checker.check(comp.output, validate=comp.cached)
+            if errors:
+                raise InvalidOutput(f"cached answer not valid: {errors[0]}", errors,
+                                    (comp.output or "")[:RAW_ANSWER_CHARS])
         cfg = self.pipe.cfg.output
         out: dict[str, Any] = {}
         if cfg.include_event and rec.value is not None:
@@ -216,6 +238,11 @@ class PipelineFront:
             "prompt_version": self.pipe.prompt_version,
             "cost": cost,  # streams/pricing.py; None when the model has no price
         }
+        if self.pipe.embeds:  # as on an embedding response record (streams/embedding.py)
+            usage = comp.usage
+            info["usage"] = {k: usage[k] for k in ("prompt_tokens", "total_tokens")}
+            info["dimensions"] = comp.body.get("dimensions")
+            info["batch_size"] = comp.body.get("batch_size")
         if replaced:
             info["replaced"] = replaced
         return info

@@ -1,6 +1,7 @@
 """``llm-streams pipeline render``: a pipeline's request for one event, and with ``--call`` its answer.
 
-Prints the rendered messages and the chat-completion request that would be sent; with
+Prints the rendered messages and the chat-completion request that would be sent (for
+``output.format: embedding``, the rendered input and its ``/embeddings`` request); with
 ``call`` it sends it to the first endpoint that serves the pipeline's model (directly, no
 Kafka or Redis), validates and repairs the answer as the worker does, and prints the output
 record the sink would get. A template error prints as the dead letter's message would.
@@ -21,9 +22,11 @@ import aiohttp
 import orjson
 from prometheus_client import CollectorRegistry
 
-from streams.config import Settings
-from streams.contract import Completion, Request, Source
+from streams.config import EndpointConfig, Settings
+from streams.contract import Completion, Request, Source, upstream_usage
 from streams.dispatch.upstream import UpstreamClient
+from streams.dispatch.vectors import read_vectors
+from streams.embedding import embedding_body
 from streams.errors import ConfigError, DispatchFailed, StreamsError
 from streams.intake.processor import InRecord
 from streams.pipelines.compiled import compile_pipeline, pipeline_settings
@@ -46,7 +49,9 @@ def read_event(text: str) -> bytes:
 
 
 def request_body(req: Request) -> dict[str, Any]:
-    """The chat-completion body the dispatcher would send for ``req``."""
+    """The body the dispatcher would send for ``req`` (an embedding batched with others)."""
+    if req.kind == "embedding":
+        return {**req.params, "model": req.model, "input": [req.input]}
     return {**req.params, "model": req.model, "messages": req.chat_messages()}
 
 
@@ -62,8 +67,11 @@ async def render(settings: Settings, name: str, event: bytes, call: bool) -> str
         req = front.parse(rec)
     except StreamsError as exc:
         return "\n".join([*lines, f"dead letter {exc.dlq_type}: {exc}"])
-    for m in req.chat_messages():
-        lines += [f"--- {m['role']}", str(m["content"])]
+    if req.kind == "embedding":
+        lines += ["--- input", str(req.input)]
+    else:
+        for m in req.chat_messages():
+            lines += [f"--- {m['role']}", str(m["content"])]
     lines += ["--- request", orjson.dumps(
         {"id": req.id, "tenant": req.tenant, "priority": req.priority, "deadline": req.deadline,
          "body": request_body(req)}, option=orjson.OPT_INDENT_2).decode()]
@@ -83,7 +91,10 @@ async def _call(settings: Settings, front: PipelineFront, rec: InRecord, req: Re
 
         async def dispatch(r: Request) -> Completion:
             try:
-                body = await client.complete(endpoint, model, r.chat_messages(), r.params)
+                if r.kind == "embedding":
+                    body = await _embed(client, endpoint, model, r)
+                else:
+                    body = await client.complete(endpoint, model, r.chat_messages(), r.params)
             except StreamsError as exc:
                 raise DispatchFailed(exc, 1, [endpoint.name]) from None
             return Completion(model, body, endpoint.name, 1, endpoints=[endpoint.name])
@@ -98,3 +109,13 @@ async def _call(settings: Settings, front: PipelineFront, rec: InRecord, req: Re
     value = front.record(rec, req, comp, latency, None if cost is None else cost.record())
     return orjson.dumps(orjson.loads(value),
                         option=orjson.OPT_INDENT_2).decode()
+
+
+async def _embed(client: UpstreamClient, endpoint: EndpointConfig, model: str, req: Request
+                 ) -> dict[str, Any]:
+    """One ``/embeddings`` call for the request's input, kept as the worker keeps it."""
+    body = await client.embed(endpoint, model, [req.input or ""], req.params)
+    [(vector, dims)] = read_vectors(body, 1, endpoint=endpoint.name, status=200)
+    usage = upstream_usage(body)
+    tokens = (usage["total_tokens"] or usage["prompt_tokens"]) if usage else 0
+    return embedding_body(vector, dims, tokens, 1)

@@ -61,7 +61,7 @@ class OutputChecker:
     @classmethod
     def compile(cls, cfg: OutputConfig, *, pipeline: str) -> OutputChecker:
         """Raises ``ConfigError`` naming the pipeline when the schema is not valid."""
-        if cfg.format == "text":
+        if cfg.format != "json":  # text; embedding (no answer text: front.py takes the vector)
             if cfg.schema_ is not None:
                 raise ConfigError(f"pipeline {pipeline}: output.schema needs output.format json")
             return cls(cfg, None, None)

@@ -13,6 +13,13 @@ Usage::
         model: gpt-4o-mini
         prompt: {system: "You triage tickets.", user: "{{ event.subject }}"}
         output: {format: json, schema: {type: object, required: [category]}}
+      - name: docs-embed           # the event's text embedded; the vector in output.field
+        source: docs
+        sink: docs.embedded
+        model: text-embedding-3-small
+        params: {dimensions: 256}
+        prompt: {input: "{{ event.title }}\n\n{{ event.body }}"}
+        output: {format: embedding, field: vector}
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from streams.contract import unrepresentable
+from streams.embedding import check_embedding_params
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Parameters the pipeline sets itself (model, messages, response_format) or we cannot honour.
@@ -42,12 +50,13 @@ class Example(_Section):
 
 class PromptConfig(_Section):
     system: str | None = None
-    user: str = Field(min_length=1)
+    user: str | None = Field(None, min_length=1)  # required for text and json
     few_shot: list[Example] = []
+    input: str | None = Field(None, min_length=1)  # what ``format: embedding`` embeds
 
 
 class OutputConfig(_Section):
-    format: Literal["text", "json"] = "text"
+    format: Literal["text", "json", "embedding"] = "text"
     # Inline JSON Schema (a mapping) or the path of a JSON file holding one.
     schema_: dict[str, Any] | str | None = Field(None, alias="schema")
     strict: bool = True  # sent as json_schema.strict
@@ -108,6 +117,13 @@ class PipelineConfig(_Section):
             raise ValueError("must be 0-9 (or a template)")
         return value
 
+    @model_validator(mode="after")
+    def _format_fits(self) -> PipelineConfig:
+        problem = format_problem(self)
+        if problem is not None:
+            raise ValueError(f"pipeline {self.name}: {problem}")
+        return self
+
     @property
     def dead_letter_topic(self) -> str:
         return self.dead_letter or f"{self.source}.dlq"
@@ -115,6 +131,34 @@ class PipelineConfig(_Section):
     def group(self, base: str) -> str:
         """The consumer group: ``group_id`` or ``<kafka.group_id>.<name>``."""
         return self.group_id or f"{base}.{self.name}"
+
+
+# Output settings of chat answers (a schema, its validation, re-asks): not for a vector.
+_CHAT_OUTPUT = ("schema_", "strict", "repair")
+
+
+def format_problem(p: PipelineConfig) -> str | None:
+    """What in the prompt, output or params does not fit ``output.format`` (None: all fits).
+
+    ``embedding`` embeds ``prompt.input`` alone; ``text`` and ``json`` send chat messages."""
+    prompt, out = p.prompt, p.output
+    if out.format != "embedding":
+        if prompt.input is not None:
+            return "prompt.input is for output.format embedding (use prompt.user)"
+        if prompt.user is None:
+            return f"prompt.user is required for output.format {out.format}"
+        return None
+    if prompt.input is None:
+        return "output.format embedding needs prompt.input (the text to embed)"
+    chat = [f"prompt.{k}" for k in ("system", "user", "few_shot") if getattr(prompt, k)]
+    chat += [f"output.{k.rstrip('_')}" for k in _CHAT_OUTPUT if k in out.model_fields_set]
+    if chat:
+        return f"{', '.join(chat)} not allowed with output.format embedding"
+    try:
+        check_embedding_params(p.params)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def check_pipelines(pipelines: list[PipelineConfig], endpoints: dict[str, list[str] | None],

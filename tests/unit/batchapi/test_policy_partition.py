@@ -36,15 +36,16 @@ def _policy(**policy: Any) -> tuple[BatchPolicy, BatchMetrics]:
 
 @settings(deadline=None)  # a loaded machine: no per-example deadline
 @given(priority=st.integers(0, 9), slack=st.none() | st.floats(-100, 10_000),
-       flag=st.sampled_from([None, True, False]), model=st.sampled_from(["m", "other"]))
+       flag=st.sampled_from([None, True, False]), model=st.sampled_from(["m", "other"]),
+       kind=st.sampled_from(["chat", "embedding"]))
 def test_the_policy_parks_exactly_what_the_contract_says(
-    priority: int, slack: float | None, flag: bool | None, model: str
+    priority: int, slack: float | None, flag: bool | None, model: str, kind: str
 ) -> None:
     policy, _ = _policy(min_priority=7, min_slack_seconds=3600, fallback_slack_seconds=600)
     deadline = None if slack is None else int((NOW + slack) * 1000)
     req = Request(id="r", input="x", model=model, priority=priority, deadline=deadline,
-                  batch_api=flag)
-    if flag is False or model != "m":
+                  batch_api=flag, kind=kind)
+    if flag is False or model != "m" or kind == "embedding":  # embeddings never go to a job
         expected = False
     elif flag is True:
         expected = slack is None or slack > 600

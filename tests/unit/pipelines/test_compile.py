@@ -111,11 +111,12 @@ def test_pipeline_settings_take_its_topics_group_and_endpoints() -> None:
     assert s.topics.requests == "llm.requests"  # the request workers' own are unchanged
 
 
-@pytest.mark.parametrize("name", ["support-triage", "review-analysis"])
+@pytest.mark.parametrize("name", ["support-triage", "review-analysis", "document-embedding"])
 async def test_shipped_pipelines_compile_and_render_their_examples(name: str) -> None:
     s = load_settings(ROOT / "config" / "pipelines" / f"{name}.yaml", environ={})
     compile_pipeline(s, name)
-    examples = {"support-triage": "support-tickets", "review-analysis": "product-reviews"}
+    examples = {"support-triage": "support-tickets", "review-analysis": "product-reviews",
+                "document-embedding": "documents"}
     path = ROOT / "examples" / f"{examples[name]}.jsonl"
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     assert len(lines) >= 5
@@ -124,6 +125,9 @@ async def test_shipped_pipelines_compile_and_render_their_examples(name: str) ->
     assert read_event(f"@{path}") == lines[0].encode()
     if name == "support-triage":  # its last example is missing the subject on purpose
         assert texts[-1].endswith("dead letter template: prompt.user: missing field 'subject'")
+    if name == "document-embedding":  # the same: its last document has no title
+        assert texts[-1].endswith("dead letter template: prompt.input: missing field 'title'")
+        assert "--- input\nResetting your password\n\nOpen Settings" in texts[0]
 
 
 @pytest.mark.parametrize("ctx", [
