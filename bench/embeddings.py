@@ -13,8 +13,11 @@ from typing import Any
 
 import orjson
 
+from bench.harness import Env, worker_config
+from bench.harness import Run as _Run
+from bench.harness import measure as _measure
+from bench.harness import rate_of as _rate
 from bench.procs import free_port
-from bench.scenarios import Env, _measure, _rate, _Run, worker_config
 
 # Records per run: (batched, one per call); one call per record at 4 concurrent calls of 20 ms
 # serves ~200 records/s, so it gets fewer.

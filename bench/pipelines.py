@@ -16,8 +16,11 @@ import orjson
 import yaml
 
 from bench import kafka_load as kl
+from bench.harness import Env, endpoints, worker_config
+from bench.harness import Run as _Run
+from bench.harness import measure as _measure
+from bench.harness import rate_of as _rate
 from bench.procs import PY, ROOT, free_port
-from bench.scenarios import Env, _measure, _rate, _Run, endpoints, worker_config
 from streams.config import load_settings
 
 # The shipped support-triage pipeline's schema (category enum, urgency 1-5, summary).

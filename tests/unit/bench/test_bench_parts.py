@@ -128,3 +128,14 @@ def test_tables_show_the_slow_upstream_tail_and_peer_versions() -> None:
     assert "| (e) faststream ? app" in md  # a peer's package that is not installed
     assert "| worker: loop lag p99 ms | 15 | (1 run) |" in md
     assert md.count("run failed: `boom`") == 1  # under the scenario's own table only
+
+
+def test_every_bench_module_imports() -> None:
+    """Scenarios import their modules lazily: a moved helper must fail here, not in `make bench`."""
+    import importlib
+    import pkgutil
+
+    import bench
+
+    for mod in pkgutil.iter_modules(bench.__path__):
+        importlib.import_module(f"bench.{mod.name}")
