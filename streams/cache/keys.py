@@ -178,13 +178,15 @@ def fingerprint(req: Request, topic: str) -> bytes:
     an id reused with any other content does not. (Valid JSON has no NaN or Infinity, which
     orjson would write as null; validation rejects them.)
     """
-    # A chat request's print is what it was before ``kind`` existed: records already
+    # Fields added since (``kind``, ``batch_api``) count only when set away from their
+    # default: a request's print is what it was before they existed, so records already
     # remembered stay redeliveries after an upgrade.
-    doc = [IDEM_VERSION, topic, req.model_dump(exclude=_CHAT_KIND if req.kind == "chat" else None)]
+    exclude = {name for name, default in _ADDED_FIELDS if getattr(req, name) == default}
+    doc = [IDEM_VERSION, topic, req.model_dump(exclude=exclude or None)]
     return hashlib.blake2b(_dumps(doc), digest_size=FINGERPRINT_SIZE).digest()
 
 
-_CHAT_KIND = {"kind"}
+_ADDED_FIELDS = (("kind", "chat"), ("batch_api", None))
 EMBEDDING_KEY_VERSION = "e1"
 
 

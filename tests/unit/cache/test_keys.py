@@ -264,3 +264,16 @@ def test_property_any_changed_field_changes_the_fingerprint(
 def test_property_the_source_topic_is_part_of_the_fingerprint(doc: dict[str, Any]) -> None:
     raw = json.dumps(doc).encode()
     assert _fp(raw, "llm.requests") != _fp(raw, "llm.requests.replay")
+
+def test_a_request_keeps_its_fingerprint_across_the_upgrade() -> None:
+    """The print fb024aa (before `kind` and `batch_api`) gave this record: a record remembered
+    then is still a redelivery after the upgrade, not answered (and paid) again."""
+    from streams.cache.keys import fingerprint
+    from streams.contract import parse_request
+
+    value = (b'{"id":"r1","messages":[{"role":"user","content":"hi"}],"model":"gpt-4o-mini",'
+             b'"priority":3,"metadata":{"a":1}}')
+    req = parse_request(value, max_bytes=10**6, default_model="gpt-4o-mini", max_ttl=86400)
+    assert fingerprint(req, "requests").hex() == "30de7a12b92ccf5763150f5d57a359f3"
+    marked = req.model_copy(update={"batch_api": False})
+    assert fingerprint(marked, "requests") != fingerprint(req, "requests")
