@@ -15,7 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from mockllm.server import max_in_window
+from tests.fakes.windows import max_in_measured_window
 from streams.config import EndpointConfig, Settings
 from streams.contract import Request
 from streams.dispatch.parts import build_dispatcher
@@ -60,7 +60,7 @@ async def test_rpm_holds_across_three_limiters(clients: list[Any]) -> None:
     await asyncio.gather(*(worker(lim) for lim in limiters))
     grants.sort()
     assert not any(lim.degraded for lim in limiters)
-    assert max_in_window(grants, 1.0) <= 10  # 600 rpm = 10/s, smooth, never a burst
+    assert max_in_measured_window(grants) <= 10  # 600 rpm = 10/s, smooth, never a burst
     assert len(grants) >= 14  # and yet the budget is used (~9.8/s for 1.4 s, + reserved)
 
 
@@ -191,4 +191,4 @@ async def test_three_dispatchers_share_an_rpm_limit(clients: list[Any]) -> None:
         for d in dispatchers:
             await d.stop()
     assert len(done) == 30 and all(c.endpoint == "ep" for c in done)
-    assert max_in_window(sorted(upstream.times), 1.0) <= 20
+    assert max_in_measured_window(sorted(upstream.times)) <= 20

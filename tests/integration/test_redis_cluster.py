@@ -20,7 +20,7 @@ import redis
 from prometheus_client import CollectorRegistry
 from redis.asyncio.cluster import RedisCluster
 
-from mockllm.server import max_in_window
+from tests.fakes.windows import max_in_measured_window
 from streams.cache.responses import ResponseCache
 from streams.config import EndpointConfig, RetryConfig, Settings, load_settings
 from streams.contract import Completion, Request
@@ -96,7 +96,7 @@ async def test_the_cluster_client_starts_and_the_limit_holds_across_three_limite
     await _limit_run(limiters, endpoint, 1.4, grants)
     grants.sort()
     assert not any(lim.degraded for lim in limiters)
-    assert max_in_window(grants, 1.0) <= 10  # 600 rpm: 10/s across the three
+    assert max_in_measured_window(grants) <= 10  # 600 rpm: 10/s across the three
     assert len(grants) >= 14
     # every limiter key on the shard of the one tag
     tag_master = redis_cluster.master_of(_slot(shared_tag(prefix)))
@@ -199,7 +199,7 @@ async def test_a_moved_slot_and_a_planned_failover_are_no_outage(
     assert redis_cluster.master_of(slot) == dst != src
     assert not any(lim.degraded for lim in limiters), "a MOVED/ASK was taken for an outage"
     grants.sort()
-    assert max_in_window(grants, 1.0) <= 10 and len(grants) >= 24
+    assert max_in_measured_window(grants) <= 10 and len(grants) >= 24
 
     # the new master hands over to its replica (CLUSTER FAILOVER), limiter and cache in use
     await cache.store(_req(1), _comp(1))
@@ -215,7 +215,7 @@ async def test_a_moved_slot_and_a_planned_failover_are_no_outage(
     assert redis_cluster.master_of(slot) == replica
     assert not any(lim.degraded for lim in limiters), "a planned failover was taken for an outage"
     grants.sort()
-    assert max_in_window(grants, 1.0) <= 10 and len(grants) >= 24
+    assert max_in_measured_window(grants) <= 10 and len(grants) >= 24
     found = await cache.prefetch([_req(1)], ["requests"])
     assert found[0].hit is not None and not cache.redis_store.guard.degraded
 
