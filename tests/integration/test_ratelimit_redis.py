@@ -15,11 +15,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from tests.fakes.windows import max_in_measured_window
 from streams.config import EndpointConfig, Settings
 from streams.contract import Request
 from streams.dispatch.parts import build_dispatcher
 from streams.dispatch.ratelimit import RATE_HEADROOM, RESERVE_AHEAD_SECONDS, RateLimiter
+from tests.fakes.windows import max_in_measured_window
 
 pytestmark = pytest.mark.integration
 

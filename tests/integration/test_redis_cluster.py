@@ -20,7 +20,6 @@ import redis
 from prometheus_client import CollectorRegistry
 from redis.asyncio.cluster import RedisCluster
 
-from tests.fakes.windows import max_in_measured_window
 from streams.cache.responses import ResponseCache
 from streams.config import EndpointConfig, RetryConfig, Settings, load_settings
 from streams.contract import Completion, Request
@@ -31,6 +30,7 @@ from streams.redis_cluster import shared_tag
 from streams.redis_conn import SafeConnection
 from streams.redis_io import check_redis, open_redis
 from tests.fakes.clock import Clock
+from tests.fakes.windows import max_in_measured_window
 from tests.integration.harness import REDIS_HOST, REDIS_PORT
 from tests.integration.redis_cluster import LocalCluster
 from tests.integration.servers import PrivateRedis
