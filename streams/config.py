@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import unquote, urlsplit
 
 import yaml
@@ -62,6 +62,12 @@ def env_name(value: str | None) -> str | None:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def _at_least(self, key: str, floor: str) -> Self:
+        """For a validator: this section, if its ``key`` is at least its ``floor`` key."""
+        if getattr(self, key) < getattr(self, floor):
+            raise ValueError(f"{key} must be at least {floor}")
+        return self
 
 
 class KafkaConfig(_Section):
@@ -256,9 +262,7 @@ class LimitsConfig(_Section):
 
     @model_validator(mode="after")
     def _tracked_covers_inflight(self) -> LimitsConfig:
-        if self.max_tracked < self.max_inflight:
-            raise ValueError("max_tracked must be at least max_inflight")
-        return self
+        return self._at_least("max_tracked", "max_inflight")
 
 
 class RetryConfig(_Section):
@@ -346,9 +350,7 @@ class BatchApiConfig(_Section):
 
     @model_validator(mode="after")
     def _slack_order(self) -> BatchApiConfig:
-        if self.min_slack_seconds < self.fallback_slack_seconds:
-            raise ValueError("min_slack_seconds must be at least fallback_slack_seconds")
-        return self
+        return self._at_least("min_slack_seconds", "fallback_slack_seconds")
 
 
 class Settings(BaseSettings):

@@ -1,9 +1,10 @@
-"""Exceptions of llm-streams: the one error tree. Every class says whether a retry may help.
+"""Exceptions of llm-streams: the one error tree. A class that a retry may help says so.
 
 Two flags, two questions: ``retry_now`` (the dispatcher may make another attempt at once:
 ``dispatch/retry.py`` reads it) and ``retryable`` (a replay of the request later may succeed:
-the dead letter's ``error.retryable``). They differ for ``AttemptsExhausted``: no attempt is
-left now, but a replay may well succeed.
+the dead letter's ``error.retryable``). Both are False on ``StreamsError``; only the classes
+a retry may help set them. They differ for ``AttemptsExhausted``: no attempt is left now, but
+a replay may well succeed.
 
 ::
 
@@ -61,26 +62,20 @@ class StreamsError(Exception):
 class ConfigError(StreamsError):
     """The configuration is invalid; the message names the key."""
 
-    retry_now = retryable = False
-
 
 class StartupError(StreamsError):
     """A dependency refused the worker at start; the message names it, never a secret."""
-
-    retry_now = retryable = False
 
 
 class ValidationFailed(StreamsError):
     """A request record does not satisfy the contract."""
 
-    retry_now = retryable = False
     dlq_type = "validation"
 
 
 class UpstreamError(StreamsError):
     """An upstream endpoint call failed."""
 
-    retry_now = retryable = False
     dlq_type = "upstream"
 
     def __init__(
@@ -116,8 +111,6 @@ class UpstreamConnectionError(UpstreamError):
 class UpstreamBadResponse(UpstreamError):
     """A 2xx answer that is not a chat completion."""
 
-    retry_now = retryable = False
-
 
 class AttemptsExhausted(StreamsError):
     dlq_type = "exhausted"
@@ -131,7 +124,6 @@ class AttemptsExhausted(StreamsError):
 
 
 class DeadlineExpired(StreamsError):
-    retry_now = retryable = False
     dlq_type = "expired"
 
 
@@ -150,14 +142,11 @@ class BudgetExceeded(StreamsError):
 class NoEndpoint(StreamsError):
     """No configured endpoint serves the request's model."""
 
-    retry_now = retryable = False
     dlq_type = "upstream"
 
 
 class DispatchFailed(StreamsError):
     """A request could not be answered; carries what the dead letter reports."""
-
-    retry_now = retryable = False
 
     def __init__(self, error: StreamsError, attempts: int, endpoints: list[str]) -> None:
         super().__init__(str(error))
@@ -169,25 +158,18 @@ class DispatchFailed(StreamsError):
 class DispatcherStopped(StreamsError, RuntimeError):
     """``dispatch()`` was called after ``stop()`` (a bug in the caller; not retryable)."""
 
-    retry_now = retryable = False
-
 
 class OutputTooLarge(StreamsError):
     """The broker refuses an output record because of its size (not retryable)."""
-
-    retry_now = retryable = False
 
 
 class InternalError(StreamsError):
     """A bug or an unexpected failure while handling a request (dead letter "internal")."""
 
-    retry_now = retryable = False
-
 
 class TemplateFailed(ValidationFailed):
     """A pipeline's template could not render an event; the message names the field."""
 
-    retry_now = retryable = False
     dlq_type = "template"
     request_id: str | None = None  # the event's id, when its template rendered
 

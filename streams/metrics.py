@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -67,19 +68,16 @@ class PipelineMetrics:
                  tenants: Iterable[str] = ()) -> None:
         self.model_label = ModelLabels(models)
         self.costs = CostMetrics(registry, TenantLabels(tenants))  # tenancy.py
-        self.consumed = Counter(
-            "llm_streams_records_consumed", "Request records consumed", ["topic"],
-            registry=registry,
-        )
-        self.outputs = Counter(
+        counter = partial(Counter, registry=registry)
+        gauge = partial(Gauge, registry=registry)
+        self.consumed = counter("llm_streams_records_consumed", "Request records consumed", ["topic"])
+        self.outputs = counter(
             "llm_streams_outputs",
             "Output records published, by outcome (ok, cached, replayed) or dead-letter type",
             ["outcome"],
-            registry=registry,
         )
-        self.dead_letters = Counter(
-            "llm_streams_dead_letters", "Dead letters published by error type", ["type"],
-            registry=registry,
+        self.dead_letters = counter(
+            "llm_streams_dead_letters", "Dead letters published by error type", ["type"]
         )
         self.latency = Histogram(
             "llm_streams_end_to_end_seconds",
@@ -88,33 +86,24 @@ class PipelineMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
-        self.in_flight = Gauge(
-            "llm_streams_in_flight", "Requests consumed and not yet answered", registry=registry
+        self.in_flight = gauge("llm_streams_in_flight", "Requests consumed and not yet answered")
+        self.publish_errors = counter(
+            "llm_streams_publish_errors", "Failed attempts to publish an output record"
         )
-        self.publish_errors = Counter(
-            "llm_streams_publish_errors", "Failed attempts to publish an output record",
-            registry=registry,
+        self.tokens = counter(
+            "llm_streams_tokens", "Tokens reported by upstream usage", ["model", "kind"]
         )
-        self.tokens = Counter(
-            "llm_streams_tokens", "Tokens reported by upstream usage", ["model", "kind"],
-            registry=registry,
+        self.consumer_lag = gauge(
+            "llm_streams_consumer_lag", "Records behind the partition's end offset", ["topic", "partition"]
         )
-        self.consumer_lag = Gauge(
-            "llm_streams_consumer_lag",
-            "Records behind the partition's end offset",
-            ["topic", "partition"],
-            registry=registry,
+        self.assigned_partitions = gauge(
+            "llm_streams_assigned_partitions", "Partitions of the requests topic assigned to this worker"
         )
-        self.assigned_partitions = Gauge(
-            "llm_streams_assigned_partitions", "Partitions of the requests topic assigned to this worker",
-            registry=registry,
-        )
-        self.skipped_finished = Counter(
+        self.skipped_finished = counter(
             "llm_streams_records_skipped_finished",
             "Records not redone after a crash or rebalance: the commit's metadata names them "
             "finished (their output was published)",
             ["topic"],
-            registry=registry,
         )
 
     def count_tokens(self, model: str, usage: Mapping[str, int]) -> None:

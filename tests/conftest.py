@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import settings
 
-from tests.integration.harness import Mock, start_mocks
+from tests.integration.harness import Mock, StartMock, start_mocks
 
 # Speed is measured by benchmarks, not tests: no per-example deadline (a busy machine made the
 # 200 ms default fail property tests whose code was right).
@@ -46,4 +46,22 @@ async def mocks() -> AsyncIterator[list[Mock]]:
         yield ms
     finally:
         for m in ms:
+            m.stop()
+
+
+@pytest.fixture
+async def mock_llm() -> AsyncIterator[StartMock]:
+    """Starts one mock endpoint per call, with the given ``llm-streams mock-llm`` arguments
+    (e.g. ``await mock_llm("--latency-ms", "20")``); every one stopped after the test."""
+    started: list[Mock] = []
+
+    async def start(*args: str) -> Mock:
+        [mock] = await start_mocks(1, *args)
+        started.append(mock)
+        return mock
+
+    try:
+        yield start
+    finally:
+        for m in started:
             m.stop()

@@ -6,7 +6,7 @@ One ``dispatch()`` call per request (each its own asyncio task; thousands may ru
    (``balancer.py``) among those usable now: not cooling down (``cooldown.py``), not
    saturated (``ratelimit.py``), and for a retry not already tried if another healthy
    endpoint exists. If none is usable the request waits in the priority scheduler
-   (``scheduler.py``).
+   (``fairqueue.py``: priority levels with aging, fair share between tenants).
 2. Call the endpoint (``client.complete``); on a retryable failure back off
    (``retry.py``) and go to 1; on a terminal one, or when ``retry.max_attempts`` attempts
    are spent, or the request's deadline has passed, raise ``DispatchFailed``.

@@ -13,19 +13,13 @@ tenants of weights 3 and 1 get 3/4 and 1/4 of the grants; a tenant arriving behi
 waits for about one grant of each other tenant, not for the flood. Within one tenant's queue
 the order is FIFO by first arrival (offset order within a partition; a retry keeps its place).
 
-Usage (as ``scheduler.Scheduler``, plus the tenant)::
+Usage: as ``scheduler.Scheduler`` (its docstring shows the walk of a pass), plus the tenant::
 
     fq: FairQueue[Ticket] = FairQueue(aging_ms=10_000, weight=lambda tenant: 1.0)
     entry = fq.add(ticket, priority=3, enqueued_ms=now_ms, tenant="team-a")
-    cursor = fq.begin_pass()
-    while (e := cursor.next()) is not None:
-        if over_its_cap(e.tenant):
-            cursor.skip_tenant(e.tenant)      # none of its entries this pass
-        elif grant(e.item):
-            cursor.take(e)
-        else:
-            cursor.skip(e)
-    cursor.end()
+    # in the walk over fq.begin_pass(), before trying to grant e:
+    if over_its_cap(e.tenant):
+        cursor.skip_tenant(e.tenant)      # none of its entries this pass
 """
 
 from __future__ import annotations

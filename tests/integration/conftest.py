@@ -1,9 +1,13 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from tests.integration.harness import Mock, Stack
 from tests.integration.redis_cluster import LocalCluster
@@ -36,3 +40,27 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+async def redis_clients(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator[list[Any]]:
+    """Three separate connections to the test database (flushed), as three worker processes
+    would have."""
+    cs = [aioredis.Redis.from_url(redis_url) for _ in range(3)]
+    try:
+        yield cs
+    finally:
+        for c in cs:
+            await c.aclose()
+
+
+@pytest.fixture
+async def unreachable_redis() -> AsyncIterator[aioredis.Redis]:
+    """A client of a Redis that is not there: nothing listens on port 1, and with no
+    client-side retries every command is refused at once."""
+    dead = aioredis.Redis(host="127.0.0.1", port=1, socket_timeout=0.2,
+                          retry=Retry(NoBackoff(), 0))
+    try:
+        yield dead
+    finally:
+        await dead.aclose()

@@ -13,7 +13,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,9 @@ class Mock:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+StartMock = Callable[..., Awaitable[Mock]]  # the ``mock_llm`` fixture: one more mock endpoint
 
 
 def start_mock(*args: str) -> Mock:
@@ -171,6 +175,19 @@ class Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    async def metrics_text(self) -> str:
+        """The worker's /metrics page (Prometheus text format)."""
+        async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{self.metrics_port}/metrics"
+        ) as r:
+            return await r.text()
+
+    async def metric(self, name: str) -> float:
+        """The sum of every sample of the series ``name`` (all its labels)."""
+        text = await self.metrics_text()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name + " ") or line.startswith(name + "{"))
+
 
 def start_worker(stack: Stack, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
                  **extra: Any) -> Worker:
@@ -186,6 +203,24 @@ def start_worker(stack: Stack, env: dict[str, str] | None = None, args: tuple[st
             env={**os.environ, **(env or {})},
         )
     return Worker(proc, port, log)
+
+
+@asynccontextmanager
+async def running(stack: Stack, n: int = 1, *, settle: float = 0.0, clean_exit: bool = True,
+                  env: dict[str, str] | None = None,
+                  args: tuple[str, ...] = ()) -> AsyncIterator[list[Worker]]:
+    """``n`` workers on the stack's config, ready (then ``settle`` seconds for the group to
+    settle), stopped when the block ends; with ``clean_exit`` each must then exit 0."""
+    workers = [start_worker(stack, env, args) for _ in range(n)]
+    try:
+        for w in workers:
+            await w.ready()
+        await asyncio.sleep(settle)
+        yield workers
+    finally:
+        codes = [w.stop() for w in workers]
+    if clean_exit:
+        assert codes == [0] * n, f"worker exit codes {codes}"
 
 
 def window_sums(times: list[float], costs: list[int], width: float,
@@ -312,3 +347,28 @@ class Collector:
             seen.add(rid if rid is not None else ("offset", o.value["source"]["offset"],
                                                    o.value["source"]["partition"]))
         return len(seen)
+
+
+async def answered(stack: Stack, docs: Iterable[dict[str, Any]], n: int | None = None,
+                   timeout: float = 120.0) -> list[Output]:
+    """Produce ``docs`` to the stack's requests topic and wait for ``n`` outputs (default: one
+    per doc; see ``Collector.wait_for``); every output read, duplicates included."""
+    values = encode(docs)
+    async with Collector(stack) as col:
+        await produce(stack.requests, values, bootstrap=stack.kafka, sasl=stack.sasl)
+        return await col.wait_for(len(values) if n is None else n, timeout)
+
+
+async def kill_when_half_answered(stack: Stack, col: Collector, n: int) -> float:
+    """A worker on the stack answers until ``col`` holds outputs for half of ``n`` requests,
+    then is SIGKILLed (also if anything before fails). Returns the kill's ``time.time()``
+    (the mock's clock for its calls)."""
+    worker = start_worker(stack)
+    try:
+        await worker.ready()
+        while col.distinct() < n // 2:
+            await col.poll()
+    finally:
+        killed_at = time.time()
+        worker.kill()
+    return killed_at

@@ -13,17 +13,20 @@ from typing import Any
 import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from mockllm.server import completion_body
 from tests.integration.harness import (
     Collector,
     Mock,
     Stack,
-    Worker,
+    answered,
     encode,
     produce,
     request,
+    running,
     start_worker,
 )
 
+PRICE = {"input_per_mtok": 0.15, "output_per_mtok": 0.6}  # gpt-4o-mini's, per million tokens
 PARTITIONS = 4
 
 
@@ -67,19 +70,20 @@ def later(i: int, **kw: Any) -> dict[str, Any]:
     return request(i, priority=8, **kw)
 
 
-async def started(stack: Stack) -> Worker:
-    worker = start_worker(stack)
-    await worker.ready()
-    return worker
+def normal_price(doc: dict[str, Any]) -> float:
+    """What the mock's answer to ``doc`` costs at the normal (synchronous) price."""
+    usage = completion_body("gpt-4o-mini", doc["input"])["usage"]
+    return float(usage["prompt_tokens"] * PRICE["input_per_mtok"]
+                 + usage["completion_tokens"] * PRICE["output_per_mtok"]) / 1e6
 
 
 async def test_thousands_wait_for_two_jobs_per_partition_while_normal_requests_flow(
     stack: Stack, mocks: list[Mock]
 ) -> None:
     batch_stack(stack)
+    stack.overrides["pricing"] = {"gpt-4o-mini": PRICE}  # batch_discount: the default, 0.5
     await mocks[0].configure(batch_delay_seconds=20)
-    worker = await started(stack)
-    try:
+    async with running(stack):
         n, normal = 5_000, 400
         docs = [later(i) for i in range(n)] + [request(n + i) for i in range(normal)]
         docs.sort(key=lambda d: hash(d["id"]) % 97)  # interleaved in every partition
@@ -91,8 +95,8 @@ async def test_thousands_wait_for_two_jobs_per_partition_while_normal_requests_f
                        and (await batch_stats(mocks[0]))["batches_created"] >= PARTITIONS):
                 assert time.monotonic() < deadline, "normal requests or commits held back"
                 await col.poll()
-            running = await batch_stats(mocks[0])
-            assert running["lines_answered"] == 0, running  # the jobs are still running
+            mid = await batch_stats(mocks[0])
+            assert mid["lines_answered"] == 0, mid  # the jobs are still running
             outs = await col.wait_for(n + normal, timeout=180)
         per_id = Counter(o.value["id"] for o in outs)
         assert set(per_id) == {d["id"] for d in docs} and max(per_id.values()) == 1
@@ -109,8 +113,14 @@ async def test_thousands_wait_for_two_jobs_per_partition_while_normal_requests_f
         assert stats["lines_answered"] == n and stats["lines_failed"] == 0
         calls = await chat_calls(mocks)
         assert calls == normal, "qualifying requests made synchronous calls"
-    finally:
-        assert worker.stop() == 0
+    # every answer carries its cost: from a batch job at half the normal price of its tokens
+    by_id = {d["id"]: d for d in docs}
+    for o in outs:
+        cost, batch = o.value.get("cost"), bool(o.value.get("batch_job"))
+        assert cost is not None and cost["currency"] == "USD", o.value
+        share = 0.5 if batch else 1.0
+        assert abs(cost["total"] - share * normal_price(by_id[o.value["id"]])) <= 1e-11, o.value
+        assert abs(cost["input"] + cost["output"] - cost["total"]) <= 1e-12 and cost["saved"] == 0
 
 
 async def test_coordinator_killed_mid_job_is_resumed_without_resubmission(
@@ -119,7 +129,8 @@ async def test_coordinator_killed_mid_job_is_resumed_without_resubmission(
     batch_stack(stack)
     await mocks[0].configure(batch_delay_seconds=15)
     n = 600
-    worker = await started(stack)
+    worker = start_worker(stack)
+    await worker.ready()
     await produce(stack.requests, encode(later(i) for i in range(n)))
     async with Collector(stack) as col:
         deadline = time.monotonic() + 60
@@ -128,11 +139,8 @@ async def test_coordinator_killed_mid_job_is_resumed_without_resubmission(
             await asyncio.sleep(0.3)
         worker.kill()  # mid-job: every batch created, none finished
         created = (await batch_stats(mocks[0]))["batches_created"]
-        worker = await started(stack)
-        try:
+        async with running(stack):
             outs = await col.wait_for(n, timeout=120)
-        finally:
-            assert worker.stop() == 0
     per_id = Counter(o.value["id"] for o in outs)
     assert set(per_id) == {f"req-{i}" for i in range(n)} and max(per_id.values()) == 1
     assert all(o.value.get("batch_job") for o in outs)
@@ -146,8 +154,7 @@ async def test_deadline_before_the_job_ends_is_answered_by_a_normal_call(
 ) -> None:
     batch_stack(stack, min_slack_seconds=20, fallback_slack_seconds=15)
     await mocks[0].configure(batch_delay_seconds=12)
-    worker = await started(stack)
-    try:
+    async with running(stack):
         soon = int((time.time() + 22) * 1000)  # qualifies, falls back ~7 s later
         n, urgent = 200, 40
         docs = [later(i) for i in range(n - urgent)]
@@ -161,8 +168,6 @@ async def test_deadline_before_the_job_ends_is_answered_by_a_normal_call(
             outs = col.outputs
         stats = await batch_stats(mocks[0])
         assert stats["lines_answered"] == n, "the urgent requests were not in the job"
-    finally:
-        assert worker.stop() == 0
     per_id = Counter(o.value["id"] for o in outs)
     assert set(per_id) == {d["id"] for d in docs} and max(per_id.values()) == 1
     by_id = {o.value["id"]: o for o in outs}
@@ -179,14 +184,9 @@ async def test_a_failed_job_sends_its_requests_down_the_normal_path(
 ) -> None:
     batch_stack(stack)
     await mocks[0].configure(batch_delay_seconds=1, batch_outcome="failed")
-    worker = await started(stack)
-    try:
-        n = 300
-        await produce(stack.requests, encode(later(i) for i in range(n)))
-        async with Collector(stack) as col:
-            outs = await col.wait_for(n, timeout=120)
-    finally:
-        assert worker.stop() == 0
+    n = 300
+    async with running(stack):
+        outs = await answered(stack, (later(i) for i in range(n)))
     per_id = Counter(o.value["id"] for o in outs)
     assert set(per_id) == {f"req-{i}" for i in range(n)} and max(per_id.values()) == 1
     assert all(o.value["status"] == "ok" and not o.value.get("batch_job") for o in outs)

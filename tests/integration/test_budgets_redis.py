@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from streams.config import Settings
 from streams.dispatch.budgets import Budgets, Refusal, Reservation
@@ -25,26 +22,16 @@ def _settings(**limits: Any) -> Settings:
         "t": {"budgets": [{"window": "minute", "tokens": 5_000}, {"window": "day", "cost": 1.0}]}})
 
 
-@pytest.fixture
-async def clients(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator[list[Any]]:
-    cs = [aioredis.Redis.from_url(redis_url) for _ in range(3)]
-    try:
-        yield cs
-    finally:
-        for c in cs:
-            await c.aclose()
-
-
 async def _away_from_a_minute_boundary() -> None:
     if time.time() % 60 > 55:
         await asyncio.sleep(60 - time.time() % 60 + 0.5)
 
 
 async def test_concurrent_reservations_of_three_workers_never_overshoot(
-    clients: list[Any], redis_client: aioredis.Redis
+    redis_clients: list[Any], redis_client: aioredis.Redis
 ) -> None:
     await _away_from_a_minute_boundary()
-    workers = [Budgets(_settings(), c) for c in clients]
+    workers = [Budgets(_settings(), c) for c in redis_clients]
     got = await asyncio.gather(*(workers[i % 3].try_reserve("t", 100, 0.0001)
                                  for i in range(200)))
     held = [g for g in got if isinstance(g, Reservation)]
@@ -68,13 +55,10 @@ async def test_concurrent_reservations_of_three_workers_never_overshoot(
     assert sum(isinstance(g, Reservation) for g in more) == 20
 
 
-async def test_unreachable_redis_falls_back_to_a_local_share() -> None:
-    dead = aioredis.Redis(host="127.0.0.1", port=1, socket_timeout=0.2,
-                          retry=Retry(NoBackoff(), 0))
-    try:
-        budgets = Budgets(_settings(local_fallback_fraction=0.5), dead)
-        first = await budgets.try_reserve("t", 2_500, 0.0)
-        assert isinstance(first, Reservation) and not first.shared
-        assert isinstance(await budgets.try_reserve("t", 1, 0.0), Refusal)
-    finally:
-        await dead.aclose()
+async def test_unreachable_redis_falls_back_to_a_local_share(
+    unreachable_redis: aioredis.Redis,
+) -> None:
+    budgets = Budgets(_settings(local_fallback_fraction=0.5), unreachable_redis)
+    first = await budgets.try_reserve("t", 2_500, 0.0)
+    assert isinstance(first, Reservation) and not first.shared
+    assert isinstance(await budgets.try_reserve("t", 1, 0.0), Refusal)

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
-import aiohttp
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.integration.harness import (
     Collector,
     Mock,
     Stack,
-    Worker,
+    answered,
     encode,
+    kill_when_half_answered,
     produce,
-    start_worker,
+    running,
 )
 from tests.integration.servers import PrivateRedis
 
@@ -30,9 +29,7 @@ async def _calls(mocks: list[Mock]) -> int:
 
 
 async def test_2000_distinct_prompts_five_times_each(stack: Stack, mocks: list[Mock]) -> None:
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack):
         async with Collector(stack) as col:
             # spread over time: five waves, each with every prompt once, shuffled partitions
             for wave in range(5):
@@ -40,8 +37,6 @@ async def test_2000_distinct_prompts_five_times_each(stack: Stack, mocks: list[M
                 await produce(stack.requests, encode(docs))
                 await asyncio.sleep(0.5)
             outs = await col.wait_for(10_000, timeout=240)
-    finally:
-        assert worker.stop() == 0
     assert len({o.value["id"] for o in outs}) == 10_000
     assert await _calls(mocks) == 2000
     first = {}
@@ -56,24 +51,14 @@ async def test_2000_distinct_prompts_five_times_each(stack: Stack, mocks: list[M
 async def test_500_identical_prompts_two_workers_one_call(stack: Stack, mocks: list[Mock]) -> None:
     for m in mocks:
         await m.configure(latency_ms=300)
-    workers = [start_worker(stack), start_worker(stack)]
-    try:
-        for w in workers:
-            await w.ready()
-        await produce(stack.requests, encode(_prompt_req(i, 7) for i in range(500)))
-        async with Collector(stack) as col:
-            outs = await col.wait_for(500, timeout=120)
-    finally:
-        for w in workers:
-            assert w.stop() == 0
+    async with running(stack, 2):
+        outs = await answered(stack, (_prompt_req(i, 7) for i in range(500)), timeout=120)
     assert all(o.value["status"] == "ok" for o in outs)
     assert await _calls(mocks) == 1
 
 
 async def test_tenants_are_isolated(stack: Stack, mocks: list[Mock]) -> None:
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack):
         async with Collector(stack) as col:
             await produce(stack.requests, encode([_prompt_req(1, 1, tenant="a")]))
             await col.wait_for(1)
@@ -81,17 +66,13 @@ async def test_tenants_are_isolated(stack: Stack, mocks: list[Mock]) -> None:
             await col.wait_for(2)
             await produce(stack.requests, encode([_prompt_req(3, 1, tenant="a")]))
             outs = await col.wait_for(3)
-    finally:
-        assert worker.stop() == 0
     cached = {o.value["id"]: o.value["cached"] for o in outs}
     assert cached == {"req-1": False, "req-2": False, "req-3": True}
     assert await _calls(mocks) == 2
 
 
 async def test_no_cache_no_store_and_ttl(stack: Stack, mocks: list[Mock]) -> None:
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack):
         async with Collector(stack) as col:
             async def one(i: int, prompt: int, **kw: object) -> dict[str, object]:
                 await produce(stack.requests, encode([_prompt_req(i, prompt, **kw)]))
@@ -107,8 +88,6 @@ async def test_no_cache_no_store_and_ttl(stack: Stack, mocks: list[Mock]) -> Non
             assert (await one(7, 3))["cached"] is True
             await asyncio.sleep(2.2)
             assert (await one(8, 3))["cached"] is False  # expired after its 1 s ttl
-    finally:
-        assert worker.stop() == 0
     # misses: req-1, req-3 (no_cache), req-4 (no_store), req-5, req-6, req-8 (ttl expired)
     assert await _calls(mocks) == 6
 
@@ -120,19 +99,11 @@ async def test_sigkill_then_restart_never_calls_upstream_twice(
         await m.configure(latency_ms=30)
     n = 6000
     await produce(stack.requests, encode(_prompt_req(i, i) for i in range(n)))
-    worker = start_worker(stack)
     async with Collector(stack) as col:
-        await worker.ready()
-        while col.distinct() < n // 2:
-            await col.poll()
-        killed_at = time.time()  # the mock stamps its calls with time.time()
-        worker.kill()
+        killed_at = await kill_when_half_answered(stack, col, n)
         answered_before_kill = {o.value["id"] for o in col.outputs}
-        worker = start_worker(stack)
-        try:
+        async with running(stack):
             await col.wait_for(n, timeout=240)
-        finally:
-            assert worker.stop() == 0
     assert len(col.ids()) == n
     # calls on the wire at the kill were never answered and may be made again; an answered
     # id never is
@@ -161,29 +132,25 @@ async def test_redis_outage_loses_nothing_and_hits_resume(
     redis = PrivateRedis(tmp_path / "redis")  # stopped below: never the shared Redis
     redis.start()
     stack.overrides["redis.url"] = redis.url()
-    worker = start_worker(stack)
     try:
-        await worker.ready()
-        async with Collector(stack) as col:
-            await produce(stack.requests, encode(_prompt_req(i, i) for i in range(1000)))
-            await col.wait_for(300)
-            redis.stop()
-            await produce(stack.requests, encode(_prompt_req(i, i) for i in range(1000, 2000)))
-            await asyncio.sleep(10)
-            redis.start()
-            await col.wait_for(2000, timeout=120)
-            await asyncio.sleep(2)
-            # prompt 1999 was answered during the outage (not stored): a miss, then a hit
-            await produce(stack.requests, encode([_prompt_req(5000, 1999)]))
-            await col.wait_for(2001, timeout=60)
-            await produce(stack.requests, encode([_prompt_req(5001, 1999)]))
-            outs = await col.wait_for(2002, timeout=60)
-        assert worker.alive()
+        async with running(stack) as [worker]:
+            async with Collector(stack) as col:
+                await produce(stack.requests, encode(_prompt_req(i, i) for i in range(1000)))
+                await col.wait_for(300)
+                redis.stop()
+                await produce(stack.requests, encode(_prompt_req(i, i) for i in range(1000, 2000)))
+                await asyncio.sleep(10)
+                redis.start()
+                await col.wait_for(2000, timeout=120)
+                await asyncio.sleep(2)
+                # prompt 1999 was answered during the outage (not stored): a miss, then a hit
+                await produce(stack.requests, encode([_prompt_req(5000, 1999)]))
+                await col.wait_for(2001, timeout=60)
+                await produce(stack.requests, encode([_prompt_req(5001, 1999)]))
+                outs = await col.wait_for(2002, timeout=60)
+            assert worker.alive()
     finally:
-        try:
-            assert worker.stop() == 0
-        finally:
-            redis.stop()
+        redis.stop()
     last = [o.value for o in outs if o.value["id"] == "req-5001"]
     assert last and last[0]["cached"] is True
     assert all(o.value["status"] == "ok" for o in outs)
@@ -198,15 +165,6 @@ async def _outputs(col: Collector, n: int, timeout: float = 60.0) -> list[dict[s
     return [o.value for o in col.outputs]
 
 
-async def _metric(worker: Worker, name: str) -> float:
-    async with aiohttp.ClientSession() as s, s.get(
-        f"http://127.0.0.1:{worker.metrics_port}/metrics"
-    ) as r:
-        text = await r.text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
-
-
 async def test_reused_ids_get_their_own_answer_and_redeliveries_are_replayed(
     stack: Stack, mocks: list[Mock]
 ) -> None:
@@ -215,17 +173,13 @@ async def test_reused_ids_get_their_own_answer_and_redeliveries_are_replayed(
     other_tenant = {**first, "tenant": "b", "metadata": {"owner": "b"}}
     other_metadata = {**other_prompt, "metadata": {"owner": "a", "row": 2}}
     steps = [first, first, other_prompt, other_tenant, other_tenant, other_metadata]
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack) as [worker]:
         async with Collector(stack) as col:
             for n, doc in enumerate(steps, 1):  # one at a time: each sees the store of the last
                 await produce(stack.requests, encode([doc]))
                 outs = await _outputs(col, n)
-            conflicts = await _metric(worker, "llm_streams_cache_idempotency_conflicts_total")
-            replays = await _metric(worker, "llm_streams_cache_idempotent_replays_total")
-    finally:
-        assert worker.stop() == 0
+            conflicts = await worker.metric("llm_streams_cache_idempotency_conflicts_total")
+            replays = await worker.metric("llm_streams_cache_idempotent_replays_total")
     assert [o["id"] for o in outs] == ["job-1"] * 6
     prompts = [doc["input"] for doc in steps]
     for out, prompt, doc in zip(outs, prompts, steps, strict=True):
@@ -245,23 +199,15 @@ async def test_with_the_cache_disabled_a_redelivered_record_is_not_called_again(
     n = 40
     docs = [_prompt_req(i, i % 10) for i in range(n)]  # shared prompts: no cache, no sharing
     await produce(stack.requests, encode(docs))
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack):
         async with Collector(stack) as col:
             first = await col.wait_for(n)
-    finally:
-        assert worker.stop() == 0
     assert await _calls(mocks) == n
     await _rewind(stack)  # the group reads every record again: Kafka's redelivery
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack) as [worker]:
         async with Collector(stack) as col:
             again = await _outputs(col, 2 * n)
-            replays = await _metric(worker, "llm_streams_cache_idempotent_replays_total")
-    finally:
-        assert worker.stop() == 0
+            replays = await worker.metric("llm_streams_cache_idempotent_replays_total")
     assert await _calls(mocks) == n  # none called twice
     assert replays == n
     by_id = {o.value["id"]: o.value for o in first}

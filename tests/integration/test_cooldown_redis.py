@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from streams.config import EndpointConfig, RetryConfig
 from streams.dispatch.cooldown import Cooldowns, EndpointState
@@ -19,13 +16,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def pair(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator[list[Any]]:
-    cs = [aioredis.Redis.from_url(redis_url) for _ in range(2)]
-    try:
-        yield cs
-    finally:
-        for c in cs:
-            await c.aclose()
+def pair(redis_clients: list[Any]) -> list[Any]:
+    """Two workers' connections."""
+    return redis_clients[:2]
 
 
 def _workers(clients: list[Any], clock: Clock) -> list[Cooldowns]:
@@ -63,19 +56,14 @@ async def test_cooldown_is_shared_and_probed_once(pair: list[Any]) -> None:
     assert w2.state("a") is EndpointState.HEALTHY and w2.usable("a")
 
 
-async def test_cooldown_falls_back_to_local_state() -> None:
+async def test_cooldown_falls_back_to_local_state(unreachable_redis: aioredis.Redis) -> None:
     clock = Clock()
-    # nothing listens on port 1; no client-side retries, so refusals are immediate
-    dead = aioredis.Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))
-    try:
-        (w,) = _workers([dead], clock)
-        w.record_failure("a")
-        assert await w.sync() is False and w.degraded
-        assert w.state("a") is EndpointState.COOLING
-        clock.now += 5
-        assert await w.try_probe("a") is True  # probes on its own while Redis is away
-    finally:
-        await dead.aclose()
+    (w,) = _workers([unreachable_redis], clock)
+    w.record_failure("a")
+    assert await w.sync() is False and w.degraded
+    assert w.state("a") is EndpointState.COOLING
+    clock.now += 5
+    assert await w.try_probe("a") is True  # probes on its own while Redis is away
 
 
 @pytest.mark.parametrize("stored", [b"nan", b"-nan", b"inf", b"-inf", b"garbage", b"",

@@ -10,11 +10,12 @@ from tests.integration.harness import (
     Collector,
     Mock,
     Stack,
+    StartMock,
+    answered,
     encode,
     produce,
     request,
-    start_mocks,
-    start_worker,
+    running,
     window_sums,
 )
 
@@ -26,42 +27,28 @@ def _eps(mocks: list[Mock], weights: list[float], **kw: object) -> list[dict[str
     ]
 
 
-async def test_weights_3_1_0(stack: Stack, mocks: list[Mock]) -> None:
-    third = (await start_mocks(1))[0]
-    try:
-        stack.endpoints = _eps([*mocks, third], [3, 1, 0])
-        stack.overrides["cache.enabled"] = False
-        worker = start_worker(stack)
-        try:
-            await worker.ready()
-            n = 10_000
-            await produce(stack.requests, encode(request(i) for i in range(n)))
-            async with Collector(stack) as col:
-                outs = await col.wait_for(n, timeout=240)
-        finally:
-            assert worker.stop() == 0
-        by_ep = {o.value["endpoint"] for o in outs}
-        assert "ep2" not in by_ep
-        calls = [(await m.stats())["calls"] for m in (*mocks, third)]
-        total = sum(calls)
-        assert total == n
-        assert abs(calls[0] / total - 0.75) <= 0.02 and abs(calls[1] / total - 0.25) <= 0.02
-        assert calls[2] == 0
-    finally:
-        third.stop()
+async def test_weights_3_1_0(stack: Stack, mocks: list[Mock], mock_llm: StartMock) -> None:
+    third = await mock_llm()
+    stack.endpoints = _eps([*mocks, third], [3, 1, 0])
+    stack.overrides["cache.enabled"] = False
+    n = 10_000
+    async with running(stack):
+        outs = await answered(stack, (request(i) for i in range(n)), timeout=240)
+    by_ep = {o.value["endpoint"] for o in outs}
+    assert "ep2" not in by_ep
+    calls = [(await m.stats())["calls"] for m in (*mocks, third)]
+    total = sum(calls)
+    assert total == n
+    assert abs(calls[0] / total - 0.75) <= 0.02 and abs(calls[1] / total - 0.25) <= 0.02
+    assert calls[2] == 0
 
 
 async def test_rpm_holds_across_three_workers(stack: Stack, mocks: list[Mock]) -> None:
     stack.endpoints = _eps(mocks[:1], [1], rpm=600)
     stack.overrides["cache.enabled"] = False
-    workers = [start_worker(stack) for _ in range(3)]
-    try:
-        for w in workers:
-            await w.ready()
+    async with running(stack, 3):
         n = 200
-        await produce(stack.requests, encode(request(i) for i in range(n)))
-        async with Collector(stack) as col:
-            outs = await col.wait_for(n, timeout=120)
+        outs = await answered(stack, (request(i) for i in range(n)), timeout=120)
         assert all(o.value["status"] == "ok" for o in outs)
         stats = await mocks[0].stats(log=True)
         assert stats["calls"] == n
@@ -70,9 +57,6 @@ async def test_rpm_holds_across_three_workers(stack: Stack, mocks: list[Mock]) -
         most, _, judged = window_sums(times, [1] * len(times), 1.0, stalls)
         assert judged >= 0.5, f"the mock stalled too often to measure (load?): {judged:.0%}"
         assert most <= 10, (most, stats["max_per_second"])
-    finally:
-        for w in workers:
-            assert w.stop() == 0
 
 
 async def test_retry_after_429_cools_the_endpoint_and_traffic_flows_elsewhere(
@@ -81,13 +65,9 @@ async def test_retry_after_429_cools_the_endpoint_and_traffic_flows_elsewhere(
     stack.endpoints = _eps(mocks, [1, 1])
     stack.overrides["cache.enabled"] = False
     await mocks[0].configure(down=True, status_on_error=429, retry_after=2)
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack):
         n = 400
-        await produce(stack.requests, encode(request(i) for i in range(n)))
-        async with Collector(stack) as col:
-            outs = await col.wait_for(n, timeout=120)
+        outs = await answered(stack, (request(i) for i in range(n)), timeout=120)
         assert all(o.topic == stack.responses for o in outs), "nothing may be dead-lettered"
         log = (await mocks[0].stats(log=True))["log"]
         assert log and all(status == 429 for _, status in log)
@@ -96,8 +76,6 @@ async def test_retry_after_429_cools_the_endpoint_and_traffic_flows_elsewhere(
         quiet = [t for t, _ in log if first + 0.2 < t < first + 1.9]
         assert quiet == [], f"{len(quiet)} calls during the 2 s cooldown"
         assert (await mocks[1].stats())["ok"] == n
-    finally:
-        assert worker.stop() == 0
 
 
 async def test_dead_endpoint_is_probed_at_most_once_per_cooldown(
@@ -110,16 +88,10 @@ async def test_dead_endpoint_is_probed_at_most_once_per_cooldown(
     stack.overrides["cache.enabled"] = False
     stack.overrides["retry.cooldown_seconds"] = 1.0
     stack.overrides["retry.cooldown_after_failures"] = 1
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack):
         n = 500
-        await produce(stack.requests, encode(request(i) for i in range(n)))
-        async with Collector(stack) as col:
-            outs = await col.wait_for(n, timeout=120)
+        outs = await answered(stack, (request(i) for i in range(n)), timeout=120)
         assert all(o.topic == stack.responses and o.value["endpoint"] == "live" for o in outs)
-    finally:
-        assert worker.stop() == 0
 
 
 async def test_400_is_terminal_and_500_exhausts(stack: Stack, mocks: list[Mock]) -> None:
@@ -128,9 +100,7 @@ async def test_400_is_terminal_and_500_exhausts(stack: Stack, mocks: list[Mock])
     stack.overrides["retry.max_attempts"] = 3
     await mocks[0].configure(down=True, status_on_error=400)
     await mocks[1].configure(down=True, status_on_error=400)
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack):
         async with Collector(stack) as col:
             await produce(stack.requests, encode([request(1)]))
             (out,) = await col.wait_for(1)
@@ -145,8 +115,6 @@ async def test_400_is_terminal_and_500_exhausts(stack: Stack, mocks: list[Mock])
         assert dl.value["error"]["type"] == "exhausted" and dl.value["error"]["status"] == 500
         assert dl.value["attempts"] == 3 and len(dl.value["endpoints"]) == 3
         assert set(dl.value["endpoints"]) == {"ep0", "ep1"}
-    finally:
-        assert worker.stop() == 0
 
 
 async def test_priority_under_saturation(stack: Stack, mocks: list[Mock]) -> None:
@@ -154,9 +122,7 @@ async def test_priority_under_saturation(stack: Stack, mocks: list[Mock]) -> Non
     stack.overrides["cache.enabled"] = False
     stack.overrides["limits.max_requests_per_second"] = 100
     stack.overrides["limits.priority_aging_ms"] = 60_000
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack):
         # arrival at twice the limit: 200/s for 4 s, priorities mixed evenly
         n = 800
         t0 = time.monotonic()
@@ -174,5 +140,3 @@ async def test_priority_under_saturation(stack: Stack, mocks: list[Mock]) -> Non
             by_pri[0 if i % 2 else 9].append(o.value["latency_ms"])
         p0, p9 = statistics.median(by_pri[0]), statistics.median(by_pri[9])
         assert p0 <= p9 / 5, (p0, p9)
-    finally:
-        assert worker.stop() == 0

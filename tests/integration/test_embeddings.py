@@ -25,10 +25,11 @@ from tests.integration.harness import (
     Collector,
     Mock,
     Stack,
+    StartMock,
+    answered,
     encode,
     produce,
-    start_mocks,
-    start_worker,
+    running,
     window_sums,
 )
 
@@ -43,6 +44,12 @@ def _emb(i: int | str, text: str | None = None, **kw: Any) -> dict[str, Any]:
             **kw}
 
 
+@pytest.fixture
+async def mock(mock_llm: StartMock) -> Mock:
+    """The mock endpoint, 20 ms per call."""
+    return await mock_llm("--latency-ms", "20")
+
+
 def _stack(tmp: Path, mock: Mock, name: str = "s", **endpoint: Any) -> Stack:
     ep = {"name": "ep", "url": f"{mock.url}/v1", "timeout_seconds": 10, **endpoint}
     stack = Stack(tmp / name, endpoints=[ep])
@@ -50,23 +57,16 @@ def _stack(tmp: Path, mock: Mock, name: str = "s", **endpoint: Any) -> Stack:
     return stack
 
 
-async def test_many_embedding_requests_each_get_their_own_vector(tmp_path: Path) -> None:
-    [mock] = await start_mocks(1, "--latency-ms", "20")
+async def test_many_embedding_requests_each_get_their_own_vector(tmp_path: Path,
+                                                                 mock: Mock) -> None:
     stack = _stack(tmp_path, mock, max_concurrency=4)
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack):
         docs = [_emb(i) for i in range(SIZE)]
         docs[1] = _emb(1, params={"encoding_format": "base64", "dimensions": 8})
         started = time.monotonic()
-        async with Collector(stack) as col:
-            await produce(stack.requests, encode(docs))
-            outs = await col.wait_for(SIZE, timeout=60 + SIZE / 50)
+        outs = await answered(stack, docs, timeout=60 + SIZE / 50)
         took = time.monotonic() - started
         stats = await mock.stats()
-    finally:
-        assert worker.stop() == 0
-        mock.stop()
     by_id: dict[str, list[dict[str, Any]]] = {}
     for o in outs:
         by_id.setdefault(o.value["id"], []).append(o.value)
@@ -86,24 +86,16 @@ async def test_many_embedding_requests_each_get_their_own_vector(tmp_path: Path)
     assert stats["duplicate_calls"] == 0
 
 
-async def test_a_refused_input_is_dead_lettered_alone(tmp_path: Path) -> None:
-    [mock] = await start_mocks(1, "--latency-ms", "20")
+async def test_a_refused_input_is_dead_lettered_alone(tmp_path: Path, mock: Mock) -> None:
     n = 256
     docs = [_emb(i) for i in range(n)]
     bad = docs[101]
     await mock.configure(refuse_inputs=[bad["input"]])
     stack = _stack(tmp_path, mock)
     stack.overrides["embeddings.max_wait_ms"] = 2000  # gather the whole batch
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
-        async with Collector(stack) as col:
-            await produce(stack.requests, encode(docs))
-            outs = await col.wait_for(n, timeout=120)
+    async with running(stack):
+        outs = await answered(stack, docs, timeout=120)
         calls = (await mock.stats(log=True))["calls_log"]
-    finally:
-        assert worker.stop() == 0
-        mock.stop()
     letters = [o.value for o in outs if o.topic == stack.dlq]
     assert [d["id"] for d in letters] == [bad["id"]]
     (letter,) = letters
@@ -118,18 +110,13 @@ async def test_a_refused_input_is_dead_lettered_alone(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("limit", ["rpm", "tpm"])
-async def test_limits_hold_with_three_workers_a_batch_counting_once(tmp_path: Path,
+async def test_limits_hold_with_three_workers_a_batch_counting_once(tmp_path: Path, mock: Mock,
                                                                     limit: str) -> None:
-    [mock] = await start_mocks(1, "--latency-ms", "20")
     # rpm 240: four calls a second; tpm 60,000: 1,000 tokens a second (a batch at most that).
     endpoint = {"rpm": 240} if limit == "rpm" else {"tpm": 60_000}
     stack = _stack(tmp_path, mock, **endpoint)
     stack.overrides["cache.enabled"] = False
-    workers = [start_worker(stack) for _ in range(3)]
-    try:
-        for w in workers:
-            await w.ready()
-        await asyncio.sleep(3.0)  # let the group settle
+    async with running(stack, 3, settle=3.0, clean_exit=False):  # settle: the group rebalances
         docs = [_emb(i) for i in range(12_000 if limit == "rpm" else 4_000)]
         await produce(stack.requests, encode(docs))
         deadline = time.monotonic() + 90
@@ -139,10 +126,6 @@ async def test_limits_hold_with_three_workers_a_batch_counting_once(tmp_path: Pa
                 break
             await asyncio.sleep(0.5)
         stats = await mock.stats(log=True)
-    finally:
-        for w in workers:
-            w.stop()
-        mock.stop()
     calls = [c for c in stats["calls_log"] if c["t"] >= stats["first_call"] + 0.25]
     assert all(c["status"] == 200 for c in calls)
     times = [c["t"] for c in calls]
@@ -165,13 +148,11 @@ async def test_limits_hold_with_three_workers_a_batch_counting_once(tmp_path: Pa
     print(f"served {served:.1f} {limit[0]}ps ({limit} / 60 = {4 if limit == 'rpm' else 1000})")
 
 
-async def test_a_repeated_input_is_a_cache_hit_and_tenants_are_isolated(tmp_path: Path) -> None:
-    [mock] = await start_mocks(1, "--latency-ms", "20")
+async def test_a_repeated_input_is_a_cache_hit_and_tenants_are_isolated(tmp_path: Path,
+                                                                          mock: Mock) -> None:
     stack = _stack(tmp_path, mock)
-    worker = start_worker(stack)
     text = "the same text, embedded again"
-    try:
-        await worker.ready()
+    async with running(stack):
         async with Collector(stack) as col:
             await produce(stack.requests, encode([_emb("a1", text, tenant="a")]))
             await col.wait_for(1)
@@ -179,9 +160,6 @@ async def test_a_repeated_input_is_a_cache_hit_and_tenants_are_isolated(tmp_path
                                                   _emb("b1", text, tenant="b")]))
             outs = await col.wait_for(3)
         calls = (await mock.stats(log=True))["calls_log"]
-    finally:
-        assert worker.stop() == 0
-        mock.stop()
     recs = {o.value["id"]: o.value for o in outs}
     assert recs["ea1"]["cached"] is False and recs["ea2"]["cached"] is True
     assert recs["ea2"]["endpoint"] is None and recs["ea2"]["attempts"] == 0

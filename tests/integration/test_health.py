@@ -20,19 +20,15 @@ from tests.integration.harness import (
     encode,
     produce,
     request,
-    start_worker,
+    running,
 )
-from tests.integration.servers import PrivateRedis
+from tests.integration.servers import PrivateRedis, serving
 
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    try:
+    with serving(PrivateRedis(tmp_path / "redis")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 async def _status(worker: Worker, path: str) -> int:
@@ -52,10 +48,7 @@ async def _wait_status(worker: Worker, path: str, status: int, timeout: float) -
 
 
 async def _samples(worker: Worker) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    async with aiohttp.ClientSession() as s, s.get(
-        f"http://127.0.0.1:{worker.metrics_port}/metrics"
-    ) as r:
-        text = await r.text()
+    text = await worker.metrics_text()
     found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -78,9 +71,7 @@ async def test_metrics_and_readiness_follow_redis(
     private_redis: PrivateRedis, stack: Stack, mocks: list[Mock]
 ) -> None:
     stack.overrides["redis.url"] = private_redis.url()
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack) as [worker]:
         assert await _status(worker, "/healthz") == 200
         n = 30
         await produce(stack.requests, encode(request(i) for i in range(n)))
@@ -106,5 +97,3 @@ async def test_metrics_and_readiness_follow_redis(
             outs = await col.wait_for(n + 2, timeout=30)
         assert all(o.value["status"] == "ok" for o in outs)
         assert worker.alive()
-    finally:
-        assert worker.stop() == 0

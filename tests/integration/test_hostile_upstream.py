@@ -12,16 +12,12 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-import aiohttp
-
-from tests.integration.harness import Collector, Mock, Stack, encode, produce, request, start_worker
+from tests.integration.harness import Collector, Mock, Stack, Worker, encode, produce, request, running
 
 
-async def _state(port: int, endpoint: str) -> str:
+async def _state(worker: Worker, endpoint: str) -> str:
     """The endpoint's state as the worker's /metrics reports it."""
-    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as r:
-        text = await r.text()
-    for line in text.splitlines():
+    for line in (await worker.metrics_text()).splitlines():
         if line.startswith("llm_streams_endpoint_state{") and f'endpoint="{endpoint}"' in line \
                 and line.endswith(" 1.0"):
             return line.split('state="')[1].split('"')[0]
@@ -53,9 +49,7 @@ async def test_hostile_upstream_one_output_each_and_recovery(
     stack.overrides["retry.cooldown_seconds"] = 1.0
     await hostile.configure(faults=HOSTILE_MIX, error_headers=HOSTILE_HEADERS,
                             oversize_bytes=1_000_000)
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack) as [worker]:
         n = 400
         await produce(stack.requests, encode(request(i) for i in range(n)))
         async with Collector(stack) as col:
@@ -85,9 +79,7 @@ async def test_hostile_upstream_one_output_each_and_recovery(
         assert len(later) == 100 and all(o["status"] == "ok" for o in later)
         # a cooldown stuck at NaN would give it nothing at all
         assert (await hostile.stats())["ok"] - before >= 10, "the hostile endpoint recovered"
-        assert await _state(worker.metrics_port, "hostile") == "healthy"
-    finally:
-        assert worker.stop() == 0
+        assert await _state(worker, "hostile") == "healthy"
     log = worker.log.read_text()
     assert "Traceback" not in log and "cooldown sync failed" not in log
     assert "invalid usage" in log

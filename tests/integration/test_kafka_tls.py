@@ -20,6 +20,7 @@ from tests.integration.kafka_tls import (
     make_kafka_tls_files,
     tls_kafka,
 )
+from tests.integration.servers import serving
 from tests.integration.test_security import _answers_all, _single_line_failure, _stack
 
 SCRAM_PASSWORD = "kafka-tls-Pw-93c1e"
@@ -33,29 +34,24 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> KafkaTlsFiles:
 @pytest.fixture(scope="module")
 def ssl_broker(tmp_path_factory: pytest.TempPathFactory, tls_files: KafkaTlsFiles
                ) -> Iterator[TlsKafka]:
-    kafka = tls_kafka(tmp_path_factory.mktemp("ssl-kafka"), tls_files)
-    kafka.start()
-    try:
+    with serving(tls_kafka(tmp_path_factory.mktemp("ssl-kafka"), tls_files)) as kafka:
         yield kafka
-    finally:
-        kafka.stop()
 
 
 @pytest.fixture
 def sasl_ssl_broker(tmp_path: Path, tls_files: KafkaTlsFiles) -> Iterator[TlsKafka]:
     """SCRAM over TLS that authenticates the broker only (no client certificates)."""
-    kafka = tls_kafka(tmp_path / "sasl-ssl-kafka", tls_files, user="alice",
-                      password=SCRAM_PASSWORD, client_auth="none")
-    kafka.start()
-    try:
+    with serving(tls_kafka(tmp_path / "sasl-ssl-kafka", tls_files, user="alice",
+                           password=SCRAM_PASSWORD, client_auth="none")) as kafka:
         yield kafka
-    finally:
-        kafka.stop()
 
 
-def _worker(stack: Stack, broker: TlsKafka, client: KafkaTls) -> tuple[Stack, Worker]:
-    secure = _stack(stack, kafka=broker.bootstrap, sasl=client)
-    return secure, start_worker(secure, env=client.worker_env())
+def _secure(stack: Stack, broker: TlsKafka, client: KafkaTls) -> Stack:
+    return _stack(stack, kafka=broker.bootstrap, sasl=client)
+
+
+def _worker(stack: Stack, broker: TlsKafka, client: KafkaTls) -> Worker:
+    return start_worker(_secure(stack, broker, client), env=client.worker_env())
 
 
 def _no_secret(files: KafkaTlsFiles) -> list[str]:
@@ -67,21 +63,22 @@ def _no_secret(files: KafkaTlsFiles) -> list[str]:
 async def test_ssl_with_a_client_certificate_answers_requests(
     ssl_broker: TlsKafka, stack: Stack, mocks: list[Mock]
 ) -> None:
-    secure, worker = _worker(stack, ssl_broker, ssl_broker.client())
+    client = ssl_broker.client()
+    secure = _secure(stack, ssl_broker, client)
     assert secure.config()["kafka"]["security_protocol"] == "SSL"
-    await _answers_all(secure, worker)
+    await _answers_all(secure, client.worker_env())
 
 
 async def test_sasl_ssl_with_scram_answers_requests(
     sasl_ssl_broker: TlsKafka, stack: Stack, mocks: list[Mock]
 ) -> None:
     client = sasl_ssl_broker.client(client_cert=False)
-    secure, worker = _worker(stack, sasl_ssl_broker, client)
+    secure = _secure(stack, sasl_ssl_broker, client)
     assert secure.config()["kafka"]["security_protocol"] == "SASL_SSL"
-    await _answers_all(secure, worker)
+    worker = await _answers_all(secure, client.worker_env())
     assert SCRAM_PASSWORD not in worker.log.read_text(errors="replace")
     # the right password behind a CA the worker does not trust: one line, no password
-    _, bad = _worker(stack, sasl_ssl_broker,
+    bad = _worker(stack, sasl_ssl_broker,
                      sasl_ssl_broker.client(client_cert=False, cafile=sasl_ssl_broker.files.other_ca))
     _single_line_failure(
         bad, f"kafka TLS handshake failed at {sasl_ssl_broker.bootstrap}: CERTIFICATE_VERIFY_FAILED",
@@ -91,7 +88,7 @@ async def test_sasl_ssl_with_scram_answers_requests(
 async def test_ssl_wrong_ca_stops_the_worker_with_one_line(
     ssl_broker: TlsKafka, stack: Stack, mocks: list[Mock]
 ) -> None:
-    _, worker = _worker(stack, ssl_broker, ssl_broker.client(cafile=ssl_broker.files.other_ca))
+    worker = _worker(stack, ssl_broker, ssl_broker.client(cafile=ssl_broker.files.other_ca))
     _single_line_failure(
         worker, f"kafka TLS handshake failed at {ssl_broker.bootstrap}: CERTIFICATE_VERIFY_FAILED",
         _no_secret(ssl_broker.files))
@@ -103,8 +100,8 @@ async def test_ssl_expired_client_certificate_stops_the_worker_with_one_line(
     """The broker refuses the certificate after the handshake (TLS 1.3): the first request's
     closed connection carries the alert, which the worker names instead of "not reachable"."""
     f = ssl_broker.files
-    _, worker = _worker(stack, ssl_broker,
-                        ssl_broker.client(certfile=f.expired_cert, keyfile=f.expired_key))
+    worker = _worker(stack, ssl_broker,
+                     ssl_broker.client(certfile=f.expired_cert, keyfile=f.expired_key))
     _single_line_failure(
         worker,
         f"kafka TLS handshake failed at {ssl_broker.bootstrap}: SSLV3_ALERT_CERTIFICATE_UNKNOWN",

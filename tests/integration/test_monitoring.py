@@ -31,7 +31,7 @@ from tests.integration.harness import (
     encode,
     produce,
     request,
-    start_worker,
+    running,
     wait_http,
 )
 from tests.integration.servers import ROOT, free_port
@@ -166,11 +166,10 @@ def _queries() -> list[tuple[str, str]]:
     return found
 
 
-async def _load(stack: Stack, mocks: list[Mock], worker: Worker) -> None:
+async def _load(stack: Stack, mocks: list[Mock]) -> None:
     """Traffic that exercises every panel: answers, cache hits, coalesced twins, an
     idempotent replay, dead letters, upstream errors with retries, a rate limit, embeddings."""
     await mocks[1].configure(error_rate=0.3, status_on_error=500)
-    await worker.ready()
     first = [request(i) for i in range(40)]
     first += [request(i, input="the same prompt") for i in range(40, 46)]  # coalesced
     first += [request(i, kind="embedding") for i in range(200, 210)]  # batched embeddings
@@ -201,21 +200,12 @@ async def _pipeline_load(stack: Stack, mocks: list[Mock], piped: Worker, source:
     """Enriched events, repairs of invalid answers, template dead letters."""
     for m in mocks:
         await m.configure(invalid_share=0.4)
-    await piped.ready()
     docs = [{"text": f"event {i}"} if i % 5 else {"no_text": i} for i in range(30)]
     await produce(source, encode(docs), bootstrap=stack.kafka)
     deadline = time.monotonic() + 90
-    while await _metric_sum(piped, "llm_streams_pipeline_outputs_total") < len(docs):
+    while await piped.metric("llm_streams_pipeline_outputs_total") < len(docs):
         assert time.monotonic() < deadline, "the pipeline's events were not all finished"
         await asyncio.sleep(0.5)
-
-
-async def _metric_sum(worker: Worker, name: str) -> float:
-    async with aiohttp.ClientSession() as s, \
-            s.get(f"http://127.0.0.1:{worker.metrics_port}/metrics") as r:
-        text = await r.text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{"))
 
 
 async def _wait_for_data(prom: Prometheus, queries: list[tuple[str, str]],
@@ -243,19 +233,15 @@ async def test_prometheus_evaluates_every_dashboard_query_on_a_loaded_worker(
     stack.overrides["pricing"] = {"gpt-4o-mini": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}
     stack.overrides["tenants"] = {"default": {"budgets": [{"window": "day", "tokens": 10**9}]}}
     source = _with_pipeline(stack)
-    worker = start_worker(stack)
-    piped = start_worker(stack, args=("--pipeline", PIPELINE))  # the Pipelines row's data
-    try:
+    async with running(stack) as [worker], \
+            running(stack, args=("--pipeline", PIPELINE)) as [piped]:  # the Pipelines row's data
         prometheus.start([f"127.0.0.1:{worker.metrics_port}", f"127.0.0.1:{piped.metrics_port}"])
         await wait_http(f"{prometheus.url}/-/ready", timeout=60)
-        await _load(stack, mocks, worker)
+        await _load(stack, mocks)
         await _pipeline_load(stack, mocks, piped, source)
         queries = _queries()
         answers = await _wait_for_data(prometheus, queries)
         exposed = await _exposed_series(worker) | await _exposed_series(piped)
-    finally:
-        assert worker.stop() == 0
-        assert piped.stop() == 0
 
     bad = {n: a for n, a in answers.items() if a.get("status") != "success"}
     assert not bad, f"queries Prometheus refused: {bad}"
@@ -277,9 +263,7 @@ async def test_prometheus_evaluates_every_dashboard_query_on_a_loaded_worker(
 
 async def _exposed_series(worker: Worker) -> set[str]:
     """The series names the worker's /metrics declares (families without samples too)."""
-    async with aiohttp.ClientSession() as s, \
-            s.get(f"http://127.0.0.1:{worker.metrics_port}/metrics") as r:
-        text = await r.text()
+    text = await worker.metrics_text()
     suffixes = {"histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
     series = set()
     for name, kind in re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.M):

@@ -9,17 +9,24 @@ from collections import Counter
 
 import orjson
 
-from tests.integration.harness import Collector, Mock, Stack, encode, produce, request, start_worker
+from tests.integration.harness import (
+    Collector,
+    Mock,
+    Stack,
+    answered,
+    encode,
+    kill_when_half_answered,
+    produce,
+    request,
+    running,
+    start_worker,
+)
 
 
 async def test_ten_thousand_requests_one_output_each(stack: Stack, mocks: list[Mock]) -> None:
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack) as [worker]:
         n = 10_000
-        await produce(stack.requests, encode(request(i) for i in range(n)))
-        async with Collector(stack) as col:
-            outs = await col.wait_for(n, timeout=240)
+        outs = await answered(stack, (request(i) for i in range(n)), timeout=240)
         per_id = Counter(o.value["id"] for o in outs)
         assert len(per_id) == n and set(per_id) == {f"req-{i}" for i in range(n)}
         assert len(outs) == n, f"{len(outs) - n} duplicate outputs"
@@ -28,8 +35,6 @@ async def test_ten_thousand_requests_one_output_each(stack: Stack, mocks: list[M
         assert sample["output"].startswith("mock answer") and sample["usage"]["total_tokens"] > 0
         assert sample["endpoint"] in ("mock-a", "mock-b") and sample["attempts"] == 1
         assert worker.alive()
-    finally:
-        assert worker.stop() == 0
 
 
 async def test_sigkill_halfway_loses_nothing(stack: Stack, mocks: list[Mock]) -> None:
@@ -37,19 +42,12 @@ async def test_sigkill_halfway_loses_nothing(stack: Stack, mocks: list[Mock]) ->
         await m.configure(latency_ms=20)
     n = 10_000
     await produce(stack.requests, encode(request(i) for i in range(n)))
-    worker = start_worker(stack)
     async with Collector(stack) as col:
-        await worker.ready()
-        while col.distinct() < n // 2:
-            await col.poll()
-        worker.kill()
+        await kill_when_half_answered(stack, col, n)
         before = col.distinct()
         assert before < n, "the worker finished before it could be killed"
-        worker = start_worker(stack)
-        try:
+        async with running(stack):
             outs = await col.wait_for(n, timeout=240)
-        finally:
-            assert worker.stop() == 0
     ids = {o.value["id"] for o in outs}
     assert ids == {f"req-{i}" for i in range(n)}
     assert all(o.value["status"] == "ok" for o in outs)
@@ -87,9 +85,7 @@ async def test_malformed_records_become_validation_dead_letters(
         else:
             values.append(orjson.dumps(request(i)))
     stack.overrides["limits.max_value_bytes"] = 100_000
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack) as [worker]:
         await produce(stack.requests, values)
         async with Collector(stack) as col:
             outs = await col.wait_for(2000, timeout=180)
@@ -106,8 +102,6 @@ async def test_malformed_records_become_validation_dead_letters(
                 assert base64.b64decode(v["raw"]).startswith(b"\xff\xfe")
         assert worker.alive()
         assert "Traceback" not in worker.log.read_text(errors="replace")
-    finally:
-        assert worker.stop() == 0
 
 
 async def test_keys_are_kept_and_sigterm_exits_zero(stack: Stack, mocks: list[Mock]) -> None:

@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streams.config import EndpointConfig, Settings
 from streams.contract import Request
 from streams.dispatch.parts import build_dispatcher
 from streams.dispatch.ratelimit import RATE_HEADROOM, RESERVE_AHEAD_SECONDS, RateLimiter
-from tests.fakes.windows import max_in_measured_window
+from tests.fakes.windows import limit_run, max_in_measured_window
 
 pytestmark = pytest.mark.integration
 
@@ -29,46 +26,21 @@ def _settings(**ep: Any) -> Settings:
     return Settings(endpoints=[endpoint], redis={"key_prefix": "test-rl"})
 
 
-@pytest.fixture
-async def clients(redis_client: aioredis.Redis, redis_url: str) -> AsyncIterator[list[Any]]:
-    """Three separate connections, as three worker processes would have (DB flushed)."""
-    cs = [aioredis.Redis.from_url(redis_url) for _ in range(3)]
-    try:
-        yield cs
-    finally:
-        for c in cs:
-            await c.aclose()
 
-
-
-async def test_rpm_holds_across_three_limiters(clients: list[Any]) -> None:
+async def test_rpm_holds_across_three_limiters(redis_clients: list[Any]) -> None:
     settings = _settings(rpm=600)
-    endpoint = settings.endpoints[0]
-    limiters = [RateLimiter(settings, c) for c in clients]
-    grants: list[float] = []
-    stop = time.monotonic() + 1.4
-
-    async def worker(limiter: RateLimiter) -> None:
-        while time.monotonic() < stop:
-            decision = await limiter.acquire(endpoint, 1)
-            if decision.permit is None:
-                await asyncio.sleep(decision.wait)
-                continue
-            grants.append(time.monotonic() + decision.wait)  # its reserved slot
-            limiter.release(decision.permit)
-
-    await asyncio.gather(*(worker(lim) for lim in limiters))
-    grants.sort()
+    limiters = [RateLimiter(settings, c) for c in redis_clients]
+    grants = await limit_run(limiters, settings.endpoints[0], 1.4)
     assert not any(lim.degraded for lim in limiters)
     assert max_in_measured_window(grants) <= 10  # 600 rpm = 10/s, smooth, never a burst
     assert len(grants) >= 14  # and yet the budget is used (~9.8/s for 1.4 s, + reserved)
 
 
-async def test_reservations_in_the_script(clients: list[Any]) -> None:
+async def test_reservations_in_the_script(redis_clients: list[Any]) -> None:
     """The Lua script's arithmetic: slots one interval apart, granted up to the horizon."""
     settings = _settings(rpm=600)
     endpoint = settings.endpoints[0]
-    a, b = RateLimiter(settings, clients[0]), RateLimiter(settings, clients[1])
+    a, b = RateLimiter(settings, redis_clients[0]), RateLimiter(settings, redis_clients[1])
     interval = 0.1 / RATE_HEADROOM
     waits = []
     for i in range(5):
@@ -81,10 +53,10 @@ async def test_reservations_in_the_script(clients: list[Any]) -> None:
     assert refused.wait == pytest.approx(5 * interval - 2 * interval, abs=0.01)
 
 
-async def test_concurrency_is_shared(clients: list[Any]) -> None:
+async def test_concurrency_is_shared(redis_clients: list[Any]) -> None:
     settings = _settings(max_concurrency=2)
     endpoint = settings.endpoints[0]
-    limiters = [RateLimiter(settings, c) for c in clients]
+    limiters = [RateLimiter(settings, c) for c in redis_clients]
     decisions = [await lim.acquire(endpoint, 1) for lim in limiters]
     granted = [(lim, d.permit) for lim, d in zip(limiters, decisions, strict=True) if d.permit]
     assert len(granted) == 2
@@ -96,10 +68,10 @@ async def test_concurrency_is_shared(clients: list[Any]) -> None:
     assert (await limiters[2].acquire(endpoint, 1)).permit is not None
 
 
-async def test_tpm_estimate_is_corrected_with_real_usage(clients: list[Any]) -> None:
+async def test_tpm_estimate_is_corrected_with_real_usage(redis_clients: list[Any]) -> None:
     settings = _settings(tpm=60_000)
     endpoint = settings.endpoints[0]
-    a, b = RateLimiter(settings, clients[0]), RateLimiter(settings, clients[1])
+    a, b = RateLimiter(settings, redis_clients[0]), RateLimiter(settings, redis_clients[1])
     big = await a.acquire(endpoint, 2000)
     assert big.permit is not None and big.permit.shared
     refused = await b.acquire(endpoint, 10)
@@ -112,23 +84,20 @@ async def test_tpm_estimate_is_corrected_with_real_usage(clients: list[Any]) -> 
     assert reserved.permit is not None and reserved.wait == pytest.approx(0.1 / RATE_HEADROOM, abs=0.05)
 
 
-async def test_unreachable_redis_falls_back_to_a_local_limiter() -> None:
+async def test_unreachable_redis_falls_back_to_a_local_limiter(
+    unreachable_redis: aioredis.Redis,
+) -> None:
     settings = _settings(rpm=60)
     endpoint = settings.endpoints[0]
-    # nothing listens on port 1; no client-side retries, so refusals are immediate
-    dead = aioredis.Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))
-    try:
-        limiter = RateLimiter(settings, dead)
-        first = await limiter.acquire(endpoint, 1)
-        assert first.permit is not None and not first.permit.shared and limiter.degraded
-        second = await limiter.acquire(endpoint, 1)  # the local limiter still holds rpm
-        assert second.permit is not None and not second.permit.shared
-        assert second.wait == pytest.approx(1 / RATE_HEADROOM, abs=0.05)  # reserved a slot on
-        limiter.release(first.permit)
-        limiter.release(second.permit)
-        await limiter.aclose()
-    finally:
-        await dead.aclose()
+    limiter = RateLimiter(settings, unreachable_redis)
+    first = await limiter.acquire(endpoint, 1)
+    assert first.permit is not None and not first.permit.shared and limiter.degraded
+    second = await limiter.acquire(endpoint, 1)  # the local limiter still holds rpm
+    assert second.permit is not None and not second.permit.shared
+    assert second.wait == pytest.approx(1 / RATE_HEADROOM, abs=0.05)  # reserved a slot on
+    limiter.release(first.permit)
+    limiter.release(second.permit)
+    await limiter.aclose()
 
 
 class Switch:
@@ -149,11 +118,11 @@ class Switch:
         return call
 
 
-async def test_recovers_when_redis_returns(clients: list[Any]) -> None:
+async def test_recovers_when_redis_returns(redis_clients: list[Any]) -> None:
     settings = _settings(rpm=600)
     endpoint = settings.endpoints[0]
     now = [100.0]
-    switch = Switch(clients[0])
+    switch = Switch(redis_clients[0])
     limiter = RateLimiter(settings, switch, clock=lambda: now[0])
     local = await limiter.acquire(endpoint, 1)
     assert local.permit is not None and not local.permit.shared and limiter.degraded
@@ -162,7 +131,7 @@ async def test_recovers_when_redis_returns(clients: list[Any]) -> None:
     shared = await limiter.acquire(endpoint, 1)
     assert shared.permit is not None and shared.permit.shared and not limiter.degraded
     # the grant is visible to another worker at once
-    other = await RateLimiter(settings, clients[1]).acquire(endpoint, 1)
+    other = await RateLimiter(settings, redis_clients[1]).acquire(endpoint, 1)
     assert other.permit is not None and other.wait == pytest.approx(0.1 / RATE_HEADROOM, abs=0.02)
 
 
@@ -176,10 +145,10 @@ class RecordingUpstream:
         return {"choices": [{"message": {"content": "ok"}}], "usage": {"total_tokens": 3}}
 
 
-async def test_three_dispatchers_share_an_rpm_limit(clients: list[Any]) -> None:
+async def test_three_dispatchers_share_an_rpm_limit(redis_clients: list[Any]) -> None:
     settings = _settings(rpm=1200)  # 20/s across the group
     upstream = RecordingUpstream()
-    dispatchers = [build_dispatcher(settings, upstream, c, CollectorRegistry()) for c in clients]
+    dispatchers = [build_dispatcher(settings, upstream, c, CollectorRegistry()) for c in redis_clients]
     for d in dispatchers:
         await d.start()
     try:

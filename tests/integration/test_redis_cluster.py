@@ -30,7 +30,7 @@ from streams.redis_cluster import shared_tag
 from streams.redis_conn import SafeConnection
 from streams.redis_io import check_redis, open_redis
 from tests.fakes.clock import Clock
-from tests.fakes.windows import max_in_measured_window
+from tests.fakes.windows import limit_run, max_in_measured_window
 from tests.integration.harness import REDIS_HOST, REDIS_PORT
 from tests.integration.redis_cluster import LocalCluster
 from tests.integration.servers import PrivateRedis
@@ -65,22 +65,6 @@ def _slot(key: str) -> int:
     return int(key_slot(key.encode()))
 
 
-async def _limit_run(limiters: list[RateLimiter], endpoint: EndpointConfig, seconds: float,
-                     grants: list[float]) -> None:
-    stop = time.monotonic() + seconds
-
-    async def worker(limiter: RateLimiter) -> None:
-        while time.monotonic() < stop:
-            decision = await limiter.acquire(endpoint, 1)
-            if decision.permit is None:
-                await asyncio.sleep(decision.wait)
-                continue
-            grants.append(time.monotonic() + decision.wait)
-            limiter.release(decision.permit)
-
-    await asyncio.gather(*(worker(lim) for lim in limiters))
-
-
 async def test_the_cluster_client_starts_and_the_limit_holds_across_three_limiters(
     redis_cluster: LocalCluster, clients: list[Any], prefix: str
 ) -> None:
@@ -90,11 +74,8 @@ async def test_the_cluster_client_starts_and_the_limit_holds_across_three_limite
     # every node found in the slot map writes through the translating connection
     nodes = clients[0].nodes_manager.nodes_cache.values()
     assert len(nodes) >= 3 and all(n.connection_class is SafeConnection for n in nodes)
-    endpoint = settings.endpoints[0]
     limiters = [RateLimiter(settings, c) for c in clients]
-    grants: list[float] = []
-    await _limit_run(limiters, endpoint, 1.4, grants)
-    grants.sort()
+    grants = await limit_run(limiters, settings.endpoints[0], 1.4)
     assert not any(lim.degraded for lim in limiters)
     assert max_in_measured_window(grants) <= 10  # 600 rpm: 10/s across the three
     assert len(grants) >= 14
@@ -193,7 +174,7 @@ async def test_a_moved_slot_and_a_planned_failover_are_no_outage(
     slot = _slot(shared_tag(prefix))
     grants: list[float] = []
     # the limiter's slot moves to another master while three limiters use it
-    run = asyncio.create_task(_limit_run(limiters, endpoint, 2.5, grants))
+    run = asyncio.create_task(limit_run(limiters, endpoint, 2.5, grants))
     src, dst = await _move_slot(redis_cluster, slot)
     await run
     assert redis_cluster.master_of(slot) == dst != src
@@ -205,7 +186,7 @@ async def test_a_moved_slot_and_a_planned_failover_are_no_outage(
     await cache.store(_req(1), _comp(1))
     replica = redis_cluster.replica_of(dst)
     grants.clear()
-    run = asyncio.create_task(_limit_run(limiters, endpoint, 2.5, grants))
+    run = asyncio.create_task(limit_run(limiters, endpoint, 2.5, grants))
     await asyncio.sleep(0.3)
     with redis_cluster.node(replica) as r:
         r.execute_command("CLUSTER", "FAILOVER")

@@ -30,14 +30,13 @@ from tests.integration.harness import (
     Collector,
     Mock,
     Stack,
+    StartMock,
     encode,
     produce,
-    start_mocks,
-    start_worker,
+    running,
     window_sums,
 )
 from tests.integration.redis_cluster import LocalCluster
-from tests.integration.test_cache_pipeline import _metric
 from tests.integration.test_cache_pipeline import (
     test_with_the_cache_disabled_a_redelivered_record_is_not_called_again as _redelivery_is_replayed,
 )
@@ -67,10 +66,7 @@ async def test_two_workers_coalesce_and_hit_on_a_cluster(
 ) -> None:
     await mocks[0].configure(latency_ms=300)
     stack = _stack(tmp_path, redis_cluster, mocks)
-    workers = [start_worker(stack), start_worker(stack)]
-    try:
-        for w in workers:
-            await w.ready()
+    async with running(stack, 2) as workers:
         async with Collector(stack) as col:
             await produce(stack.requests, encode(_doc(i, 7) for i in range(200)))
             outs = await col.wait_for(200, timeout=120)
@@ -79,10 +75,7 @@ async def test_two_workers_coalesce_and_hit_on_a_cluster(
             await col.wait_for(500, timeout=120)
             await produce(stack.requests, encode(_doc(2000 + i, 1000 + i) for i in range(300)))
             outs = await col.wait_for(800, timeout=120)
-            hits = sum([await _metric(w, "llm_streams_cache_hits_total") for w in workers])
-    finally:
-        for w in workers:
-            assert w.stop() == 0
+            hits = sum([await w.metric("llm_streams_cache_hits_total") for w in workers])
     assert all(o.value["status"] == "ok" for o in outs)
     again = [o.value for o in outs if int(o.value["id"].removeprefix("req-")) >= 2000]
     assert len(again) == 300 and all(v["cached"] for v in again)
@@ -136,11 +129,9 @@ async def test_redis_commands_per_request(
     tag_port = redis_cluster.master_of(key_slot(shared_tag(stack.config()["redis"]["key_prefix"]
                                                            ).encode())) if cluster else REDIS_PORT
     await mocks[0].configure(latency_ms=20)
-    worker = start_worker(stack)
     phases: dict[str, dict[int, Counter[str]]] = {}
     cpu: dict[str, dict[int, float]] = {}
-    try:
-        await worker.ready()
+    async with running(stack):
         async with Collector(stack) as col:
             for phase, base in (("miss", 0), ("hit", n)):
                 await asyncio.sleep(0.5)
@@ -152,8 +143,6 @@ async def test_redis_commands_per_request(
                 phases[phase] = _calls_by_node(ports)
                 after = _cpu(ports)
                 cpu[phase] = {p: after[p] - before[p] for p in ports}
-    finally:
-        assert worker.stop() == 0
     assert await _calls(mocks) == n
     lines = []
     for phase, nodes in phases.items():
@@ -198,33 +187,27 @@ def _log_times(path: Path, text: str) -> list[float]:
 
 
 async def test_a_killed_master_loses_nothing_and_limits_hold(
-    tmp_path: Path, redis_cluster: LocalCluster
+    tmp_path: Path, redis_cluster: LocalCluster, mock_llm: StartMock
 ) -> None:
-    [mock] = await start_mocks(1, "--latency-ms", "20")
+    mock = await mock_llm("--latency-ms", "20")
     stack = _stack(tmp_path, redis_cluster, [mock], rpm=RPM)
     stack.overrides["limits.local_fallback_fraction"] = 1 / WORKERS
     slot = key_slot(shared_tag(stack.config()["redis"]["key_prefix"]).encode())
     victim = redis_cluster.master_of(slot)
-    workers = [start_worker(stack) for _ in range(WORKERS)]
     n = 20 * 16  # ~16 s of the limit
-    try:
-        for w in workers:
-            await w.ready()
-        await asyncio.sleep(3.0)  # the group settles
-        async with Collector(stack) as col:
-            await produce(stack.requests, encode(_doc(i, i) for i in range(n)))
-            while (await mock.stats())["calls"] < 20 * 4:
-                await col.poll()
-            killed_at = time.time()
-            redis_cluster.kill(victim)
-            promoted = await asyncio.to_thread(redis_cluster.wait_promoted, slot, victim)
-            promoted_at = time.time()
-            outs = await col.wait_for(n, timeout=180)
-        stats = await mock.stats(log=True)
+    try:  # settle: the group rebalances
+        async with running(stack, WORKERS, settle=3.0, clean_exit=False) as workers:
+            async with Collector(stack) as col:
+                await produce(stack.requests, encode(_doc(i, i) for i in range(n)))
+                while (await mock.stats())["calls"] < 20 * 4:
+                    await col.poll()
+                killed_at = time.time()
+                redis_cluster.kill(victim)
+                promoted = await asyncio.to_thread(redis_cluster.wait_promoted, slot, victim)
+                promoted_at = time.time()
+                outs = await col.wait_for(n, timeout=180)
+            stats = await mock.stats(log=True)
     finally:
-        for w in workers:
-            w.stop()
-        mock.stop()
         redis_cluster.start_node(victim)  # back as a replica of the promoted master
         redis_cluster.wait_ready()
     # nothing lost: every request answered once, each prompt called once

@@ -20,16 +20,15 @@ from streams.redis_io import check_redis, open_redis
 from tests.integration.harness import (
     PY,
     ROOT,
-    Collector,
     Mock,
     Stack,
     Worker,
-    encode,
-    produce,
+    answered,
     request,
+    running,
     start_worker,
 )
-from tests.integration.servers import PrivateKafka, PrivateRedis, make_tls_files, sasl_kafka
+from tests.integration.servers import PrivateKafka, PrivateRedis, make_tls_files, sasl_kafka, serving
 
 KAFKA_PASSWORD = "kafka-alice-Pw-7f3e9"
 REDIS_PASSWORD = "redis-Pw-c41d2b"
@@ -38,39 +37,27 @@ WRONG = "not-the-password-91ab"
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateKafka]:
-    kafka = sasl_kafka(tmp_path_factory.mktemp("sasl-kafka"), "alice", KAFKA_PASSWORD)
-    kafka.start()
-    try:
+    with serving(sasl_kafka(tmp_path_factory.mktemp("sasl-kafka"), "alice", KAFKA_PASSWORD)) as kafka:
         yield kafka
-    finally:
-        kafka.stop()
 
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path / "redis", password=REDIS_PASSWORD)
-    server.start()
-    try:
+    with serving(PrivateRedis(tmp_path / "redis", password=REDIS_PASSWORD)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _stack(base: Stack, **changes: Any) -> Stack:
     return Stack(base.tmp, base.endpoints, dict(base.overrides), **changes)
 
 
-async def _answers_all(stack: Stack, worker: Worker, n: int = 20) -> None:
-    try:
-        await worker.ready()
-        await produce(stack.requests, encode(request(i) for i in range(n)), bootstrap=stack.kafka,
-                      sasl=stack.sasl)
-        async with Collector(stack) as col:
-            outs = await col.wait_for(n, timeout=60)
+async def _answers_all(stack: Stack, env: dict[str, str] | None = None, n: int = 20) -> Worker:
+    """A worker on ``stack`` (``env``: its credentials) answers n requests, then stops cleanly."""
+    async with running(stack, env=env) as [worker]:
+        outs = await answered(stack, (request(i) for i in range(n)), timeout=60)
         assert {o.value["id"] for o in outs} == {f"req-{i}" for i in range(n)}
         assert all(o.topic == stack.responses and o.value["status"] == "ok" for o in outs)
-    finally:
-        assert worker.stop() == 0
+    return worker
 
 
 def _single_line_failure(worker: Worker, expected: str, secrets: list[str]) -> None:
@@ -87,8 +74,7 @@ async def test_sasl_scram_right_password_answers_requests(
     broker: PrivateKafka, stack: Stack, mocks: list[Mock]
 ) -> None:
     sasl = _stack(stack, kafka=broker.bootstrap, sasl=broker.sasl)
-    worker = start_worker(sasl, env=broker.sasl.worker_env())
-    await _answers_all(sasl, worker)
+    worker = await _answers_all(sasl, broker.sasl.worker_env())
     assert KAFKA_PASSWORD not in worker.log.read_text(errors="replace")
 
 
@@ -131,8 +117,7 @@ async def test_redis_requirepass_password_from_env_answers_requests(
 ) -> None:
     stack.overrides.update({"redis.url": private_redis.url(),
                             "redis.password_env": "IT_REDIS_PASSWORD"})
-    worker = start_worker(stack, env={"IT_REDIS_PASSWORD": REDIS_PASSWORD})
-    await _answers_all(stack, worker)
+    worker = await _answers_all(stack, {"IT_REDIS_PASSWORD": REDIS_PASSWORD})
     assert REDIS_PASSWORD not in worker.log.read_text(errors="replace")
 
 

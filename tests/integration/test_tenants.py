@@ -23,7 +23,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from mockllm.server import completion_body
@@ -33,11 +32,11 @@ from tests.integration.harness import (
     Collector,
     Mock,
     Stack,
-    Worker,
+    StartMock,
+    answered,
     encode,
     produce,
-    start_mocks,
-    start_worker,
+    running,
 )
 
 pytestmark = pytest.mark.integration
@@ -60,15 +59,6 @@ def _max_tokens(prompt: str) -> int:
     return _usage(prompt)["total_tokens"] - (len(prompt) // 4 + 7)
 
 
-async def _metric(worker: Worker, name: str) -> float:
-    async with aiohttp.ClientSession() as s, s.get(
-        f"http://127.0.0.1:{worker.metrics_port}/metrics"
-    ) as r:
-        text = await r.text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
-
-
 def _stack(tmp: Path, mock: Mock, **overrides: Any) -> Stack:
     ep = {"name": "ep", "url": f"{mock.url}/v1", "timeout_seconds": 10}
     return Stack(tmp, endpoints=[ep], overrides=overrides)
@@ -80,26 +70,18 @@ async def _collect(stack: Stack, n: int, timeout: float) -> list[dict[str, Any]]
         return [o.value for o in col.outputs]
 
 
-async def test_costs_in_ten_thousand_responses(tmp_path: Path) -> None:
-    [mock] = await start_mocks(1)
-    stack = _stack(tmp_path, mock, pricing={"m": PRICE}, tenants={"a": {}})
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+async def test_costs_in_ten_thousand_responses(tmp_path: Path, mock_llm: StartMock) -> None:
+    stack = _stack(tmp_path, await mock_llm(), pricing={"m": PRICE}, tenants={"a": {}})
+    async with running(stack, clean_exit=False) as [worker]:
         docs = [{"id": f"c{i}", "input": _prompt(i, 40 + i % 300), "model": "m", "tenant": "a"}
                 for i in range(10_000)]
         # 200 repeats of earlier prompts: answered from the cache, each saving its price
         docs += [{"id": f"r{i}", "input": _prompt(i, 40 + i % 300), "model": "m", "tenant": "a"}
                  for i in range(200)]
-        await produce(stack.requests, encode(docs[:10_000]))
-        first = await _collect(stack, 10_000, timeout=240)
-        await produce(stack.requests, encode(docs[10_000:]))
-        outs = await _collect(stack, 10_200, timeout=120)
-        paid = await _metric(worker, "llm_streams_cost_total")
-        saved = await _metric(worker, "llm_streams_cost_saved_total")
-    finally:
-        worker.stop()
-        mock.stop()
+        first = await answered(stack, docs[:10_000], timeout=240)
+        outs = [o.value for o in await answered(stack, docs[10_000:], n=10_200, timeout=120)]
+        paid = await worker.metric("llm_streams_cost_total")
+        saved = await worker.metric("llm_streams_cost_saved_total")
     assert len(first) >= 10_000
     pricing = Pricing({"m": PriceConfig(**PRICE)})
     by_id = {o["id"]: o for o in outs}
@@ -154,17 +136,14 @@ async def _produce_over(topic: str, docs: list[dict[str, Any]], seconds: float) 
 
 
 @pytest.mark.parametrize("policy", ["wait", "reject"])
-async def test_a_token_budget_holds_across_three_workers(tmp_path: Path, policy: str) -> None:
-    [mock] = await start_mocks(1, "--latency-ms", "20")
+async def test_a_token_budget_holds_across_three_workers(tmp_path: Path, policy: str,
+                                                        mock_llm: StartMock) -> None:
+    mock = await mock_llm("--latency-ms", "20")
     tenants = {"flood": {"budgets": [{"window": "minute", "tokens": BUDGET}],
                          "on_exhausted": policy}}
     stack = _stack(tmp_path, mock, **{"cache.enabled": False}, pricing={"m": PRICE},
                    tenants=tenants)
-    workers = [start_worker(stack) for _ in range(3)]
-    try:
-        for w in workers:
-            await w.ready()
-        await asyncio.sleep(3.0)  # let the group settle
+    async with running(stack, 3, settle=3.0, clean_exit=False):  # settle: the group rebalances
         docs = _flood(250, "flood")  # ~120 tokens each: 30,000 tokens, 1.5 minutes' budget
         assert 29_000 < sum(_usage(d["input"])["total_tokens"] for d in docs) < 31_000
         # 10x the budget's rate (200,000 tokens a minute) for 9 s, ending 9 s before the minute
@@ -172,10 +151,6 @@ async def test_a_token_budget_holds_across_three_workers(tmp_path: Path, policy:
         await _produce_over(stack.requests, docs, 9.0)
         outs = await _collect(stack, len(docs), timeout=120)
         stats = await mock.stats(log=True)
-    finally:
-        for w in workers:
-            w.stop()
-        mock.stop()
     per_minute = _per_minute(stats["calls_log"])
     print(f"\n{policy}: tokens per calendar minute at the mock: {dict(per_minute)}")
     assert max(per_minute.values()) <= BUDGET, per_minute
@@ -203,15 +178,13 @@ async def _latencies(stack: Stack, ids: set[str], timeout: float) -> list[int]:
         return [o.value["latency_ms"] for o in col.outputs if o.value.get("id") in ids]
 
 
-async def test_fair_share_a_small_tenant_behind_a_flood(tmp_path: Path) -> None:
+async def test_fair_share_a_small_tenant_behind_a_flood(tmp_path: Path,
+                                                       mock_llm: StartMock) -> None:
     """A floods, then B sends 200 at 20/s into the same partitions (same priority, equal
     weight), one worker at 200 req/s: B's median wait at most 2x its median when alone."""
-    [mock] = await start_mocks(1, "--latency-ms", "5")
-    stack = _stack(tmp_path, mock, **{"cache.enabled": False,
-                                      "limits.max_requests_per_second": 200})
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    stack = _stack(tmp_path, await mock_llm("--latency-ms", "5"),
+                   **{"cache.enabled": False, "limits.max_requests_per_second": 200})
+    async with running(stack, clean_exit=False) as [worker]:
         alone = [{"id": f"b-alone{i}", "input": f"b alone {i}", "model": "m", "tenant": "b"}
                  for i in range(200)]
         await _produce_over(stack.requests, alone, 10.0)
@@ -222,7 +195,7 @@ async def test_fair_share_a_small_tenant_behind_a_flood(tmp_path: Path) -> None:
         await produce(stack.requests, encode(flood))
         # the worker reads the whole flood ahead (limits.max_queued): B then lands behind it
         # in Kafka but not in the worker
-        while await _metric(worker, "llm_streams_records_consumed_total") < FLOOD + 200:
+        while await worker.metric("llm_streams_records_consumed_total") < FLOOD + 200:
             assert time.monotonic() - started < 120, "the flood was not read ahead"
             await asyncio.sleep(0.5)
         print(f"\nflood of {FLOOD} read in {time.monotonic() - started:.1f} s")
@@ -230,9 +203,6 @@ async def test_fair_share_a_small_tenant_behind_a_flood(tmp_path: Path) -> None:
                  for i in range(200)]
         await _produce_over(stack.requests, small, 10.0)
         behind = await _latencies(stack, {d["id"] for d in small}, 60)
-    finally:
-        worker.stop()
-        mock.stop()
     assert len(base) == len(behind) == 200
     m_alone, m_flood = statistics.median(base), statistics.median(behind)
     print(f"\nB median latency alone {m_alone:.0f} ms, behind a {FLOOD}-request flood "
@@ -241,22 +211,17 @@ async def test_fair_share_a_small_tenant_behind_a_flood(tmp_path: Path) -> None:
     assert m_flood <= 2 * m_alone + 50, (m_alone, m_flood)
 
 
-async def test_weights_3_to_1_share_the_capacity(tmp_path: Path) -> None:
-    [mock] = await start_mocks(1, "--latency-ms", "5")
+async def test_weights_3_to_1_share_the_capacity(tmp_path: Path, mock_llm: StartMock) -> None:
+    mock = await mock_llm("--latency-ms", "5")
     stack = _stack(tmp_path, mock, **{"cache.enabled": False,
                                       "limits.max_requests_per_second": 200},
                    tenants={"a": {"weight": 3}, "b": {"weight": 1}})
-    worker = start_worker(stack)
-    try:
-        await worker.ready()
+    async with running(stack, clean_exit=False):
         docs = [{"id": f"{t}{i}", "input": f"{t} {i}", "model": "m", "tenant": t}
                 for i in range(3000) for t in ("a", "b")]
         await produce(stack.requests, encode(docs))
         await asyncio.sleep(12.0)
         stats = await mock.stats(log=True)
-    finally:
-        worker.stop()
-        mock.stop()
     calls = [c for c in stats["calls_log"] if c["status"] == 200]
     start = calls[0]["t"] + 2.0  # both backlogged from here on (the reading has caught up)
     window = [c for c in calls if start <= c["t"] < start + 8.0]

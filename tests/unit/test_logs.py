@@ -9,7 +9,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from mockllm.server import MockBehaviour, MockLLM
@@ -21,6 +20,7 @@ from streams.intake.processor import InRecord, Processor
 from streams.logs import JsonFormatter, TextFormatter, request_extra
 from streams.metrics import PipelineMetrics
 from streams.redact import Redactor
+from tests.fakes.mock_server import serving_mock
 from tests.fakes.publisher import FakePublisher
 
 KEY = "sk-live-secret-4b1c9e"
@@ -70,13 +70,8 @@ class Exploding:
 
 @pytest.fixture
 async def llm() -> AsyncIterator[tuple[MockLLM, str]]:
-    mock = MockLLM(MockBehaviour(down=True, status_on_error=503))
-    server = TestServer(mock.app())
-    await server.start_server()
-    try:
-        yield mock, f"http://127.0.0.1:{server.port}/v1"
-    finally:
-        await server.close()
+    async with serving_mock(MockBehaviour(down=True, status_on_error=503)) as served:
+        yield served
 
 
 def _settings(url: str) -> Settings:

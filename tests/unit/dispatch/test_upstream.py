@@ -25,6 +25,7 @@ from streams.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from tests.fakes.mock_server import serving_mock
 
 
 def test_retry_after_forms() -> None:
@@ -40,13 +41,8 @@ def test_retry_after_forms() -> None:
 
 @pytest.fixture
 async def mock() -> AsyncIterator[tuple[MockLLM, str]]:
-    llm = MockLLM(MockBehaviour())
-    server = TestServer(llm.app())
-    await server.start_server()
-    try:
-        yield llm, f"http://127.0.0.1:{server.port}/v1"
-    finally:
-        await server.close()
+    async with serving_mock(MockBehaviour()) as served:
+        yield served
 
 
 def ep(url: str, **kw: object) -> EndpointConfig:
