@@ -251,6 +251,10 @@ class Completion:
     attempts: int
     cached: bool = False
     endpoints: list[str] = field(default_factory=list)
+    # ``usage`` of the body it was computed from (the record, the metrics and the cost each
+    # read it: computed once per answer)
+    _usage: tuple[dict[str, Any], dict[str, int]] | None = field(
+        default=None, init=False, repr=False, compare=False)
 
     @property
     def output(self) -> str | None:
@@ -263,7 +267,10 @@ class Completion:
     @property
     def usage(self) -> dict[str, int]:
         """The upstream's token counts; all 0 when it sent none or an invalid one."""
-        return upstream_usage(self.body) or dict.fromkeys(USAGE_KEYS, 0)
+        memo = self._usage
+        if memo is None or memo[0] is not self.body:
+            memo = self._usage = (self.body, upstream_usage(self.body) or dict.fromkeys(USAGE_KEYS, 0))
+        return dict(memo[1])  # the caller's own copy
 
 
 def response_record(req: Request, comp: Completion, *, latency_ms: int,

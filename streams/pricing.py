@@ -101,6 +101,8 @@ class Pricing:
 
     def of_completion(self, comp: Completion) -> Cost | None:
         """The cost a response reports: paid, or for a cached/coalesced answer, saved."""
+        if not self._table:  # no pricing configured (the default): every cost is None
+            return None
         usage = comp.body.get("usage") if isinstance(comp.body, dict) else None
         cost = self.price(comp.model, None if comp.cached else comp.endpoint,
                           usage if isinstance(usage, Mapping) else None)

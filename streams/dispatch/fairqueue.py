@@ -52,13 +52,17 @@ class Entry(Generic[T]):
         return self.key < other.key
 
 
+# An entry in a heap, behind its key: (first arrival ms, sequence) are unique, so the heaps
+# compare keys as tuples in C and never reach ``Entry.__lt__``.
+Queued = tuple[tuple[float, int], Entry[T]]
+
 @dataclass(eq=False, slots=True)
 class _Flow(Generic[T]):
     """One tenant's queue within one level."""
 
     tenant: str
     step: float  # 1 / weight
-    queue: list[Entry[T]] = field(default_factory=list)
+    queue: list[Queued[T]] = field(default_factory=list)
     live: int = 0
     finish: float = 0.0  # the head's virtual finish tag (or the last one served, when idle)
     version: int = 0  # bumped whenever its place in the level's heap changes
@@ -68,7 +72,7 @@ class _Flow(Generic[T]):
 class _Level(Generic[T]):
     flows: dict[str, _Flow[T]] = field(default_factory=dict)
     ready: list[tuple[float, int, int, _Flow[T]]] = field(default_factory=list)
-    age: list[Entry[T]] = field(default_factory=list)
+    age: list[Queued[T]] = field(default_factory=list)
     vtime: float = 0.0
     live: int = 0
 
@@ -116,8 +120,9 @@ class FairQueue(Generic[T]):
                 vtime = min(vtime, serving)
             flow.finish = max(vtime, flow.finish) + flow.step
             self._push(level, flow)
-        heapq.heappush(flow.queue, entry)
-        heapq.heappush(level.age, entry)
+        queued = (entry.key, entry)  # the key orders the heaps (in C: no Entry.__lt__ calls)
+        heapq.heappush(flow.queue, queued)
+        heapq.heappush(level.age, queued)
         flow.live += 1
         level.live += 1
         self._live += 1
@@ -206,10 +211,10 @@ class FairQueue(Generic[T]):
         # Dead entries stay in the heaps until popped; rebuild when they dominate, so a burst
         # of cancellations cannot grow them without bound.
         if len(level.age) > 64 and level.live * 2 < len(level.age):
-            level.age = [e for e in level.age if e.live]
+            level.age = [q for q in level.age if q[1].live]
             heapq.heapify(level.age)
         if len(flow.queue) > 64 and flow.live * 2 < len(flow.queue):
-            flow.queue = [e for e in flow.queue if e.live]
+            flow.queue = [q for q in flow.queue if q[1].live]
             heapq.heapify(flow.queue)
         if len(level.ready) > 64 and len(level.ready) > 2 * len(level.flows):
             level.ready = [r for r in level.ready if r[2] == r[3].version]
@@ -223,12 +228,14 @@ class Cursor(Generic[T]):
         self._fq = fq
         self._set_aside: list[Entry[T]] = []
         self._excluded: set[str] = set()
-        self._popped: list[tuple[list[Entry[T]], Entry[T]]] = []  # live, to push back at end
+        self._popped: list[tuple[list[Queued[T]], Queued[T]]] = []  # live, to push back at end
         self._parked: list[tuple[_Level[T], tuple[float, int, int, _Flow[T]]]] = []
 
     def next(self) -> Entry[T] | None:
         best: tuple[tuple[float, float], Entry[T]] | None = None
         for level in self._fq._levels:
+            if not level.live:  # nothing waits here (dead entries are popped when it has some)
+                continue
             oldest = self._top(level.age)
             if oldest is not None and (best is None or self._fq._rank(oldest) < best[0]):
                 best = (self._fq._rank(oldest), oldest)
@@ -261,9 +268,9 @@ class Cursor(Generic[T]):
     def end(self) -> None:
         for entry in self._set_aside:
             entry.skipped = False
-        for heap, entry in self._popped:
-            if entry.live:
-                heapq.heappush(heap, entry)
+        for heap, queued in self._popped:
+            if queued[1].live:
+                heapq.heappush(heap, queued)
         for level, ready in self._parked:
             heapq.heappush(level.ready, ready)
         self._set_aside.clear()
@@ -271,12 +278,12 @@ class Cursor(Generic[T]):
         self._parked.clear()
         self._fq._cursor = None
 
-    def _top(self, heap: list[Entry[T]]) -> Entry[T] | None:
+    def _top(self, heap: list[Queued[T]]) -> Entry[T] | None:
         while heap:
-            top = heap[0]
+            top = heap[0][1]
             if top.live and not top.skipped and top.tenant not in self._excluded:
                 return top
-            heapq.heappop(heap)
+            queued = heapq.heappop(heap)
             if top.live:  # set aside for this pass only
-                self._popped.append((heap, top))
+                self._popped.append((heap, queued))
         return None

@@ -224,7 +224,7 @@ class Processor:
                 later(rec, self._letters.write(rec, too_large, req, req.id, 0, []))
             elif comp is None:
                 cache.note_replay()
-                self._metrics.outputs.labels("replayed").inc()
+                self._metrics.output("replayed")
                 done(rec, "replayed")
             else:
                 done(rec, self._count(rec, req, comp, cost))
@@ -349,11 +349,10 @@ class Processor:
     def _count(self, rec: InRecord, req: Request, comp: Completion, cost: Cost | None) -> str:
         """Metrics of a published answer; its outcome label."""
         outcome = "cached" if comp.cached else "ok"
-        self._metrics.outputs.labels(outcome).inc()
-        self._metrics.latency.labels(outcome).observe(self._latency_ms(rec) / 1000.0)
+        metrics = self._metrics
+        metrics.answered(outcome, self._latency_ms(rec) / 1000.0)
         usage = comp.usage
         if not comp.cached:
-            self._metrics.count_tokens(comp.model, usage)
-        self._metrics.costs.count(req.tenant, self._metrics.model_label(comp.model), cost,
-                                  comp.cached, usage)
+            metrics.count_tokens(comp.model, usage)
+        metrics.costs.count(req.tenant, metrics.model_label(comp.model), cost, comp.cached, usage)
         return outcome

@@ -96,10 +96,10 @@ class DeadLetters:
                 log.exception("dead letter of %s:%d@%d not published", rec.source.topic,
                               rec.source.partition, rec.source.offset)
         else:
-            self._metrics.outputs.labels("unpublished").inc()
+            self._metrics.output("unpublished")
             return "unpublished"
         self._metrics.dead_letters.labels(kind).inc()
-        self._metrics.outputs.labels(f"dead_letter_{kind}").inc()
+        self._metrics.output(f"dead_letter_{kind}")
         if kind == "validation":  # the sender's fault, maybe thousands: not worth a warning
             log.debug("dead letter validation: %s", error, extra=request_extra(request_id))
         else:
