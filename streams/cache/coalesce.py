@@ -13,7 +13,11 @@ peek that Redis did not answer (its circuit open after one slow command, a timeo
 machine) is waited out, never taken as "nobody holds it": a worker that computed then would
 call the upstream while the lock's holder (say, the previous owner of a rebalanced partition)
 still computes, and its call, queued behind its in-flight limit, could land after the holder's
-answer was published. Waiting is bounded by ``cache.coalesce_wait_seconds``.
+answer was published. And since a holder's call may come seconds after it took the lock
+(waiting for an in-flight slot or a rate limit), the dispatcher looks at the lock once more
+right before each attempt (``dispatch/claim.py``: the look renews it); one that went to another
+worker meanwhile makes no call, and the holder waits for that worker's answer instead.
+Waiting is bounded by ``cache.coalesce_wait_seconds``.
 
 The Redis side is behind the small ``LockBackend`` protocol (``locks.py``),
 so this module holds only the state machine.
@@ -36,6 +40,8 @@ from collections.abc import Awaitable, Callable
 from streams.cache.codec import Body, cached_completion
 from streams.cache.locks import LockBackend, LockState
 from streams.contract import Completion
+from streams.dispatch.claim import CLAIM
+from streams.errors import ClaimLost
 
 log = logging.getLogger("streams.coalesce")
 
@@ -134,7 +140,10 @@ class Coalescer:
                 self._on_coalesced("remote")
                 return cached_completion(body, model)
             if state is LockState.ACQUIRED:
-                return await self._compute(key, token, compute, ttl)
+                try:
+                    return await self._compute(key, token, compute, ttl)
+                except ClaimLost:  # another worker took the lock before our call: its answer
+                    continue
             if state is LockState.UNAVAILABLE:
                 return await self._compute(key, None, compute, ttl)
             # HELD: seen held now. UNANSWERED: it may be held, as far as Redis last told us.
@@ -182,7 +191,10 @@ class Coalescer:
         compute: Callable[[], Awaitable[Completion]],
         ttl: int | None,
     ) -> Completion:
-        beat = asyncio.create_task(self._heartbeat(key, token)) if token is not None else None
+        beat = claim = None
+        if token is not None:
+            beat = asyncio.create_task(self._heartbeat(key, token))
+            claim = CLAIM.set(lambda: self._backend.extend(key, token, self._lock_ms))
         try:
             comp = await compute()
         except BaseException:
@@ -194,6 +206,8 @@ class Coalescer:
         finally:
             if beat is not None:
                 beat.cancel()
+            if claim is not None:
+                CLAIM.reset(claim)
         # Stored before the lock is released, so a poller sees either the lock or the answer.
         await self._backend.finish(key, token, comp, ttl)
         return comp

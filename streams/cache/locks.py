@@ -127,14 +127,21 @@ class RedisLocks:
             return [(LockState.UNANSWERED, None)] * len(items)
         ok = s.guard.replies("lock", res)
         out: list[tuple[LockState, Body | None]] = []
-        for i, (_, token, _) in enumerate(items):
+        again: list[int] = []  # set by an earlier attempt of ours: its expiry is renewed first
+        for i, item in enumerate(items):
             acquired, raw, holder = res[3 * i:3 * i + 3]
             body = decode_body(raw) if isinstance(raw, bytes) else None
             if not ok[3 * i]:  # that lock command failed: proceed as if alone
                 out.append((LockState.UNAVAILABLE, body))
-            else:
-                ours = acquired or holder == token.encode()
-                out.append(((LockState.ACQUIRED if ours else LockState.HELD), body))
+                continue
+            if not acquired and holder == item[1].encode():
+                again.append(i)
+            out.append(((LockState.ACQUIRED if acquired else LockState.HELD), body))
+        if again:
+            renewed = await self._extend_many([items[i] for i in again])
+            for i, mine in zip(again, renewed, strict=True):
+                # still ours (or Redis did not say: the next renewal or the claim check will)
+                out[i] = ((LockState.ACQUIRED if mine else LockState.HELD), out[i][1])
         return out
 
     async def peek(self, key: str, token: str = "") -> tuple[Body | None, bool] | None:

@@ -12,6 +12,8 @@ from streams.cache.coalesce import Coalescer
 from streams.cache.codec import Body
 from streams.cache.locks import LockState
 from streams.contract import Completion
+from streams.dispatch.claim import CLAIM
+from streams.errors import ClaimLost
 
 BODY: Body = {"choices": [{"message": {"role": "assistant", "content": "hi"}}]}
 
@@ -247,3 +249,35 @@ async def test_waiters_of_a_failed_leader_contend_for_the_lock_again() -> None:
     await task
     assert len(calls) == 1 and all(g.cached for g in got)
     assert events["fallback:leader_failed"] == 3 and events["coalesced:remote"] == 3
+
+
+async def test_a_holder_whose_claim_is_lost_before_its_call_waits_for_the_new_holder() -> None:
+    # The dispatcher found the lock gone to another worker right before the upstream call
+    # (ClaimLost): no call; the new holder's answer is served.
+    events, calls = Counter[str](), list[int]()
+    locks = MemoryLocks()
+    looked: list[bool] = []
+
+    async def compute() -> Completion:
+        claim = CLAIM.get()
+        assert claim is not None  # set by the coalescer for its own dispatch
+        locks.state = LockState.HELD  # our lock expired and another worker took it
+        looked.append(await claim())
+        raise ClaimLost("taken")
+
+    async def new_holder() -> None:
+        await asyncio.sleep(0.1)
+        locks.bodies["k"] = BODY
+        locks.held.discard("k")
+
+    class Taken(MemoryLocks):
+        async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
+            return False
+
+    locks = Taken()
+    locks.held.add("k")
+    task = asyncio.ensure_future(new_holder())
+    got = await coalescer(locks, events).run("k", "m", compute, remote=True, ttl=60)
+    await task
+    assert got.cached and not calls and looked == [False] and events["coalesced:remote"] == 1
+    assert CLAIM.get() is None  # not left set for the caller
