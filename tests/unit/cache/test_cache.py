@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from streams.cache.codec import RAW, ZLIB, decode_body, decode_value, encode_value
 from streams.cache.idempotency import IdemRef, Recalled
+from streams.cache.locks import LockState, RedisLocks
 from streams.cache.responses import MAX_MODEL_LABELS, ResponseCache
 from streams.config import Settings, load_settings
 from streams.contract import Completion, Request
@@ -386,6 +387,20 @@ async def test_a_leaders_lock_is_renewed_while_the_circuit_is_open() -> None:
 
     await cache.coalesce(r, cache.key(r), slow)
     assert held == [True] * 3  # 0.75 s: the 300 ms lock was renewed all along
+
+
+async def test_a_lock_set_by_our_own_unanswered_attempt_is_ours_with_a_fresh_expiry() -> None:
+    # The attempt timed out client-side but Redis had set the lock: waiting on it as if another
+    # worker held it cost a lock's life; taking it back must renew it (it may expire at once).
+    cache, fake, _ = make()
+    locks = RedisLocks(cache.redis_store, 256)
+    lkey = cache.redis_store.lkey("k")
+    fake._set(lkey, b"ours", px=50)
+    assert (await locks.try_lock("k", "ours", 10_000))[0] is LockState.ACQUIRED
+    assert (fake.ttl(lkey) or 0) > 5
+    assert (await locks.try_lock("k", "theirs", 10_000))[0] is LockState.HELD
+    assert await locks.peek("k", "ours") == (None, False)  # not held by another
+    assert await locks.peek("k", "theirs") == (None, True)
 
 
 async def test_the_renewals_of_many_leaders_share_pipelines() -> None:
