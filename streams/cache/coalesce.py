@@ -142,8 +142,14 @@ class Coalescer:
             if state is LockState.ACQUIRED:
                 try:
                     return await self._compute(key, token, compute, ttl)
-                except ClaimLost:  # another worker took the lock before our call: its answer
-                    continue
+                except ClaimLost:  # the lock went (to another worker?) before our call
+                    # A new token: the release of the lost one, under way in the background,
+                    # must not release the lock we take next.
+                    token = secrets.token_hex(8)
+                    if self._clock() < deadline:
+                        continue
+                    self._on_fallback(_Outcome.TIMEOUT.value)
+                    return await self._compute(key, None, compute, ttl)
             if state is LockState.UNAVAILABLE:
                 return await self._compute(key, None, compute, ttl)
             # HELD: seen held now. UNANSWERED: it may be held, as far as Redis last told us.

@@ -20,6 +20,8 @@ from streams.cache.locks import LockState, RedisLocks
 from streams.cache.responses import MAX_MODEL_LABELS, ResponseCache
 from streams.config import Settings, load_settings
 from streams.contract import Completion, Request
+from streams.dispatch.claim import check_claim
+from streams.errors import ClaimLost
 from tests.fakes.clock import Clock
 from tests.fakes.fake_redis import FakeRedis
 
@@ -401,6 +403,33 @@ async def test_a_lock_set_by_our_own_unanswered_attempt_is_ours_with_a_fresh_exp
     assert (await locks.try_lock("k", "theirs", 10_000))[0] is LockState.HELD
     assert await locks.peek("k", "ours") == (None, False)  # not held by another
     assert await locks.peek("k", "theirs") == (None, True)
+
+
+async def test_a_lock_lost_with_nobody_else_is_taken_again_and_called_once() -> None:
+    # A Redis restart loses every lock: a holder's last look before its call (the dispatcher's
+    # check_claim) finds its lock gone, makes no call and takes the lock again. The release of
+    # the lost lock, sent in the background, must not release the new one (it did, with the
+    # same token: the request then looped without ever calling).
+    cache, fake, _ = make()
+    r = req()
+    lkey = cache.redis_store.lkey(cache.key(r))
+    looks: list[str] = []
+
+    async def dispatch() -> Completion:
+        if not looks:
+            fake.data.pop(lkey.encode(), None)  # the restart
+        await asyncio.sleep(0.05)  # waiting for a slot: the background release runs
+        try:
+            await check_claim()
+        except ClaimLost:
+            looks.append("lost")
+            raise
+        looks.append("called")
+        return comp()
+
+    got = await asyncio.wait_for(cache.coalesce(r, cache.key(r), dispatch), 2.0)
+    assert not got.cached and looks == ["lost", "called"]
+    assert fake._get(lkey) is None and await looked(cache, r) is not None
 
 
 async def test_the_renewals_of_many_leaders_share_pipelines() -> None:
