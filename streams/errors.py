@@ -33,6 +33,9 @@ a replay may well succeed.
     ├── OutputTooLarge              the broker refuses an output record's size -> DLQ "internal"
     │                               (not retryable)
     ├── InternalError               a bug while handling a request        -> DLQ "internal"
+    ├── ClaimLost                   the request's coalescing lock went to another worker
+    │                               before its upstream call: the call is not made, the
+    │                               coalescer waits for that worker's answer (never a DLQ)
     └── InvalidOutput               a pipeline's answer fails its schema after every repair
                                     (retryable: a new answer may pass)    -> DLQ "invalid_output"
 
@@ -165,6 +168,11 @@ class OutputTooLarge(StreamsError):
 
 class InternalError(StreamsError):
     """A bug or an unexpected failure while handling a request (dead letter "internal")."""
+
+
+class ClaimLost(StreamsError):
+    """The coalescing lock was lost before the upstream call (``dispatch/claim.py``); the
+    coalescer catches it and waits for the new holder's answer."""
 
 
 class TemplateFailed(ValidationFailed):

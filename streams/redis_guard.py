@@ -153,6 +153,7 @@ class RedisGuard:
         self._retry_max = retry_seconds if max_retry_seconds is None else max_retry_seconds
         self._delay = retry_seconds
         self._retry_at = float("-inf")
+        self.answered_at = float("-inf")  # when Redis last answered (clock time)
         self._down = False
         self._on_down = on_down
         self._on_up = on_up
@@ -185,6 +186,7 @@ class RedisGuard:
 
     def succeeded(self) -> None:
         """Redis answered (even to a ``force`` call while it was left alone): an outage is over."""
+        self.answered_at = self._clock()
         if self._down:
             self._down = False
             self._on_up()

@@ -3,10 +3,21 @@
 Two levels. In one process, the first caller of a key is the leader and the others await
 its future (no Redis at all). Across processes, each process's leader takes a Redis lock
 (``SET NX PX``, kept alive by a heartbeat); a leader that finds the lock held polls for the
-answer instead of computing. Failure never spreads: if the leader's compute fails, waiters
-run their own compute (their own retries); if the lock holder dies, its lock expires and a
-waiter takes over; a waiter that cannot reach Redis waits as long as the holder's lock could
-still live, then computes. Waiting is bounded by ``cache.coalesce_wait_seconds``.
+answer instead of computing. Failure never spreads: if the leader's compute fails, its waiters
+contend for the lock again (one computes, with its own retries); if the lock holder dies, its
+lock expires and a waiter takes over.
+
+The upstream is called only under the lock, or once Redis has not answered for as long as a
+holder's lock could live (an outage: each process then computes alone). A lock attempt or a
+peek that Redis did not answer (its circuit open after one slow command, a timeout on a busy
+machine) is waited out, never taken as "nobody holds it": a worker that computed then would
+call the upstream while the lock's holder (say, the previous owner of a rebalanced partition)
+still computes, and its call, queued behind its in-flight limit, could land after the holder's
+answer was published. And since a holder's call may come seconds after it took the lock
+(waiting for an in-flight slot or a rate limit), the dispatcher looks at the lock once more
+right before each attempt (``dispatch/claim.py``: the look renews it); one that went to another
+worker meanwhile makes no call, and the holder waits for that worker's answer instead.
+Waiting is bounded by ``cache.coalesce_wait_seconds``.
 
 The Redis side is behind the small ``LockBackend`` protocol (``locks.py``),
 so this module holds only the state machine.
@@ -29,6 +40,8 @@ from collections.abc import Awaitable, Callable
 from streams.cache.codec import Body, cached_completion
 from streams.cache.locks import LockBackend, LockState
 from streams.contract import Completion
+from streams.dispatch.claim import CLAIM
+from streams.errors import ClaimLost
 
 log = logging.getLogger("streams.coalesce")
 
@@ -74,7 +87,7 @@ class Coalescer:
         """
         fut = self._inflight.get(key)
         if fut is not None:
-            return await self._follow(fut, key, model, compute, ttl)
+            return await self._follow(fut, key, model, compute, remote=remote, ttl=ttl)
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
@@ -95,6 +108,8 @@ class Coalescer:
         key: str,
         model: str,
         compute: Callable[[], Awaitable[Completion]],
+        *,
+        remote: bool,
         ttl: int | None,
     ) -> Completion:
         try:
@@ -104,8 +119,9 @@ class Coalescer:
             self._on_fallback("timeout")
             return await self._compute(key, None, compute, ttl)
         if comp is None:
+            # The lock is free again, or another process took it: contend for it like a leader
             self._on_fallback("leader_failed")
-            return await self._compute(key, None, compute, ttl)
+            return await self._lead(key, model, compute, remote=remote, ttl=ttl)
         self._on_coalesced("local")
         return cached_completion(comp.body, model)
 
@@ -124,10 +140,21 @@ class Coalescer:
                 self._on_coalesced("remote")
                 return cached_completion(body, model)
             if state is LockState.ACQUIRED:
-                return await self._compute(key, token, compute, ttl)
+                try:
+                    return await self._compute(key, token, compute, ttl)
+                except ClaimLost:  # the lock went (to another worker?) before our call
+                    # A new token: the release of the lost one, under way in the background,
+                    # must not release the lock we take next.
+                    token = secrets.token_hex(8)
+                    if self._clock() < deadline:
+                        continue
+                    self._on_fallback(_Outcome.TIMEOUT.value)
+                    return await self._compute(key, None, compute, ttl)
             if state is LockState.UNAVAILABLE:
                 return await self._compute(key, None, compute, ttl)
-            outcome = await self._wait_remote(key, deadline)
+            # HELD: seen held now. UNANSWERED: it may be held, as far as Redis last told us.
+            seen = self._clock() if state is LockState.HELD else self._backend.answered_at()
+            outcome = await self._wait_remote(key, token, deadline, seen)
             if isinstance(outcome, dict):
                 self._on_coalesced("remote")
                 return cached_completion(outcome, model)
@@ -136,18 +163,19 @@ class Coalescer:
             self._on_fallback(outcome.value)
             return await self._compute(key, None, compute, ttl)
 
-    async def _wait_remote(self, key: str, deadline: float) -> Body | _Outcome:
+    async def _wait_remote(self, key: str, token: str, deadline: float, held_at: float
+                           ) -> Body | _Outcome:
         # Start polling fast (mock or cached upstreams answer in ms), back off to the
-        # configured interval; peeks from all waiters of a tick share one MGET.
+        # configured interval; peeks from all waiters of a tick share one MGET. ``held_at``:
+        # when the lock was last seen held (or could have been: Redis's last answer).
         delay = min(0.005, self._poll)
-        held_at = self._clock()  # when the lock was last seen held
         while True:
             left = deadline - self._clock()
             if left <= 0:
                 return _Outcome.TIMEOUT
             await asyncio.sleep(min(delay, left))
             delay = min(delay * 2, self._poll)
-            seen = await self._backend.peek(key)
+            seen = await self._backend.peek(key, token)
             if seen is None:
                 # Redis did not answer (one timed-out command opens the cache's circuit for
                 # every waiter): the holder is alive until its lock would have expired, so
@@ -159,7 +187,7 @@ class Coalescer:
             body, held = seen
             if body is not None:
                 return body
-            if not held:
+            if not held:  # (or held by our own attempt that Redis did not answer)
                 return _Outcome.GONE
 
     async def _compute(
@@ -169,7 +197,10 @@ class Coalescer:
         compute: Callable[[], Awaitable[Completion]],
         ttl: int | None,
     ) -> Completion:
-        beat = asyncio.create_task(self._heartbeat(key, token)) if token is not None else None
+        beat = claim = None
+        if token is not None:
+            beat = asyncio.create_task(self._heartbeat(key, token))
+            claim = CLAIM.set(lambda: self._backend.extend(key, token, self._lock_ms))
         try:
             comp = await compute()
         except BaseException:
@@ -181,6 +212,8 @@ class Coalescer:
         finally:
             if beat is not None:
                 beat.cancel()
+            if claim is not None:
+                CLAIM.reset(claim)
         # Stored before the lock is released, so a poller sees either the lock or the answer.
         await self._backend.finish(key, token, comp, ttl)
         return comp

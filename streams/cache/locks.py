@@ -7,8 +7,11 @@ request; the renewals of one tick share one pipeline too (thousands of leaders r
 few seconds). A finish (the answer stored, the lock released) is a ``force`` call, with a lock
 or without one (tried while the cache's circuit is open, and again after an outage error): an
 answer missing from Redis, or a lock left held without it, makes another worker's redelivery
-of the same record call the upstream again. Lock attempts, peeks and renewals follow the
-circuit: under overload, trying them anyway only adds to what times out.
+of the same record call the upstream again. Lock attempts and peeks follow the circuit: under
+overload, trying them anyway only adds to what times out; an attempt Redis did not answer is
+``UNANSWERED`` (the lock may be held elsewhere: the coalescer waits, it does not compute). A
+renewal is a ``force`` call too: a holder whose renewals are skipped for a lock's life loses
+its lock while it still computes, and another worker then pays the same call.
 
 Usage::
 
@@ -44,18 +47,23 @@ FinishItem = tuple[str, str, bytes | None, int]  # key, token, value to store, t
 class LockState(enum.Enum):
     ACQUIRED = "acquired"
     HELD = "held"  # by another process
-    UNAVAILABLE = "unavailable"  # Redis is down: proceed as if alone
+    # Redis did not answer (its circuit is open, or the attempt timed out): the lock may be
+    # held elsewhere, or even taken by this very attempt
+    UNANSWERED = "unanswered"
+    UNAVAILABLE = "unavailable"  # Redis refused the lock command: proceed as if alone
 
 
 class LockBackend(Protocol):
     """What the coalescer needs from Redis. Implementations never raise Redis errors."""
 
     async def try_lock(self, key: str, token: str, ttl_ms: int) -> tuple[LockState, Body | None]:
-        """Take the lock if free; also return the cached answer if one is already there."""
+        """Take the lock if free (or if it already holds ``token``: an earlier attempt Redis
+        did not answer may have set it); also return the cached answer if one is there."""
         ...
 
-    async def peek(self, key: str) -> tuple[Body | None, bool] | None:
-        """(cached answer or None, lock still held), or None if Redis is unavailable."""
+    async def peek(self, key: str, token: str = "") -> tuple[Body | None, bool] | None:
+        """(cached answer or None, lock held by another token than ``token``), or None if
+        Redis is unavailable."""
         ...
 
     async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
@@ -66,6 +74,10 @@ class LockBackend(Protocol):
         self, key: str, token: str | None, comp: Completion | None, ttl: int | None
     ) -> None:
         """Store ``comp`` for ``ttl`` seconds (if both given), then release our lock."""
+        ...
+
+    def answered_at(self) -> float:
+        """When Redis last answered this process (the coalescer's clock); -inf: never."""
         ...
 
 
@@ -93,8 +105,11 @@ class RedisLocks:
 
     async def try_lock(self, key: str, token: str, ttl_ms: int) -> tuple[LockState, Body | None]:
         if not self._store.guard.available():
-            return LockState.UNAVAILABLE, None
+            return LockState.UNANSWERED, None
         return await self._locks.submit((key, token, ttl_ms))
+
+    def answered_at(self) -> float:
+        return self._store.guard.answered_at
 
     async def _try_locks(self, items: list[LockItem]) -> list[tuple[LockState, Body | None]]:
         s = self._store
@@ -104,32 +119,40 @@ class RedisLocks:
             for key, token, ttl_ms in items:
                 pipe.set(s.lkey(key), token, nx=True, px=ttl_ms)
                 pipe.get(s.ckey(key))
+                pipe.get(s.lkey(key))
             return await pipe.execute(raise_on_error=False)
 
         res = await s.call("lock", go)
         if res is DOWN:
-            return [(LockState.UNAVAILABLE, None)] * len(items)
+            return [(LockState.UNANSWERED, None)] * len(items)
         ok = s.guard.replies("lock", res)
         out: list[tuple[LockState, Body | None]] = []
-        for i in range(len(items)):
-            acquired, raw = res[2 * i], res[2 * i + 1]
+        again: list[int] = []  # set by an earlier attempt of ours: its expiry is renewed first
+        for i, item in enumerate(items):
+            acquired, raw, holder = res[3 * i:3 * i + 3]
             body = decode_body(raw) if isinstance(raw, bytes) else None
-            if not ok[2 * i]:  # that lock command failed: proceed as if alone
+            if not ok[3 * i]:  # that lock command failed: proceed as if alone
                 out.append((LockState.UNAVAILABLE, body))
-            else:
-                out.append(((LockState.ACQUIRED if acquired else LockState.HELD), body))
+                continue
+            if not acquired and holder == item[1].encode():
+                again.append(i)
+            out.append(((LockState.ACQUIRED if acquired else LockState.HELD), body))
+        if again:
+            renewed = await self._extend_many([items[i] for i in again])
+            for i, mine in zip(again, renewed, strict=True):
+                # still ours (or Redis did not say: the next renewal or the claim check will)
+                out[i] = ((LockState.ACQUIRED if mine else LockState.HELD), out[i][1])
         return out
 
-    async def peek(self, key: str) -> tuple[Body | None, bool] | None:
+    async def peek(self, key: str, token: str = "") -> tuple[Body | None, bool] | None:
         s = self._store
         raw, lock = await s.read_many([s.ckey(key), s.lkey(key)])
         if raw is DOWN or lock is DOWN:
             return None
-        return (decode_body(raw) if raw is not None else None), lock is not None
+        held = lock is not None and lock != token.encode()
+        return (decode_body(raw) if raw is not None else None), held
 
     async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
-        if not self._store.guard.available():
-            return True  # Redis left alone: keep beating, it may come back
         return await self._extends.submit((key, token, ttl_ms))
 
     async def _extend_many(self, items: list[LockItem]) -> list[bool]:
@@ -141,7 +164,7 @@ class RedisLocks:
                 pipe.eval(_EXTEND, 1, s.lkey(key), token, ttl_ms)
             return await pipe.execute(raise_on_error=False)
 
-        res = await s.call("lock", go)
+        res = await s.call("lock", go, force=True)  # tried through the circuit: see the module doc
         if res is DOWN:
             return [True] * len(items)  # keep beating, Redis may come back
         ok = s.guard.replies("lock", res)

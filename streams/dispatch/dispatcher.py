@@ -34,6 +34,7 @@ from streams.config_tenants import tenant_name
 from streams.contract import ChatMessages, Completion, Params, Request, upstream_usage
 from streams.dispatch.admission import Admission, Grant, Ticket, fits
 from streams.dispatch.budgetgate import Hold
+from streams.dispatch.claim import check_claim
 from streams.dispatch.cooldown import EndpointState
 from streams.dispatch.embeddings import EmbeddingBatcher
 from streams.dispatch.ratelimit import LATE_SLOT_SECONDS
@@ -225,6 +226,11 @@ class Dispatcher:
             if gate is not None and hold is not None and not gate.covers(hold):
                 self._admission.release(grant, None)  # the wait crossed a budget window
                 continue
+            try:
+                await check_claim()  # the last look: the lock may have gone while we waited
+            except BaseException:
+                self._admission.release(grant, None)
+                raise
             attempts += 1
             ticket.tried.append(grant.endpoint.name)
             try:

@@ -380,9 +380,12 @@ class Trial:
                   stalled=len(stalled),
                   in_flight_at_kills=sum(self.kills) if self.kills else None)
         ROWS.append(row)
+        if late:  # every one, for matching against the workers' logs in the same folder
+            (self.stack.tmp / "late-calls.txt").write_text("\n".join(late) + "\n")
         assert lost == 0, f"{lost} records without output, e.g. {self.missing()[:5]}"
         assert not self._unplaced, f"outputs for records never produced: {self._unplaced[:3]}"
-        assert not late, f"{len(late)} upstream calls for requests already answered: {late[:5]}"
+        assert not late, (f"{len(late)} upstream calls for requests already answered: {late[:5]} "
+                          f"(all in {self.stack.tmp}/late-calls.txt)")
         assert foreign_calls == 0, f"{foreign_calls} upstream calls with unknown prompts"
         assert not violations, f"offsets committed past unpublished outputs: {violations[:5]}"
         assert committed > 0, "the commit sampler never saw a committed offset"

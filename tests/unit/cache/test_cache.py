@@ -16,9 +16,12 @@ from prometheus_client import CollectorRegistry
 
 from streams.cache.codec import RAW, ZLIB, decode_body, decode_value, encode_value
 from streams.cache.idempotency import IdemRef, Recalled
+from streams.cache.locks import LockState, RedisLocks
 from streams.cache.responses import MAX_MODEL_LABELS, ResponseCache
 from streams.config import Settings, load_settings
 from streams.contract import Completion, Request
+from streams.dispatch.claim import check_claim
+from streams.errors import ClaimLost
 from tests.fakes.clock import Clock
 from tests.fakes.fake_redis import FakeRedis
 
@@ -288,7 +291,9 @@ async def test_in_process_coalescing_calls_once_and_stores() -> None:
     assert not any(k.startswith(b"llmstreams:l:") for k in fake.data)  # lock released
 
 
-async def test_leader_failure_lets_waiters_compute_themselves() -> None:
+async def test_leader_failure_lets_one_waiter_compute_for_the_others() -> None:
+    # the waiters contend for the lock again: one computes (its own retries), the rest wait
+    # for its answer rather than each calling the upstream without the lock
     cache, _, reg = make()
     compute, calls = counting(comp(), fail=True)
     r = req()
@@ -297,7 +302,8 @@ async def test_leader_failure_lets_waiters_compute_themselves() -> None:
     )
     assert sum(isinstance(o, RuntimeError) for o in out) == 1
     assert sum(isinstance(o, Completion) for o in out) == 4
-    assert calls["n"] == 5
+    assert calls["n"] == 2
+    assert sum(isinstance(o, Completion) and o.cached for o in out) == 3
     assert metric(reg, "coalesce_fallbacks", reason="leader_failed") == 4
 
 
@@ -361,6 +367,69 @@ async def test_heartbeat_keeps_a_slow_leaders_lock() -> None:
 
     await cache.coalesce(r, key, slow)
     assert all(seen) and fake._get(cache.redis_store.lkey(key)) is None
+
+
+async def test_a_leaders_lock_is_renewed_while_the_circuit_is_open() -> None:
+    # Under load one slow command opens the circuit; renewals skipped for a lock's life let the
+    # lock expire while its holder still computes, and another worker then paid the same call
+    # (scale 1-3-1: ~1,000 locks lost in one worker). A renewal is tried through the circuit.
+    cache, fake, _ = make(coalesce_lock_seconds=0.3, redis_retry_seconds=60.0)  # every 100 ms
+    r = req()
+    lkey = cache.redis_store.lkey(cache.key(r))
+    held: list[bool] = []
+
+    async def slow() -> Completion:
+        fake.fail = True
+        await cache.store(req("other"), comp())  # an outage error: the circuit opens for 60 s
+        fake.fail = False  # Redis answers again; the circuit stays open
+        for _ in range(3):
+            await asyncio.sleep(0.25)
+            held.append(fake._get(lkey) is not None)
+        return comp()
+
+    await cache.coalesce(r, cache.key(r), slow)
+    assert held == [True] * 3  # 0.75 s: the 300 ms lock was renewed all along
+
+
+async def test_a_lock_set_by_our_own_unanswered_attempt_is_ours_with_a_fresh_expiry() -> None:
+    # The attempt timed out client-side but Redis had set the lock: waiting on it as if another
+    # worker held it cost a lock's life; taking it back must renew it (it may expire at once).
+    cache, fake, _ = make()
+    locks = RedisLocks(cache.redis_store, 256)
+    lkey = cache.redis_store.lkey("k")
+    fake._set(lkey, b"ours", px=50)
+    assert (await locks.try_lock("k", "ours", 10_000))[0] is LockState.ACQUIRED
+    assert (fake.ttl(lkey) or 0) > 5
+    assert (await locks.try_lock("k", "theirs", 10_000))[0] is LockState.HELD
+    assert await locks.peek("k", "ours") == (None, False)  # not held by another
+    assert await locks.peek("k", "theirs") == (None, True)
+
+
+async def test_a_lock_lost_with_nobody_else_is_taken_again_and_called_once() -> None:
+    # A Redis restart loses every lock: a holder's last look before its call (the dispatcher's
+    # check_claim) finds its lock gone, makes no call and takes the lock again. The release of
+    # the lost lock, sent in the background, must not release the new one (it did, with the
+    # same token: the request then looped without ever calling).
+    cache, fake, _ = make()
+    r = req()
+    lkey = cache.redis_store.lkey(cache.key(r))
+    looks: list[str] = []
+
+    async def dispatch() -> Completion:
+        if not looks:
+            fake.data.pop(lkey.encode(), None)  # the restart
+        await asyncio.sleep(0.05)  # waiting for a slot: the background release runs
+        try:
+            await check_claim()
+        except ClaimLost:
+            looks.append("lost")
+            raise
+        looks.append("called")
+        return comp()
+
+    got = await asyncio.wait_for(cache.coalesce(r, cache.key(r), dispatch), 2.0)
+    assert not got.cached and looks == ["lost", "called"]
+    assert fake._get(lkey) is None and await looked(cache, r) is not None
 
 
 async def test_the_renewals_of_many_leaders_share_pipelines() -> None:

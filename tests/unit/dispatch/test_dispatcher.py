@@ -13,10 +13,12 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from streams.config import EndpointConfig, Settings
 from streams.contract import Completion, Request
+from streams.dispatch.claim import CLAIM
 from streams.dispatch.dispatcher import Dispatcher, _used_tokens
 from streams.dispatch.parts import build_dispatcher
 from streams.errors import (
     AttemptsExhausted,
+    ClaimLost,
     DeadlineExpired,
     DispatchFailed,
     NoEndpoint,
@@ -475,5 +477,37 @@ def test_model_names_invented_by_requests_add_no_per_model_state() -> None:
             assert len(d.parts.balancer._models) == before == 1
             assert d._admission._waiting_models == {}
         assert {n for _, n, _ in up.calls} == {"a"}
+
+    run(main)
+
+
+def test_a_dispatch_whose_claim_was_lost_while_waiting_makes_no_call() -> None:
+    # Scale 1-3-1 under load: a worker took a request's coalescing lock, then waited seconds
+    # for an in-flight slot; its lock expired meanwhile (a lagging event loop), another worker
+    # took it, called and published, and the first worker's call came after that answer. The
+    # dispatcher looks at the claim once it holds a grant, right before the call.
+    async def main(clock: VirtualClock) -> None:
+        d, up, _ = _make(clock, [_ep("a")], latency=1.0, limits={"max_inflight": 1})
+        ours = {"r1": True, "r2": False}  # r2's lock went to another worker while it waited
+        looks: list[str] = []
+
+        async def claimed(r: Request) -> Completion:
+            async def claim() -> bool:
+                looks.append(r.id)
+                return ours[r.id]
+
+            CLAIM.set(claim)  # this task's context only
+            return await d.dispatch(r)
+
+        async with d:
+            first = asyncio.create_task(claimed(_req(1)))
+            await asyncio.sleep(0.1)
+            second = asyncio.create_task(claimed(_req(2)))  # waits for r1's slot
+            assert (await first).attempts == 1
+            with pytest.raises(ClaimLost):
+                await second
+            assert [p for _, _, p in up.calls] == ["r1"] and looks == ["r1", "r2"]
+            assert d.parts.limiter.inflight(d._settings.endpoints[0]) == 0  # grant given back
+            assert (await d.dispatch(_req(3))).attempts == 1  # no claim: no look
 
     run(main)

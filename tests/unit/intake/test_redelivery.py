@@ -29,11 +29,12 @@ SEEN = {"id": "seen", "input": "answered before the rebalance", "model": "gpt-4o
 RECORD = b'{"id":"seen","status":"ok","output":"paid once"}'
 
 
-def make(**cache: Any) -> tuple[Processor, FakePublisher, FakeDispatcher, ResponseCache, FakeRedis]:
+def make(clock: Clock | None = None, **cache: Any
+         ) -> tuple[Processor, FakePublisher, FakeDispatcher, ResponseCache, FakeRedis]:
     s = load_settings(environ={}, redis={"socket_timeout_seconds": 0.05},
                       cache={"redis_backoff_seconds": 0.01, **cache})
     fake = FakeRedis()
-    clock = Clock(1000.0)
+    clock = clock or Clock(1000.0)
     c = ResponseCache(s, fake, CollectorRegistry(), clock=clock)  # type: ignore[arg-type]
     pub, disp = FakePublisher(), FakeDispatcher()
     return Processor(s, pub, disp, c, PipelineMetrics(CollectorRegistry())), pub, disp, c, fake
@@ -99,10 +100,19 @@ def proc_comp() -> Completion:
 async def test_an_answer_computed_without_a_lock_still_reaches_redis(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The lock attempt timed out (and opened the breaker), so this worker computes without a
-    # lock; its answer must still be stored, or another worker holding a redelivery of the
+    # The lock attempt timed out (and opened the breaker): the lock may be held elsewhere, so
+    # the worker waits as long as a lock could live; Redis still away then, it computes without
+    # a lock. Its answer must still be stored, or another worker holding a redelivery of the
     # same record calls the upstream too.
-    proc, pub, disp, cache, fake = make(redis_retry_seconds=60.0)
+    clock = Clock(1000.0)
+    proc, pub, disp, cache, fake = make(clock, redis_retry_seconds=60.0, coalesce_lock_seconds=5.0)
+
+    async def ticking() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            clock.now += 0.5
+
+    ticker = asyncio.ensure_future(ticking())
     store = cache.redis_store
     prefetch = cache.prefetch
 
@@ -112,8 +122,12 @@ async def test_an_answer_computed_without_a_lock_still_reaches_redis(
         return got
 
     monkeypatch.setattr(cache, "prefetch", then_hang)
-    assert await run(proc, [rec(0, {"id": "new", "input": "fresh prompt"})]) == {0: "ok"}
+    try:
+        assert await run(proc, [rec(0, {"id": "new", "input": "fresh prompt"})]) == {0: "ok"}
+    finally:
+        ticker.cancel()
     assert cache.metrics.errors.labels("lock")._value.get() == 1  # the attempt timed out
+    assert cache.metrics.fallbacks.labels("unavailable")._value.get() == 1  # waited it out
     req = Request.model_validate({"id": "new", "input": "fresh prompt", "model": "gpt-4o-mini"})
     assert not any(k.startswith(store.lkey("").encode()) for k in fake.data)  # no lock taken
     assert fake._get(store.ckey(cache.key(req))) is not None
