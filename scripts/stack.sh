@@ -71,6 +71,17 @@ setup_prometheus() {
     -o DPkg::Lock::Timeout=600 prometheus >&2
 }
 
+# nginx is the benchmarks' fixed-answer upstream; the bench smoke tests in `make test` run it on
+# 127.0.0.1 themselves (the package's own service is not used).
+setup_nginx() {
+  if [ -x /usr/sbin/nginx ]; then return; fi
+  log "installing nginx-light from Debian's packages"
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    -o DPkg::Lock::Timeout=600 nginx-light >&2
+}
+
 # The client listener: PLAINTEXT, SASL_PLAINTEXT + SCRAM-SHA-256 in SASL mode, SSL in TLS mode,
 # SASL_SSL in both.
 listener_name() {
@@ -204,7 +215,7 @@ redis_stop() {
 }
 
 case "${1:-}" in
-  setup) setup_kafka; setup_redis; setup_prometheus ;;
+  setup) setup_kafka; setup_redis; setup_prometheus; setup_nginx ;;
   setup-prometheus) setup_prometheus ;;
   up) setup_kafka; setup_redis; setup_prometheus; kafka_start; redis_start; log "stack is up" ;;
   down) kafka_stop; redis_stop; log "stack is down" ;;
