@@ -2,10 +2,10 @@
 
 Two levels. In one process, the first caller of a key is the leader and the others await
 its future (no Redis at all). Across processes, each process's leader takes a Redis lock
-(``SET NX PX``, kept alive by a heartbeat); a leader that finds the lock held polls for the
-answer instead of computing. Failure never spreads: if the leader's compute fails, its waiters
-contend for the lock again (one computes, with its own retries); if the lock holder dies, its
-lock expires and a waiter takes over.
+(``SET NX PX``, kept alive by one heartbeat for all the locks a process holds); a leader
+that finds the lock held polls for the answer instead of computing. Failure never spreads: if
+the leader's compute fails, its waiters contend for the lock again (one computes, with its
+own retries); if the lock holder dies, its lock expires and a waiter takes over.
 
 The upstream is called only under the lock, or once Redis has not answered for as long as a
 holder's lock could live (an outage: each process then computes alone). A lock attempt or a
@@ -36,6 +36,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from streams.cache.codec import Body, cached_completion
 from streams.cache.locks import LockBackend, LockState
@@ -77,6 +78,11 @@ class Coalescer:
         # None as a result means "the leader failed": waiters then compute themselves.
         self._inflight: dict[str, asyncio.Future[Completion | None]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # The locks held while their compute runs, renewed together by one heartbeat task:
+        # a task, a timer and a context per held lock cost ~10 objects each, and read-ahead
+        # keeps tens of thousands of leaders waiting for an in-flight slot.
+        self._held: set[tuple[str, str]] = set()
+        self._beater: asyncio.Task[None] | None = None
 
     async def run(self, key: str, model: str, compute: Compute, *, remote: bool, ttl: int | None
                   ) -> Completion:
@@ -197,36 +203,56 @@ class Coalescer:
         compute: Callable[[], Awaitable[Completion]],
         ttl: int | None,
     ) -> Completion:
-        beat = claim = None
-        if token is not None:
-            beat = asyncio.create_task(self._heartbeat(key, token))
-            claim = CLAIM.set(lambda: self._backend.extend(key, token, self._lock_ms))
+        if token is None:
+            return await self._finish_unlocked(key, compute, ttl)
+        held = (key, token)
+        self._held.add(held)
+        if self._beater is None:
+            self._beater = asyncio.get_running_loop().create_task(self._heartbeat())
+        claim = CLAIM.set(partial(self._backend.extend, key, token, self._lock_ms))
         try:
             comp = await compute()
         except BaseException:
-            if token is not None:
-                # Release now so remote waiters take over at once rather than at expiry; in
-                # the background, because we may be being cancelled.
-                self._spawn(self._backend.finish(key, token, None, None))
+            # Release now so remote waiters take over at once rather than at expiry; in
+            # the background, because we may be being cancelled.
+            self._spawn(self._backend.finish(key, token, None, None))
             raise
         finally:
-            if beat is not None:
-                beat.cancel()
-            if claim is not None:
-                CLAIM.reset(claim)
+            self._held.discard(held)
+            CLAIM.reset(claim)
         # Stored before the lock is released, so a poller sees either the lock or the answer.
         await self._backend.finish(key, token, comp, ttl)
         return comp
 
-    async def _heartbeat(self, key: str, token: str | None) -> None:
-        assert token is not None
-        # A short lock that is kept alive: a dead holder is noticed within lock_seconds,
-        # a slow but alive one keeps its lock for as long as its compute runs.
+    async def _finish_unlocked(self, key: str, compute: Compute, ttl: int | None) -> Completion:
+        comp = await compute()
+        await self._backend.finish(key, None, comp, ttl)
+        return comp
+
+    async def _heartbeat(self) -> None:
+        """Renew every held lock each third of its life, in one batch (the backend's), until
+        none is held. A slow but alive holder keeps its lock for as long as its compute runs;
+        a dead one's lock expires within lock_seconds. A lock whose renewal is refused (it
+        expired, or went to another worker) is renewed no more: the claim check before the
+        holder's next attempt finds that out (``dispatch/claim.py``)."""
         interval = self._lock_ms / 3000
-        while True:
-            await asyncio.sleep(interval)
-            if not await self._backend.extend(key, token, self._lock_ms):
-                return
+        try:
+            while self._held:
+                await asyncio.sleep(interval)
+                items = list(self._held)
+                renewed = await asyncio.gather(
+                    *(self._backend.extend(key, token, self._lock_ms) for key, token in items),
+                    return_exceptions=True,
+                )
+                for item, ok in zip(items, renewed, strict=True):
+                    if isinstance(ok, BaseException):
+                        if not isinstance(ok, Exception):
+                            raise ok
+                        log.warning("lock renewal failed: %s", ok)
+                    elif not ok:
+                        self._held.discard(item)
+        finally:
+            self._beater = None
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         async def run() -> None:
@@ -237,7 +263,9 @@ class Coalescer:
         task.add_done_callback(self._background.discard)
 
     async def aclose(self) -> None:
-        """Wait for background lock releases."""
+        """Stop renewing locks (they expire by themselves) and wait for background releases."""
+        if self._beater is not None:
+            self._beater.cancel()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 

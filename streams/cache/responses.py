@@ -134,16 +134,22 @@ class ResponseCache:
             ttl = req.cache.ttl or self._cfg.ttl_seconds
             await self.redis_store.write(self.redis_store.ckey(key or self.key(req)), value, ttl, "cache")
 
-    async def coalesce(
+    def coalesce(
         self, req: Request, key: str, compute: Callable[[], Awaitable[Completion]]
-    ) -> Completion:
+    ) -> Awaitable[Completion]:
         """Run ``compute`` once for all identical requests in flight; store its answer.
 
         Waiters get the leader's answer as ``cached=True``; if the leader fails they run
-        their own ``compute``. Do not ``store()`` the result again.
+        their own ``compute``. Do not ``store()`` the result again. With the cache off this
+        is ``compute()`` itself (no coroutine of its own around it).
         """
         if not self._cfg.enabled:
-            return await compute()
+            return compute()
+        return self._coalesce(req, key, compute)
+
+    async def _coalesce(
+        self, req: Request, key: str, compute: Callable[[], Awaitable[Completion]]
+    ) -> Completion:
         if req.cache.no_cache:  # must not be served someone else's answer, but may store its own
             comp = await compute()
             await self.store(req, comp, key)

@@ -234,7 +234,8 @@ class Dispatcher:
             attempts += 1
             ticket.tried.append(grant.endpoint.name)
             try:
-                body = await self._attempt(grant, model, messages, req.params)
+                body = await self.attempt_call(
+                    grant, self._client.complete(grant.endpoint, model, messages, req.params))
             except StreamsError as exc:
                 if not is_retryable(exc):
                     self._metrics.outcome["upstream"].inc()
@@ -339,26 +340,21 @@ class Dispatcher:
 
     # ---- one attempt -------------------------------------------------------------------------
 
-    async def _attempt(self, grant: Grant, model: str, messages: ChatMessages, params: Params
-                       ) -> dict[str, Any]:
-        return await self.attempt_call(
-            grant, lambda: self._client.complete(grant.endpoint, model, messages, params)
-        )
-
     async def attempt_call(
         self,
         grant: Grant,
-        call: Callable[[], Awaitable[dict[str, Any]]],
+        call: Awaitable[dict[str, Any]],
         used_tokens: Callable[[Mapping[str, Any]], int | None] = _used_tokens,
     ) -> dict[str, Any]:
-        """One call under ``grant``: its metrics, the endpoint's health verdict, the grant
-        released with the tokens used (also for the embedding batcher's calls)."""
+        """One call under ``grant`` (``call``: its coroutine, not started yet): its metrics,
+        the endpoint's health verdict, the grant released with the tokens used (also for the
+        embedding batcher's calls)."""
         name = grant.endpoint.name
         self._metrics.requests_by[name].inc()
         used: int | None = None
         start = self._clock()
         try:
-            body = await call()
+            body = await call
         except StreamsError as exc:
             self._metrics.errors.labels(name, error_class(exc)).inc()
             if hurts_health(exc):

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -76,7 +76,7 @@ class Attempts(Protocol):
 
     async def until_slot(self, grant: Grant, ticket: Ticket) -> bool: ...
     def other_usable(self, model: str, failed: str) -> bool: ...
-    async def attempt_call(self, grant: Grant, call: Callable[[], Awaitable[dict[str, Any]]]
+    async def attempt_call(self, grant: Grant, call: Awaitable[dict[str, Any]]
                            ) -> dict[str, Any]: ...
 
 
@@ -310,7 +310,7 @@ class EmbeddingBatcher:
             return {"vectors": vectors, "usage": body.get("usage")}
 
         try:
-            got = await self._d.attempt_call(grant, call)
+            got = await self._d.attempt_call(grant, call())
         except StreamsError as exc:
             return await self._failed(batch, name, exc)
         self.metrics.calls.labels(name, "ok").inc()

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from streams.cache.idempotency import IdemRef
@@ -65,6 +66,13 @@ class InRecord:
     headers: Any = None  # the consumed record's headers (what the client gave: list or None)
 
 
+class Later(Protocol):
+    """``later(rec, work, req)``: the record's work goes on as a task of its own."""
+
+    def __call__(self, rec: InRecord, work: Coroutine[None, None, str],
+                 req: Request | None = None, /) -> None: ...
+
+
 class Answerer(Protocol):
     async def dispatch(self, req: Request) -> Completion: ...
 
@@ -76,9 +84,9 @@ class Cache(Protocol):
     def note_replay(self) -> None: ...
     async def prefetch(self, reqs: list[Request], topics: list[str]) -> list[Prefetched]:
         """The remembered output and the cached answer of many requests in one round trip."""
-    async def coalesce(
+    def coalesce(
         self, req: Request, key: str, compute: Callable[[], Awaitable[Completion]]
-    ) -> Completion: ...
+    ) -> Awaitable[Completion]: ...
 
 
 class Parker(Protocol):
@@ -144,9 +152,10 @@ class Processor:
             except Exception:  # the caller's bug must not take the other records down
                 log.exception("done callback failed for offset %d", rec.source.offset)
 
-        def later(rec: InRecord, work: Coroutine[None, None, str]) -> None:
+        def later(rec: InRecord, work: Coroutine[None, None, str], req: Request | None = None
+                  ) -> None:
             handed.add(id(rec))
-            slow.append(asyncio.ensure_future(self._then(rec, work, finish)))
+            slow.append(asyncio.ensure_future(self._then(rec, work, finish, req)))
 
         try:
             try:
@@ -170,7 +179,7 @@ class Processor:
     async def _fan_out(
         self,
         recs: list[InRecord],
-        later: Callable[[InRecord, Coroutine[None, None, str]], None],
+        later: Later,
         finish: Callable[[InRecord, str], None],
     ) -> None:
         parsed: list[tuple[InRecord, Request]] = []
@@ -183,7 +192,7 @@ class Processor:
         cache = self._cache
         if cache is None or not parsed:
             for rec, req in parsed:
-                later(rec, self._guarded(rec, req, self._miss(rec, req, None)))
+                later(rec, self._miss(rec, req, None), req)
         else:
             await self._fast(cache, parsed, later, finish)
 
@@ -191,7 +200,7 @@ class Processor:
         self,
         cache: Cache,
         parsed: list[tuple[InRecord, Request]],
-        later: Callable[[InRecord, Coroutine[None, None, str]], None],
+        later: Later,
         done: Callable[[InRecord, str], None],
     ) -> None:
         ready: list[tuple[InRecord, Request, Completion | None, Cost | None]] = []
@@ -213,9 +222,9 @@ class Processor:
                 ready.append((rec, req, got.hit, cost))
                 out.append(OutRecord(responses, rec.key, value, self._front.headers(rec)))
             elif self._parking is not None and self._parking.wants(req):  # answered from a batch job
-                later(rec, self._guarded(rec, req, self._parking.park(rec, req)))
+                later(rec, self._parking.park(rec, req), req)
             else:
-                later(rec, self._guarded(rec, req, self._miss(rec, req, got)))
+                later(rec, self._miss(rec, req, got), req)
         if not out:
             return
         refused = await self._publisher.publish_many(out)
@@ -233,7 +242,7 @@ class Processor:
         self,
         cache: Cache,
         parsed: list[tuple[InRecord, Request]],
-        later: Callable[[InRecord, Coroutine[None, None, str]], None],
+        later: Later,
     ) -> list[tuple[InRecord, Request, Prefetched]]:
         """What Redis knows of each record; a record whose prefetch failed is never dispatched
         unchecked (it might be a redelivery already paid for): it gets an ``internal`` letter."""
@@ -274,7 +283,7 @@ class Processor:
             else:
                 ref = got.ref
                 comp = await self._cache.coalesce(
-                    req, got.key, lambda: answer(req, self._dispatcher.dispatch)
+                    req, got.key, partial(answer, req, self._dispatcher.dispatch)
                 )
         except DispatchFailed as failed:
             return await self._letters.write(
@@ -282,16 +291,25 @@ class Processor:
             )
         return await self._respond(rec, req, comp, ref)
 
-    async def _then(
-        self, rec: InRecord, work: Coroutine[None, None, str], done: Callable[[InRecord, str], None]
-    ) -> None:
+    async def _then(self, rec: InRecord, work: Coroutine[None, None, str],
+                    done: Callable[[InRecord, str], None], req: Request | None) -> None:
+        """Run one record's work to its one output (the agent's edge: a bug becomes a dead
+        letter, not a skip), then ``done``. One task, no wrapper coroutine: each coroutine is
+        ~3 objects for the garbage collector to walk while the record waits."""
         try:
-            outcome = await work
+            try:
+                outcome = await work
+            except asyncio.CancelledError as exc:
+                if cancelling():
+                    raise
+                outcome = await self.fail(rec, exc, req)  # a stray one, not a stop (cancelling())
+            except Exception as exc:
+                outcome = await self.fail(rec, exc, req)
         except asyncio.CancelledError as exc:
             if cancelling():
                 raise
-            outcome = await self.fail(rec, exc)  # a stray one, not a stop: still one output
-        except Exception as exc:  # failed in its own error handling: still one output
+            outcome = await self.fail(rec, exc)  # failed in its own error handling: still one output
+        except Exception as exc:
             outcome = await self.fail(rec, exc)
         done(rec, outcome)
 
@@ -311,16 +329,6 @@ class Processor:
             text = type(exc).__name__
         # Text we do not control goes into the dead letter: mask any secret in it.
         return InternalError(self._redact(text))
-
-    async def _guarded(self, rec: InRecord, req: Request, work: Coroutine[None, None, str]) -> str:
-        try:
-            return await work
-        except asyncio.CancelledError as exc:
-            if cancelling():
-                raise
-            return await self.fail(rec, exc, req)  # a stray one, not a stop (see cancelling())
-        except Exception as exc:  # the agent's edge: a bug must become a dead letter, not a skip
-            return await self.fail(rec, exc, req)
 
     def _parse(self, rec: InRecord) -> Request:
         return self._front.parse(rec)

@@ -369,6 +369,32 @@ async def test_heartbeat_keeps_a_slow_leaders_lock() -> None:
     assert all(seen) and fake._get(cache.redis_store.lkey(key)) is None
 
 
+async def test_one_heartbeat_renews_every_held_lock() -> None:
+    # Read-ahead keeps thousands of leaders holding their lock while they wait for an in-flight
+    # slot: each had its own heartbeat task, timer and context. One task renews them all now.
+    cache, fake, _ = make(coalesce_lock_seconds=0.3)  # renewed every 100 ms
+    reqs = [req(f"p{i}") for i in range(50)]
+    release = asyncio.Event()
+    tasks_while_held: list[int] = []
+
+    async def slow() -> Completion:
+        await release.wait()
+        return comp()
+
+    before = len(asyncio.all_tasks())
+    calls = [asyncio.ensure_future(cache.coalesce(r, cache.key(r), slow)) for r in reqs]
+    await asyncio.sleep(0.7)  # more than two lock lives
+    tasks_while_held.append(len(asyncio.all_tasks()) - before)
+    held = [fake._get(cache.redis_store.lkey(cache.key(r))) is not None for r in reqs]
+    release.set()
+    await asyncio.gather(*calls)
+    assert all(held)
+    assert tasks_while_held == [50 + 1]  # the callers and one heartbeat
+    assert all(fake._get(cache.redis_store.lkey(cache.key(r))) is None for r in reqs)
+    await asyncio.sleep(0.15)  # nothing held: the heartbeat ends
+    assert cache.coalescer._beater is None
+
+
 async def test_a_leaders_lock_is_renewed_while_the_circuit_is_open() -> None:
     # Under load one slow command opens the circuit; renewals skipped for a lock's life let the
     # lock expire while its holder still computes, and another worker then paid the same call
