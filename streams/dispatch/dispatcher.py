@@ -7,7 +7,8 @@ One ``dispatch()`` call per request (each its own asyncio task; thousands may ru
    saturated (``ratelimit.py``), and for a retry not already tried if another healthy
    endpoint exists. If none is usable the request waits in the priority scheduler
    (``fairqueue.py``: priority levels with aging, fair share between tenants).
-2. Call the endpoint (``client.complete``); on a retryable failure back off
+2. Call the endpoint (``client.complete``, through ``calls.py``: the wait for a reserved
+   slot, the call's metrics, the endpoint's health verdict); on a retryable failure back off
    (``retry.py``) and go to 1; on a terminal one, or when ``retry.max_attempts`` attempts
    are spent, or the request's deadline has passed, raise ``DispatchFailed``.
 
@@ -24,21 +25,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
 from streams.config import EndpointConfig, Settings
 from streams.config_tenants import tenant_name
-from streams.contract import ChatMessages, Completion, Params, Request, upstream_usage
+from streams.contract import ChatMessages, Completion, Params, Request
 from streams.dispatch.admission import Admission, Grant, Ticket, fits
 from streams.dispatch.budgetgate import Hold
+from streams.dispatch.calls import Caller
 from streams.dispatch.claim import check_claim
-from streams.dispatch.cooldown import EndpointState
 from streams.dispatch.embeddings import EmbeddingBatcher
-from streams.dispatch.ratelimit import LATE_SLOT_SECONDS
-from streams.dispatch.retry import error_class, hurts_health, is_rate_limited, is_retryable
+from streams.dispatch.retry import error_class, is_retryable
 from streams.dispatch.telemetry import DispatchMetrics, DispatchSnapshot, StateCollector
 from streams.dispatch.tenantmetrics import BudgetMetrics, TenantQueueCollector
 from streams.dispatch.tokens import estimate_tokens
@@ -50,9 +50,6 @@ from streams.errors import (
     DispatchFailed,
     NoEndpoint,
     StreamsError,
-    UpstreamConnectionError,
-    UpstreamError,
-    UpstreamStatusError,
     ValidationFailed,
 )
 from streams.logs import request_extra
@@ -72,21 +69,6 @@ class CompletionClient(Protocol):
 
     async def complete(self, endpoint: EndpointConfig, model: str, messages: ChatMessages,
                        params: Params) -> dict[str, Any]: ...
-
-
-def _used_tokens(body: Mapping[str, Any]) -> int | None:
-    """Tokens the answer used, for the tpm charge; None when unknown (the estimate stands)."""
-    usage = upstream_usage(body)
-    if usage is None:
-        return None
-    return usage["total_tokens"] or (usage["prompt_tokens"] + usage["completion_tokens"]) or None
-
-
-def _not_processed(exc: StreamsError) -> bool:
-    """The endpoint did no work for this attempt, so its tpm charge is given back."""
-    if isinstance(exc, UpstreamConnectionError):
-        return True
-    return isinstance(exc, UpstreamStatusError) and 400 <= (exc.status or 0) < 500
 
 
 def _too_large(candidates: list[EndpointConfig], tokens: int) -> ValidationFailed | None:
@@ -125,6 +107,7 @@ class Dispatcher:
         self._default_model = settings.worker.default_model
         self._metrics = DispatchMetrics(registry, settings.endpoints)
         self._admission = Admission(settings, parts, self._metrics)
+        self._caller = Caller(self._admission, parts, self._metrics)
         self.embeddings = EmbeddingBatcher(settings, client, self, self._admission, registry)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -218,7 +201,7 @@ class Dispatcher:
             if grant is None:  # the deadline came while waiting
                 self._check_deadline(req.deadline, attempts, ticket.tried)
                 continue
-            if grant.at and not await self._until_slot(grant, ticket):
+            if grant.at and not await self._caller.until_slot(grant, ticket):
                 continue  # cooling down since, or woke too late for the slot: ask again
             if self._expired(req.deadline):
                 self._admission.release(grant, None)
@@ -234,7 +217,7 @@ class Dispatcher:
             attempts += 1
             ticket.tried.append(grant.endpoint.name)
             try:
-                body = await self.attempt_call(
+                body = await self._caller.call(
                     grant, self._client.complete(grant.endpoint, model, messages, req.params))
             except StreamsError as exc:
                 if not is_retryable(exc):
@@ -277,39 +260,13 @@ class Dispatcher:
             self._metrics.outcome["budget"].inc()
             raise DispatchFailed(exc, attempts, list(ticket.tried)) from exc
 
-    async def _until_slot(self, grant: Grant, ticket: Ticket) -> bool:
-        """Sleep until the grant's reserved slot (the limiter granted it ahead of time), and
-        after a late wake-up until the pacer lets it go (``RateLimiter.pace``). False, with
-        the slot given up, if the endpoint began cooling down meanwhile (a 429 told us to), or
-        if we woke more than ``LATE_SLOT_SECONDS`` after the slot (once per request: see
-        ``ratelimit.LATE_SLOT_SECONDS``)."""
-        try:
-            if grant.revoked:  # its slot went to another tenant (slots.py): ask again
-                return False
-            if (delay := grant.at - self._clock()) > 0:
-                await self._sleep(delay)
-                while (delay := grant.at - self._clock()) > 0:  # given to another tenant
-                    await self._sleep(delay)                     # (slots.py): a later one
-                if grant.revoked:
-                    return False
-                name = grant.endpoint.name
-                if not grant.probe and self._cooldowns.state(name) is not EndpointState.HEALTHY:
-                    self._admission.release(grant, None)
-                    return False
-            if not ticket.late and self._clock() - grant.at > LATE_SLOT_SECONDS:
-                ticket.late = True
-                self._admission.release(grant, None)
-                return False
-            if (delay := self.parts.limiter.pace(grant.permit) - self._clock()) > 0:
-                await self._sleep(delay)
-        except BaseException:
-            self._admission.release(grant, None)
-            raise
-        return True
-
     async def until_slot(self, grant: Grant, ticket: Ticket) -> bool:
-        """``_until_slot`` for the embedding batcher."""
-        return await self._until_slot(grant, ticket)
+        """``Caller.until_slot`` (``calls.py``), for the embedding batcher."""
+        return await self._caller.until_slot(grant, ticket)
+
+    async def attempt_call(self, grant: Grant, call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        """``Caller.call`` (``calls.py``), for the embedding batcher."""
+        return await self._caller.call(grant, call)
 
     def other_usable(self, model: str, failed: str) -> bool:
         """Could another endpoint serving ``model`` take a retry now?"""
@@ -339,50 +296,6 @@ class Dispatcher:
             await self._sleep(delay)
 
     # ---- one attempt -------------------------------------------------------------------------
-
-    async def attempt_call(
-        self,
-        grant: Grant,
-        call: Awaitable[dict[str, Any]],
-        used_tokens: Callable[[Mapping[str, Any]], int | None] = _used_tokens,
-    ) -> dict[str, Any]:
-        """One call under ``grant`` (``call``: its coroutine, not started yet): its metrics,
-        the endpoint's health verdict, the grant released with the tokens used (also for the
-        embedding batcher's calls)."""
-        name = grant.endpoint.name
-        self._metrics.requests_by[name].inc()
-        used: int | None = None
-        start = self._clock()
-        try:
-            body = await call
-        except StreamsError as exc:
-            self._metrics.errors.labels(name, error_class(exc)).inc()
-            if hurts_health(exc):
-                retry_after = exc.retry_after if isinstance(exc, UpstreamError) else None
-                self._cooldowns.record_failure(
-                    name,
-                    probe=grant.probe,
-                    rate_limited=is_rate_limited(exc),
-                    retry_after=retry_after,
-                )
-            else:  # it answered (a terminal 4xx is the request's fault): it is alive
-                self._cooldowns.record_success(name, probe=grant.probe)
-            if _not_processed(exc):
-                used = 0
-            raise
-        except BaseException as exc:  # cancelled, or a client bug: no verdict on the endpoint
-            if not isinstance(exc, asyncio.CancelledError):
-                self._metrics.errors.labels(name, "other").inc()
-            if grant.probe:
-                self._cooldowns.abandon_probe(name)
-            raise
-        else:
-            self._cooldowns.record_success(name, probe=grant.probe)
-            used = used_tokens(body)
-            return body
-        finally:
-            self._metrics.latency_by[name].observe(max(self._clock() - start, 0.0))
-            self._admission.release(grant, used)
 
     # ---- background ----------------------------------------------------------------------------
 

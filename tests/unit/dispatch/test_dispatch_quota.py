@@ -156,7 +156,7 @@ def test_a_request_that_wakes_too_late_for_its_slot_asks_again() -> None:
     async def main(clock: VirtualClock) -> None:
         d, up, _ = _make(clock, [_ep("a")], latency=0.01,
                          limits={"max_requests_per_second": 10})
-        sleep = d._sleep
+        sleep = d._caller._sleep  # the wait for a reserved slot (calls.py)
         woke: list[float] = []
 
         async def late_once(delay: float) -> None:
@@ -165,7 +165,7 @@ def test_a_request_that_wakes_too_late_for_its_slot_asks_again() -> None:
                 await sleep(0.06)  # this wake-up comes 60 ms after the slot
                 woke.append(asyncio.get_running_loop().time())
 
-        d._sleep = late_once  # type: ignore[method-assign]
+        d._caller._sleep = late_once  # type: ignore[method-assign]
         async with d:
             await asyncio.gather(*(d.dispatch(_req(i)) for i in range(6)))
         times = sorted(t for t, _, _ in up.calls)

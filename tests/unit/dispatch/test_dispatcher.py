@@ -13,8 +13,9 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from streams.config import EndpointConfig, Settings
 from streams.contract import Completion, Request
+from streams.dispatch.calls import _used_tokens
 from streams.dispatch.claim import CLAIM
-from streams.dispatch.dispatcher import Dispatcher, _used_tokens
+from streams.dispatch.dispatcher import Dispatcher
 from streams.dispatch.parts import build_dispatcher
 from streams.errors import (
     AttemptsExhausted,
