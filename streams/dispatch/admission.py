@@ -1,7 +1,9 @@
 """Admission: which waiting request may call which endpoint now, within limits and cooldowns.
 
 A request that finds no usable endpoint waits in the priority scheduler; a background pump
-grants waiting requests best-first as limits free up. Our own limits never produce an error,
+(``pump.py``) grants waiting requests best-first as limits free up. The limiter's refusals
+are remembered per endpoint (``refusals.py``) and tenants' calls in flight counted
+(``tenantcap.py``), so a pass asks Redis only where a grant may be had. Our own limits never produce an error,
 only waiting. Fast path: while nobody is queued, a request whose endpoint has no
 rpm/tpm/rps limit is granted synchronously, without Redis and without touching the pump.
 
@@ -21,24 +23,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from streams.config import EndpointConfig, Settings
-from streams.config_tenants import DEFAULT_TENANT, tenant_config
+from streams.config_tenants import DEFAULT_TENANT
 from streams.dispatch.cooldown import EndpointState
+from streams.dispatch.pump import Pump
 from streams.dispatch.ratelimit import Permit
+from streams.dispatch.refusals import Refusals
 from streams.dispatch.slots import SlotBook, Tag
 from streams.dispatch.telemetry import DispatchMetrics
+from streams.dispatch.tenantcap import TenantInflight
 
 if TYPE_CHECKING:
     from streams.dispatch.parts import DispatchParts
 
 log = logging.getLogger("streams.dispatcher")
-
-# The pump re-checks at least this often even without events (belt and braces).
-SAFETY_POLL_SECONDS = 1.0
-# Never spin: a computed wake-up sooner than this is rounded up.
-MIN_WAKE_SECONDS = 0.0005
-# A refusal's wait is cached per endpoint for at most this long before Redis is asked again:
-# another worker's refund or released lease may have ended it sooner (we hear no event).
-MAX_CACHED_WAIT_SECONDS = 1.0
 
 
 @dataclass(eq=False, slots=True)
@@ -86,22 +83,24 @@ class Admission:
         self._endpoints = [e for e in settings.endpoints if e.weight > 0]
         self._sched = parts.scheduler
         self._waiting_models: dict[str, int] = {}
-        self._blocked = {e.name: 0.0 for e in settings.endpoints}  # hint: refused until
-        self._blocked_by = {e.name: "" for e in settings.endpoints}  # the limit that refused
-        self._global_blocked = 0.0
+        self._refusals = Refusals(e.name for e in settings.endpoints)  # hints: refused until
         self._acquiring: set[str] = set()  # endpoints with a limiter call under way
         self.inflight = {e.name: 0 for e in settings.endpoints}
         self._inflight_total = 0
-        self._tenants = settings.tenants
-        self._by_tenant: dict[str, int] = {}  # calls in flight per tenant (only while > 0)
+        self._by_tenant = TenantInflight(settings.tenants)
         self._slots = SlotBook(self._clock)
         self._sched.service_tag = self._slots.service_tag
-        self._wake = asyncio.Event()
+        self._pump = Pump(self._sched.__len__, self._pass, self._refusals, parts.cooldowns,
+                          self._clock, parts.sleep)
         parts.limiter.on_release(self._released)
 
     def wake(self) -> None:
         """Something changed (a cooldown ended elsewhere): the pump looks again."""
-        self._wake.set()
+        self._pump.wake()
+
+    async def pump(self) -> None:
+        """Run forever (a background task): grant waiting requests as limits free up."""
+        await self._pump.run()
 
     def cancel_waiting(self) -> None:
         """Cancel every waiting request (at stop): neither answered nor dead-lettered."""
@@ -120,7 +119,7 @@ class Admission:
         ticket.future = fut
         entry = self._sched.add(ticket, ticket.priority, ticket.enqueued * 1000.0, ticket.tenant)
         self._waiting_models[ticket.model] = self._waiting_models.get(ticket.model, 0) + 1
-        self._wake.set()
+        self._pump.wake()
         try:
             if deadline is None:
                 return await fut
@@ -155,29 +154,21 @@ class Admission:
         grant.released = True
         self._inflight_total -= 1
         self.inflight[grant.endpoint.name] -= 1
-        left = self._by_tenant[grant.tenant] - 1
-        if left:
-            self._by_tenant[grant.tenant] = left
-        else:
-            del self._by_tenant[grant.tenant]
+        self._by_tenant.remove(grant.tenant)
         self._p.limiter.release(grant.permit, used_tokens)
         if len(self._sched):
-            self._wake.set()
+            self._pump.wake()
 
     def _released(self, name: str, refund: bool) -> None:
         """The limiter took back a permit of ``name``: a cached refusal it may have ended (the
         slot it freed, the tokens it gave back) is asked again at once."""
-        blocked_by = self._blocked_by[name]
-        if blocked_by == "concurrency" or (refund and blocked_by == "tpm"):
-            self._blocked[name] = 0.0
-            self._blocked_by[name] = ""
-            if len(self._sched):
-                self._wake.set()
+        if self._refusals.released(name, refund) and len(self._sched):
+            self._pump.wake()
 
     def _ready(self, ep: EndpointConfig, now: float) -> bool:
         """Could ``ep`` take a request now, as far as this worker knows without Redis?"""
         return (
-            self._blocked[ep.name] <= now
+            not self._refusals.refused(ep.name, now)
             and ep.name not in self._acquiring
             and self._p.cooldowns.usable(ep.name, now)
             and self._p.limiter.has_capacity(ep)
@@ -199,16 +190,11 @@ class Admission:
         healthy.discard(ticket.tried[-1])
         return healthy or None
 
-    def _tenant_full(self, tenant: str) -> bool:
-        """The tenant has its ``max_inflight`` calls in flight in this worker."""
-        cap = tenant_config(self._tenants, tenant).max_inflight
-        return cap is not None and self._by_tenant.get(tenant, 0) >= cap
-
     async def _try_grant(self, ticket: Ticket, tag: Tag | None = None) -> Grant | None:
         now = self._clock()
-        if self._inflight_total >= self._max_inflight or self._global_blocked > now:
+        if self._inflight_total >= self._max_inflight or self._refusals.everywhere(now):
             return None
-        if self._tenant_full(ticket.tenant):
+        if self._by_tenant.full(ticket.tenant):
             return None
         only = self._eligible(ticket, now)
         rejected: set[str] = set()
@@ -242,18 +228,14 @@ class Admission:
                 if probe:
                     cooldowns.abandon_probe(ep.name)
                 self._metrics.denied.labels(ep.name, decision.limit).inc()
-                wait = min(decision.wait, MAX_CACHED_WAIT_SECONDS)
-                if decision.limit == "rps" and wait > 0:
-                    self._global_blocked = now + wait  # binds every endpoint
+                self._refusals.note(ep.name, decision.limit, decision.wait, now)
+                if self._refusals.everywhere(now):  # rps: binds every endpoint
                     return None
-                if wait > 0:
-                    self._blocked[ep.name] = now + wait
-                    self._blocked_by[ep.name] = decision.limit
                 rejected.add(ep.name)
                 continue
             self._inflight_total += 1
             self.inflight[ep.name] += 1
-            self._by_tenant[ticket.tenant] = self._by_tenant.get(ticket.tenant, 0) + 1
+            self._by_tenant.add(ticket.tenant)
             at = 0.0 if limiter.unlimited(ep) else now + decision.wait  # 0: no pacing
             self._metrics.wait_by[ep.name].observe(max(now + decision.wait - ticket.since, 0.0))
             grant = Grant(ep, decision.permit, probe, at, tenant=ticket.tenant, tag=tag)
@@ -265,7 +247,7 @@ class Admission:
 
     def _stuck(self, now: float) -> bool:
         """Nothing waiting can be granted now: no ready endpoint serves a waiting model."""
-        if self._inflight_total >= self._max_inflight or self._global_blocked > now:
+        if self._inflight_total >= self._max_inflight or self._refusals.everywhere(now):
             return True
         models = self._waiting_models
         return not any(
@@ -275,16 +257,14 @@ class Admission:
     def _steal(self, ticket: Ticket, tag: Tag) -> Grant | None:
         """The future slot of a grant behind ``ticket`` in fair-queue order, for ``ticket``
         (the fair queue's best) when no slot can be had (``slots.py``)."""
-        if ticket.tried or self._tenant_full(ticket.tenant):
+        if ticket.tried or self._by_tenant.full(ticket.tenant):
             return None
         old = self._slots.steal(tag, lambda g: (
             g.endpoint.serves(ticket.model) and fits(g.endpoint, ticket.tokens)))
         if old is None or old.tag is None:
             return None
-        self._by_tenant[old.tenant] -= 1
-        if not self._by_tenant[old.tenant]:
-            del self._by_tenant[old.tenant]
-        self._by_tenant[ticket.tenant] = self._by_tenant.get(ticket.tenant, 0) + 1
+        self._by_tenant.remove(old.tenant)
+        self._by_tenant.add(ticket.tenant)
         self._sched.credit(old.tenant, old.tag[0])  # served in the fair queue, not served
         grant = Grant(old.endpoint, old.permit, False, old.at, tenant=ticket.tenant, tag=tag)
         self._slots.place(grant)
@@ -313,7 +293,7 @@ class Admission:
                 if fut is None or fut.done():
                     self._sched.discard(entry)
                     continue
-                if self._tenant_full(ticket.tenant):
+                if self._by_tenant.full(ticket.tenant):
                     cursor.skip_tenant(ticket.tenant)
                     continue
                 grant = await self._try_grant(ticket, tag)
@@ -327,50 +307,3 @@ class Admission:
                     fut.set_result(grant)
         finally:
             cursor.end()
-
-    def _next_wake(self) -> float | None:
-        """Seconds until a refusal or cooldown ends (events wake the pump sooner)."""
-        if not len(self._sched):
-            return None
-        now = self._clock()
-        times = [t for t in self._blocked.values() if t > now]
-        if self._global_blocked > now:
-            times.append(self._global_blocked)
-        cooling = self._p.cooldowns.next_change(now)
-        if cooling is not None:
-            times.append(cooling)
-        if not times:
-            return SAFETY_POLL_SECONDS
-        return min(max(min(times) - now, MIN_WAKE_SECONDS), SAFETY_POLL_SECONDS)
-
-    async def pump(self) -> None:
-        """Run forever (a background task): grant waiting requests as limits free up."""
-        while True:
-            self._wake.clear()
-            if len(self._sched):
-                try:
-                    await self._pass()
-                except Exception:  # a bug here must not strand every waiting request
-                    log.exception("dispatcher pass failed")
-            delay = self._next_wake()
-            if self._wake.is_set():
-                continue
-            if delay is None:
-                await self._wake.wait()
-                continue
-            if self._p.sleep is asyncio.sleep:
-                # One timer rather than two tasks and an ``asyncio.wait`` per pass: with
-                # requests queued (read-ahead) the pump passes about once per finished call.
-                timer = asyncio.get_running_loop().call_later(delay, self._wake.set)
-                try:
-                    await self._wake.wait()
-                finally:
-                    timer.cancel()
-                continue
-            waiter = asyncio.ensure_future(self._wake.wait())
-            sleeper = asyncio.ensure_future(self._p.sleep(delay))
-            try:
-                await asyncio.wait((waiter, sleeper), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                sleeper.cancel()
