@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from streams.config import Settings
+from streams.contract import Completion
+from streams.pricing import Cost
 from streams.tenancy import CostMetrics, TenantLabels
 
 _LATENCY_BUCKETS = (
@@ -119,6 +121,17 @@ class PipelineMetrics:
         if hist is None:
             hist = self._latency[outcome] = self.latency.labels(outcome)
         hist.observe(latency_seconds)
+
+    def published(self, tenant: str | None, comp: Completion, cost: Cost | None,
+                  latency_seconds: float) -> str:
+        """The metrics of a published answer (outputs, latency, tokens, cost); its outcome."""
+        outcome = "cached" if comp.cached else "ok"
+        self.answered(outcome, latency_seconds)
+        usage = comp.usage
+        if not comp.cached:
+            self.count_tokens(comp.model, usage)
+        self.costs.count(tenant, self.model_label(comp.model), cost, comp.cached, usage)
+        return outcome
 
     def output(self, outcome: str) -> None:
         """One output record under ``outcome`` (replayed, a dead letter's type...)."""

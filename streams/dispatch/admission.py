@@ -18,7 +18,6 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,7 +34,6 @@ from streams.dispatch.tenantcap import TenantInflight
 if TYPE_CHECKING:
     from streams.dispatch.parts import DispatchParts
 
-log = logging.getLogger("streams.dispatcher")
 
 
 @dataclass(eq=False, slots=True)

@@ -35,17 +35,14 @@ from streams.contract import (
 )
 from streams.errors import (
     DispatchFailed,
-    InternalError,
     OutputTooLarge,
     ValidationFailed,
 )
 from streams.intake.front import Front, NativeFront
-from streams.logs import request_extra
 from streams.metrics import PipelineMetrics
 from streams.output.deadletters import DeadLetters
 from streams.output.records import OutRecord, Publisher
 from streams.pricing import Cost, Pricing
-from streams.redact import Redactor
 
 log = logging.getLogger("streams.processor")
 
@@ -118,7 +115,6 @@ class Processor:
         self._metrics = metrics
         self._clock = clock
         self._topics = settings.topics
-        self._redact = Redactor(settings.secret_values())
         self._letters = DeadLetters(settings, publisher, metrics)
         self._pricing = Pricing(settings.pricing)
         # How a record becomes a request and an answer its output (a pipeline's own, or the
@@ -185,7 +181,7 @@ class Processor:
         parsed: list[tuple[InRecord, Request]] = []
         for rec in recs:
             try:
-                parsed.append((rec, self._parse(rec)))
+                parsed.append((rec, self._front.parse(rec)))
             except ValidationFailed as exc:
                 rid = getattr(exc, "request_id", None) or peek_id(rec.value)
                 later(rec, self._letters.write(rec, exc, None, rid, 0, []))
@@ -314,24 +310,8 @@ class Processor:
         done(rec, outcome)
 
     async def fail(self, rec: InRecord, exc: BaseException, req: Request | None = None) -> str:
-        """An ``internal`` dead letter for a record whose handling failed unexpectedly.
-
-        Never raises (except on cancellation); returns the outcome label.
-        """
-        rid = req.id if req is not None else peek_id(rec.value)
-        log.error("internal error", exc_info=exc, extra=request_extra(rid))
-        return await self._letters.write(rec, self._internal(exc), req, rid, 0, [])
-
-    def _internal(self, exc: BaseException) -> InternalError:
-        try:
-            text = f"{type(exc).__name__}: {exc}"
-        except Exception:  # an exception whose str() fails
-            text = type(exc).__name__
-        # Text we do not control goes into the dead letter: mask any secret in it.
-        return InternalError(self._redact(text))
-
-    def _parse(self, rec: InRecord) -> Request:
-        return self._front.parse(rec)
+        """An ``internal`` dead letter (``DeadLetters.internal``); the outcome label."""
+        return await self._letters.internal(rec, exc, req)
 
     def _latency_ms(self, rec: InRecord) -> int:
         return max(0, int(self._clock() * 1000) - rec.source.timestamp)
@@ -355,12 +335,4 @@ class Processor:
         return self._count(rec, req, comp, cost)
 
     def _count(self, rec: InRecord, req: Request, comp: Completion, cost: Cost | None) -> str:
-        """Metrics of a published answer; its outcome label."""
-        outcome = "cached" if comp.cached else "ok"
-        metrics = self._metrics
-        metrics.answered(outcome, self._latency_ms(rec) / 1000.0)
-        usage = comp.usage
-        if not comp.cached:
-            metrics.count_tokens(comp.model, usage)
-        metrics.costs.count(req.tenant, metrics.model_label(comp.model), cost, comp.cached, usage)
-        return outcome
+        return self._metrics.published(req.tenant, comp, cost, self._latency_ms(rec) / 1000.0)

@@ -13,11 +13,12 @@ import logging
 from typing import Any, Protocol
 
 from streams.config import Settings
-from streams.contract import Request, Source, dead_letter_record, minimal_dead_letter
-from streams.errors import OutputTooLarge, StreamsError
+from streams.contract import Request, Source, dead_letter_record, minimal_dead_letter, peek_id
+from streams.errors import InternalError, OutputTooLarge, StreamsError
 from streams.logs import request_extra
 from streams.metrics import PipelineMetrics
 from streams.output.records import Headers, Publisher
+from streams.redact import Redactor
 
 log = logging.getLogger("streams.processor")
 
@@ -51,6 +52,19 @@ class DeadLetters:
         self._metrics = metrics
         self._topic = settings.topics.dead_letter
         self._raw_limit = settings.worker.dlq_raw_limit_bytes
+        self._redact = Redactor(settings.secret_values())
+
+    async def internal(self, rec: Received, exc: BaseException, req: Request | None = None) -> str:
+        """An ``internal`` dead letter for a record whose handling failed unexpectedly (a bug),
+        logged with its traceback. Never raises (except on cancellation); the outcome label."""
+        rid = req.id if req is not None else peek_id(rec.value)
+        log.error("internal error", exc_info=exc, extra=request_extra(rid))
+        try:
+            text = f"{type(exc).__name__}: {exc}"
+        except Exception:  # an exception whose str() fails
+            text = type(exc).__name__
+        # Text we do not control goes into the dead letter: mask any secret in it.
+        return await self.write(rec, InternalError(self._redact(text)), req, rid, 0, [])
 
     async def write(
         self,
