@@ -1,4 +1,4 @@
-"""An OpenAI-compatible mock endpoint for the demo, the tests and the benchmarks.
+"""The mock endpoint's routes and handlers (``MockLLM``): an OpenAI-compatible mock for demo, tests, benchmarks.
 
 POST /v1/chat/completions answers deterministically from the prompt, with a usage block;
 POST /v1/embeddings returns vectors derived from each input (``mockllm/embeddings.py``).
@@ -13,16 +13,8 @@ A request with ``response_format`` (``json_schema`` or ``json_object``) gets a J
 valid against the schema, derived from the prompt (``mockllm/structured.py``);
 ``invalid_share`` of them are invalid instead (not JSON, or breaking the schema).
 
-``faults`` is a chaos mix: the share of calls that fail each way, drawn per call, e.g.
-``{"500": 0.2, "429": 0.1, "hang": 0.05, "reset": 0.05}``. A status fault answers with that
-status (a 429 or 503 carries ``Retry-After: retry_after``, default 1 s); ``hang`` holds the
-call for ``hang_seconds`` (past any client timeout); ``reset`` aborts the connection with a
-TCP reset. Hostile answers, each a 200: ``bad_usage`` (a completion whose ``usage`` is
-negative, fractional, a bool, a string, huge...), ``no_choices`` (JSON without ``choices``),
-``not_json`` (an HTML page), ``wrong_type`` (a valid completion sent as ``text/html``),
-``oversized`` (a valid completion of ``oversize_bytes``). ``error_headers``: a list of header
-sets; each error answer sends one of them, drawn per call, instead of ``Retry-After`` (e.g.
-``[{"Retry-After": "NaN"}, {"x-ratelimit-reset-tokens": "inf"}]``).
+``faults`` (a chaos mix), ``error_headers`` and the other behaviours are described in
+``mockllm/faults.py``; the counts in ``mockllm/stats.py``. Their names are importable from here.
 
 Usage::
 
@@ -33,161 +25,43 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import functools
 import hashlib
 import random
-import socket
-import struct
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from mockllm.embeddings import handle_embeddings
+from mockllm.faults import (
+    BAD_USAGES,
+    BODY_FAULTS,
+    FAULT_KINDS,
+    MockBehaviour,
+    check_faults,
+    check_headers,
+    check_inputs,
+    parse_faults,
+    reset_connection,
+)
+from mockllm.stats import MockStats, max_in_window
 from mockllm.structured import invalid_answer, response_schema, schema_answer
 
+__all__ = [
+    "BAD_USAGES", "BODY_FAULTS", "FAULT_KINDS", "MockBehaviour", "MockLLM", "MockStats",
+    "check_faults", "check_headers", "check_inputs", "completion_body", "max_in_window",
+    "parse_faults", "run_mock",
+]
 
-@dataclass
-class MockBehaviour:
-    latency_ms: float = 0.0
-    jitter_ms: float = 0.0
-    error_rate: float = 0.0
-    status_on_error: int = 500
-    retry_after: float | None = None
-    down: bool = False  # answer every call with status_on_error
-    faults: dict[str, float] = field(default_factory=dict)  # chaos mix, see the module doc
-    hang_seconds: float = 300.0
-    error_headers: list[dict[str, str]] = field(default_factory=list)  # one drawn per error
-    oversize_bytes: int = 9 * 1_048_576
-    # Share of structured (response_format) answers that are invalid: half not JSON, half
-    # JSON breaking the schema (mockllm/structured.py); drawn per call.
-    invalid_share: float = 0.0
-    embed_input_ms: float = 0.0  # /v1/embeddings: cost per input on top of latency_ms per call
-    refuse_inputs: list[str] = field(default_factory=list)  # /v1/embeddings answers 400 to these
-    # The Batch API (mockllm/batches.py): time to complete, lines failing, how a batch ends.
-    batch_delay_seconds: float = 2.0
-    batch_error_rate: float = 0.0
-    batch_outcome: str = "completed"  # or "failed", "expired"
-
-
-FAULT_KINDS = ("hang", "reset")  # besides HTTP statuses "400".."599"
-BODY_FAULTS = ("bad_usage", "no_choices", "not_json", "wrong_type", "oversized")
-# Usage blocks no upstream should send: each must count as unknown, never fail an answer.
-BAD_USAGES: tuple[object, ...] = (
-    {"prompt_tokens": -5, "completion_tokens": 3, "total_tokens": -2},
-    {"prompt_tokens": 1.5, "completion_tokens": 2, "total_tokens": 3.5},
-    {"prompt_tokens": True, "completion_tokens": False, "total_tokens": True},
-    {"prompt_tokens": "12", "completion_tokens": "3", "total_tokens": "15"},
-    {"prompt_tokens": 2**63 - 1, "completion_tokens": 2**63 - 1, "total_tokens": 2**63 - 1},
-    {"prompt_tokens": None, "completion_tokens": [1], "total_tokens": {"n": 1}},
-    "lots",
-    [1, 2, 3],
-)
-
-_LOG_MAX = 1_000_000
 # A call's time is taken when the mock's loop gets to it: while the process is starved of CPU
 # calls queue up and are stamped together. Such stalls (the loop late by more than
 # STALL_SECONDS) are logged, so a test can tell "sent in a burst" from "seen in a burst".
 STALL_TICK_SECONDS = 0.002
 STALL_SECONDS = 0.01
-
-
-def check_faults(faults: object) -> dict[str, float]:
-    """A valid chaos mix, or ValueError naming what is wrong."""
-    if not isinstance(faults, dict):
-        raise ValueError("faults must be an object of kind: share")
-    for kind, share in faults.items():
-        status_ok = kind.isdigit() and 400 <= int(kind) <= 599
-        if not (status_ok or kind in FAULT_KINDS or kind in BODY_FAULTS):
-            kinds = ", ".join((*FAULT_KINDS, *BODY_FAULTS))
-            raise ValueError(f"unknown fault {kind!r}: an HTTP status 400-599 or one of {kinds}")
-        if not isinstance(share, int | float) or share < 0:
-            raise ValueError(f"fault {kind}: share must be a number >= 0")
-    if sum(faults.values()) > 1:
-        raise ValueError("fault shares add up to more than 1")
-    return {k: float(v) for k, v in faults.items()}
-
-
-def check_headers(sets: object) -> list[dict[str, str]]:
-    """A valid ``error_headers``: a list of objects of string header values."""
-    if not isinstance(sets, list) or not all(
-        isinstance(h, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                    for k, v in h.items()) for h in sets):
-        raise ValueError("error_headers must be a list of objects of header: string value")
-    return sets
-
-
-def check_inputs(inputs: object) -> list[str]:
-    """A valid ``refuse_inputs``: a list of strings."""
-    if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
-        raise ValueError("refuse_inputs must be a list of strings")
-    return inputs
-
-
-@dataclass
-class MockStats:
-    calls: int = 0
-    ok: int = 0
-    authorized: int = 0  # calls that carried an Authorization header
-    by_status: collections.Counter[int] = field(default_factory=collections.Counter)
-    by_fault: collections.Counter[str] = field(default_factory=collections.Counter)
-    prompts: collections.Counter[str] = field(default_factory=collections.Counter)
-    times: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=_LOG_MAX))
-    statuses: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=_LOG_MAX))
-    entries: collections.deque[dict[str, Any]] = field(
-        default_factory=lambda: collections.deque(maxlen=_LOG_MAX))
-    stalls: collections.deque[tuple[float, float]] = field(
-        default_factory=lambda: collections.deque(maxlen=_LOG_MAX))
-
-    def record(self, when: float, status: int, prompt: str | None = None, fault: str = "",
-               retry_after: float | None = None) -> None:
-        """One call: status 0 when no HTTP answer was sent (hang, reset)."""
-        self.calls += 1
-        self.by_status[status] += 1
-        if fault:
-            self.by_fault[fault] += 1
-        self.times.append(when)
-        self.statuses.append(status)
-        self.entries.append({"t": when, "status": status, "fault": fault,
-                             "retry_after": retry_after, "prompt": prompt})
-
-    def summary(self, with_log: bool = False) -> dict[str, Any]:
-        """Counts; with_log adds every call's (time, status), the prompts called twice and
-        ``calls``: each call's time (arrival), status, fault, Retry-After sent and prompt."""
-        dup = sum(n - 1 for n in self.prompts.values() if n > 1)
-        return {
-            "calls": self.calls,
-            "ok": self.ok,
-            "authorized": self.authorized,
-            "by_status": {str(k): v for k, v in self.by_status.items()},
-            "by_fault": dict(self.by_fault),
-            "distinct_prompts": len(self.prompts),
-            "duplicate_calls": dup,
-            "max_per_second": max_in_window(list(self.times), 1.0),
-            "first_call": self.times[0] if self.times else None,
-            "last_call": self.times[-1] if self.times else None,
-            "stalls": len(self.stalls),
-            **({"log": list(zip(self.times, self.statuses, strict=False)),
-                "stalls_log": list(self.stalls),
-                "duplicate_prompts": [p for p, n in self.prompts.items() if n > 1],
-                "calls_log": list(self.entries)}
-               if with_log else {}),
-        }
-
-
-def max_in_window(times: list[float], width: float) -> int:
-    """The most of the sorted ``times`` within any window of ``width`` seconds."""
-    best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while t - times[lo] >= width:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 def _prompt_text(body: dict[str, Any]) -> str:
@@ -279,7 +153,7 @@ class MockLLM:
         """The answer of a ``reset`` or ``hang`` fault (logged), else None."""
         if fault == "reset":
             self.stats.record(now, 0, prompt, fault)
-            return _reset(request)
+            return reset_connection(request)
         if fault == "hang":
             self.stats.record(now, 0, prompt, fault)
             await asyncio.sleep(self.behaviour.hang_seconds)
@@ -387,29 +261,6 @@ class MockLLM:
         self.batches = BatchApi(self)
         self.batches.add_routes(app)
         return app
-
-
-def _reset(request: web.Request) -> web.StreamResponse:
-    """Abort the connection with a TCP reset (SO_LINGER 0); nothing is sent back."""
-    transport = request.transport
-    if transport is not None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
-    return web.Response(status=500)  # never written: the connection is gone
-
-
-def parse_faults(text: str) -> dict[str, float]:
-    """``500=0.2,429=0.1,hang=0.05`` -> a checked chaos mix (the CLI's ``--faults``)."""
-    mix: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        kind, sep, share = part.partition("=")
-        if not sep:
-            raise ValueError(f"{part!r}: expected KIND=SHARE")
-        mix[kind.strip()] = float(share)
-    return check_faults(mix)
 
 
 def run_mock(host: str, port: int, behaviour: MockBehaviour) -> None:

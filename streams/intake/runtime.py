@@ -10,6 +10,8 @@ priority and fair share act on what is queued in Kafka): when it is empty
 the agent stops pulling, faust's buffer fills and faust pauses the partitions
 (backpressure). At most ``BATCHES_AHEAD`` batches are in their Redis round trip and produce
 at once, so under load the next batch grows while they are (and nothing waits when idle).
+Its resources are opened by ``resources.py``; Redis and the consumer lag are probed by
+``probes.py``.
 
 Usage::
 
@@ -22,31 +24,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
-import aiohttp
 import faust
 from prometheus_client import CollectorRegistry
 
-from streams.batchapi.wiring import batch_parts
-from streams.cache.responses import ResponseCache
 from streams.config import Settings
 from streams.contract import Source
-from streams.dispatch.parts import build_dispatcher
-from streams.dispatch.upstream import UpstreamClient
 from streams.intake.acks import AckTracker
 from streams.intake.finished import Ledger
 from streams.intake.front import Front
+from streams.intake.probes import Probes
 from streams.intake.processor import InRecord, Processor, cancelling
+from streams.intake.resources import open_resources
 from streams.intake.slots import Slots
 from streams.intake.stopping import task_lines
-from streams.intake.transport import committed_offsets, consumer_state, is_stale, unreadable_partitions
-from streams.kafka_io import start_producer
-from streams.metrics import PipelineMetrics, configured_models, start_http
-from streams.output.publisher import KafkaPublisher
-from streams.redis_io import RedisClient, open_redis, redis_answers
+from streams.intake.transport import consumer_state, is_stale, unreadable_partitions
+from streams.metrics import PipelineMetrics, configured_models
 
 log = logging.getLogger("streams.worker")
 
@@ -78,82 +73,26 @@ class Runtime:
         self.drained = False  # the stop's own part is done: nothing of ours is left to lose
         self._stack = AsyncExitStack()
         self._processor: Processor | None = None
-        self._redis: RedisClient | None = None
-        self.redis_ok = False
+        self._probes = Probes(settings.topics.requests, self.metrics)
         self.assigned: int | None = None  # partitions of the last assignment; None: rebalancing
-        self._lag_labels: set[tuple[str, str]] = set()
         self._consumed = self.metrics.consumed.labels(settings.topics.requests)
         self._skipped = self.metrics.skipped_finished.labels(settings.topics.requests)
         self._gate = Slots(BATCHES_AHEAD)
 
     async def start(self) -> None:
-        s = self.settings
         stack = self._stack
-        publisher = await stack.enter_async_context(
-            KafkaPublisher(lambda: start_producer(s), self.metrics)
-        )
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        session = await stack.enter_async_context(
-            aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
-        )
-        self._redis = open_redis(s)
-        stack.push_async_callback(self._redis.aclose)
-        dispatcher = await stack.enter_async_context(
-            build_dispatcher(s, UpstreamClient(session), self._redis, self.registry)
-        )
-        # Always: with cache.enabled false it is the idempotency store alone (no lookups,
-        # no coalescing), so a redelivery is still never sent upstream again.
-        cache = await stack.enter_async_context(ResponseCache(s, self._redis, self.registry))
-        parking = await stack.enter_async_context(batch_parts(  # work that can wait (batchapi)
-            s, publisher, dispatcher, cache, self.metrics, self.registry, session))
-        self._processor = Processor(s, publisher, dispatcher, cache, self.metrics,
-                                    front=self._front, parking=parking)
-        if s.metrics.port:
-            runner = await start_http(self.registry, s.metrics.host, s.metrics.port, self.ready)
-            stack.push_async_callback(runner.cleanup)
+        self._processor, redis = await open_resources(
+            stack, self.settings, self.registry, self.metrics, self._front, self.ready)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, self._log_state, loop)
         stack.callback(loop.remove_signal_handler, signal.SIGUSR1)
-        stack.enter_context(_Every(self._probe_redis, 1.0, "redis probe"))
-        stack.enter_context(_Every(self.update_lag, 5.0, "consumer lag update"))
+        stack.enter_context(self._probes.running(redis, lambda: self.app))
         self._ready.set()
 
-    async def _probe_redis(self) -> None:
-        """Keeps ``redis_ok`` current for /readyz with a cheap PING."""
-        self.redis_ok = False
-        assert self._redis is not None
-        self.redis_ok = await redis_answers(self._redis)
-
-    async def update_lag(self) -> None:
-        """Set llm_streams_consumer_lag per assigned partition: end offset minus committed.
-
-        A partition with no commit yet counts from its earliest offset (the group starts
-        there: ``auto_offset_reset=earliest``). Partitions no longer assigned are dropped.
-        """
-        if self.app is None:
-            return
-        consumer = self.app.consumer
-        topic = self.settings.topics.requests
-        tps = sorted(tp for tp in consumer.assignment() if tp.topic == topic)
-        lags: dict[tuple[str, str], int] = {}
-        if tps:
-            ends = await consumer.highwaters(*tps)
-            committed = committed_offsets(consumer)
-            unknown = [tp for tp in tps if committed.get(tp) is None]
-            starts = await consumer.earliest_offsets(*unknown) if unknown else {}
-            for tp in tps:
-                end = ends.get(tp)
-                base = committed.get(tp)
-                if base is None:
-                    base = starts.get(tp)
-                if end is not None and base is not None:
-                    lags[(tp.topic, str(tp.partition))] = max(0, end - base)
-        gauge = self.metrics.consumer_lag
-        for labels in self._lag_labels - lags.keys():
-            gauge.remove(*labels)
-        for labels, lag in lags.items():
-            gauge.labels(*labels).set(lag)
-        self._lag_labels = set(lags)
+    @property
+    def redis_ok(self) -> bool:
+        """Redis answered the last probe (one condition of ``ready``)."""
+        return self._probes.redis_ok
 
     def _log_state(self, loop: asyncio.AbstractEventLoop) -> None:
         log.warning("state: %s; tasks:\n%s", self.state(), "\n".join(task_lines(loop)))
@@ -322,31 +261,3 @@ class Runtime:
 
     async def close(self) -> None:
         await self._stack.aclose()
-
-
-class _Every:
-    """Runs ``job`` every ``interval`` seconds until closed; a failing run never stops it."""
-
-    def __init__(self, job: Callable[[], Awaitable[None]], interval: float, what: str) -> None:
-        self._job = job
-        self._interval = interval
-        self._what = what
-        self._task: asyncio.Task[None] | None = None
-
-    def __enter__(self) -> _Every:
-        self._task = asyncio.create_task(self._loop())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._job(), timeout=self._interval * 2)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # not started yet, rebalancing, a server away: next time
-                log.debug("%s failed: %s: %s", self._what, type(exc).__name__, exc)
-            await asyncio.sleep(self._interval)
