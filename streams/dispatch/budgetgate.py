@@ -30,6 +30,7 @@ from streams.config import Settings
 from streams.config_tenants import tenant_config, tenant_name
 from streams.contract import ChatMessages, Params, upstream_usage
 from streams.dispatch.budgets import Budgets, Refusal, Reservation
+from streams.dispatch.pump import wait_event
 from streams.dispatch.tenantmetrics import BudgetMetrics
 from streams.dispatch.tokens import estimate_parts
 from streams.errors import BudgetExceeded
@@ -179,7 +180,7 @@ class BudgetGate:
                         return False
                     delay = remaining if delay is None else min(delay, remaining)
                 waiter.wake.clear()
-                await self._until(waiter.wake, delay)
+                await wait_event(waiter.wake, delay, self._sleep)
         finally:
             waiter.live = False
             if gauge is not None:
@@ -188,15 +189,3 @@ class BudgetGate:
                 self._lines.pop(hold.tenant, None)
             else:
                 self._wake_head(hold.tenant)
-
-    async def _until(self, event: asyncio.Event, delay: float | None) -> None:
-        if delay is None:
-            await event.wait()
-            return
-        waiter = asyncio.ensure_future(event.wait())
-        sleeper = asyncio.ensure_future(self._sleep(delay))
-        try:
-            await asyncio.wait((waiter, sleeper), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            sleeper.cancel()

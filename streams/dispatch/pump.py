@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from streams.dispatch.cooldown import Cooldowns
@@ -22,19 +23,17 @@ SAFETY_POLL_SECONDS = 1.0
 MIN_WAKE_SECONDS = 0.0005
 
 
+@dataclass(eq=False)
 class Pump:
     """See the module docstring. ``waiting()``: is anything queued; ``grant_pass()``: one pass."""
 
-    def __init__(self, waiting: Callable[[], int], grant_pass: Callable[[], Awaitable[None]],
-                 refusals: Refusals, cooldowns: Cooldowns, clock: Callable[[], float],
-                 sleep: Callable[[float], Awaitable[Any]]) -> None:
-        self._waiting = waiting
-        self._pass = grant_pass
-        self._refusals = refusals
-        self._cooldowns = cooldowns
-        self._clock = clock
-        self._sleep = sleep
-        self._wake = asyncio.Event()
+    _waiting: Callable[[], int]
+    _pass: Callable[[], Awaitable[None]]
+    _refusals: Refusals
+    _cooldowns: Cooldowns
+    _clock: Callable[[], float]
+    _sleep: Callable[[float], Awaitable[Any]]
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def wake(self) -> None:
         """Something changed: pass again."""
@@ -65,22 +64,29 @@ class Pump:
             delay = self._next_wake()
             if self._wake.is_set():
                 continue
-            if delay is None:
-                await self._wake.wait()
-                continue
-            if self._sleep is asyncio.sleep:
-                # One timer rather than two tasks and an ``asyncio.wait`` per pass: with
-                # requests queued (read-ahead) the pump passes about once per finished call.
-                timer = asyncio.get_running_loop().call_later(delay, self._wake.set)
-                try:
-                    await self._wake.wait()
-                finally:
-                    timer.cancel()
-                continue
-            waiter = asyncio.ensure_future(self._wake.wait())
-            sleeper = asyncio.ensure_future(self._sleep(delay))
-            try:
-                await asyncio.wait((waiter, sleeper), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                sleeper.cancel()
+            await wait_event(self._wake, delay, self._sleep)
+
+
+async def wait_event(event: asyncio.Event, delay: float | None,
+                     sleep: Callable[[float], Awaitable[Any]]) -> None:
+    """Until ``event`` is set or ``delay`` seconds (None: no limit) have passed on ``sleep``'s
+    clock (tests inject a virtual one)."""
+    if delay is None:
+        await event.wait()
+        return
+    if sleep is asyncio.sleep:
+        # One timer rather than two tasks and an ``asyncio.wait``: with requests queued
+        # (read-ahead) the pump passes about once per finished call.
+        timer = asyncio.get_running_loop().call_later(delay, event.set)
+        try:
+            await event.wait()
+        finally:
+            timer.cancel()
+        return
+    waiter = asyncio.ensure_future(event.wait())
+    sleeper = asyncio.ensure_future(sleep(delay))
+    try:
+        await asyncio.wait((waiter, sleeper), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        sleeper.cancel()

@@ -108,9 +108,8 @@ class Processor:
         parking: Parker | None = None,
     ) -> None:
         self._parking = parking
-        self._settings = settings
         self._publisher = publisher
-        self._dispatcher = dispatcher
+        self._dispatch = dispatcher.dispatch  # bound once: one lookup less per miss
         self._cache = cache
         self._metrics = metrics
         self._clock = clock
@@ -275,11 +274,11 @@ class Processor:
         try:
             answer = self._front.answer
             if got is None or self._cache is None:
-                comp = await answer(req, self._dispatcher.dispatch)
+                comp = await answer(req, self._dispatch)
             else:
                 ref = got.ref
                 comp = await self._cache.coalesce(
-                    req, got.key, partial(answer, req, self._dispatcher.dispatch)
+                    req, got.key, partial(answer, req, self._dispatch)
                 )
         except DispatchFailed as failed:
             return await self._letters.write(
