@@ -108,6 +108,15 @@ class PipelineMetrics:
             "finished (their output was published)",
             ["topic"],
         )
+        self.loop_stalls = Histogram(
+            "llm_streams_event_loop_stall_seconds",
+            "Stalls of the worker's event loop (a 20 ms timer fired 50 ms or more late)",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=registry,
+        )
+        self.gc_seconds = counter(
+            "llm_streams_gc_seconds", "Time the worker spent in Python's garbage collection"
+        )
         # labelled children by label values: ``labels()`` costs ~1.5 us a call, and every
         # answer takes four (outputs, latency, prompt and completion tokens)
         self._outputs: dict[str, Any] = {}

@@ -11,7 +11,7 @@ the agent stops pulling, faust's buffer fills and faust pauses the partitions
 (backpressure). At most ``BATCHES_AHEAD`` batches are in their Redis round trip and produce
 at once, so under load the next batch grows while they are (and nothing waits when idle).
 Its resources are opened by ``resources.py``; Redis and the consumer lag are probed by
-``probes.py``.
+``probes.py``, and the event loop's stalls watched by ``stalls.py``.
 
 Usage::
 
@@ -39,6 +39,7 @@ from streams.intake.probes import Probes
 from streams.intake.processor import InRecord, Processor, cancelling
 from streams.intake.resources import open_resources
 from streams.intake.slots import Slots
+from streams.intake.stalls import LoopWatch
 from streams.intake.stopping import task_lines
 from streams.intake.transport import consumer_state, is_stale, unreadable_partitions
 from streams.metrics import PipelineMetrics, configured_models
@@ -87,6 +88,7 @@ class Runtime:
         loop.add_signal_handler(signal.SIGUSR1, self._log_state, loop)
         stack.callback(loop.remove_signal_handler, signal.SIGUSR1)
         stack.enter_context(self._probes.running(redis, lambda: self.app))
+        stack.enter_context(LoopWatch(self.metrics))
         self._ready.set()
 
     @property
