@@ -5,8 +5,9 @@ Redis access (``store``, as ``redis_store``), the idempotency store (``idempoten
 (``coalesce``) on its Redis locks (``locks``). Redis errors never reach the caller: reads
 miss, writes are skipped, coalescing stays in-process (``store``, as ``redis_store``).
 
-With ``cache.enabled: false`` the response cache and coalescing are off; the idempotency
-store still works.
+With ``cache.enabled: false`` the response cache and the coalescing of identical content are
+off; the idempotency store still works, and so does the coalescing of one request id
+(``coalesce`` with the request's ``IdemRef``: a record delivered twice at once is paid once).
 
 Usage::
 
@@ -15,15 +16,17 @@ Usage::
         if got.recalled is not None: ...   # a redelivery: republish, cache.note_replay()
         elif got.hit is not None: ...      # a cached answer
         else:
-            comp = await cache.coalesce(req, got.key, lambda: dispatcher.dispatch(req))
+            comp = await cache.coalesce(req, got.key, lambda: dispatcher.dispatch(req), got.ref)
             await cache.remember(got.ref, response_record_bytes)
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter
@@ -31,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter
 from streams.cache.coalesce import Coalescer
 from streams.cache.codec import Read, cached_completion, decode_body
 from streams.cache.idempotency import IdempotencyStore, IdemRef, Kind, Recalled
-from streams.cache.keys import cache_key
+from streams.cache.keys import cache_key, idem_key
 from streams.cache.locks import RedisLocks
 from streams.cache.store import CacheMetrics, RedisStore
 from streams.config import Settings
@@ -135,15 +138,21 @@ class ResponseCache:
             await self.redis_store.write(self.redis_store.ckey(key or self.key(req)), value, ttl, "cache")
 
     def coalesce(
-        self, req: Request, key: str, compute: Callable[[], Awaitable[Completion]]
+        self, req: Request, key: str, compute: Callable[[], Awaitable[Completion]],
+        ref: IdemRef | None = None,
     ) -> Awaitable[Completion]:
         """Run ``compute`` once for all identical requests in flight; store its answer.
 
         Waiters get the leader's answer as ``cached=True``; if the leader fails they run
-        their own ``compute``. Do not ``store()`` the result again. With the cache off this
-        is ``compute()`` itself (no coroutine of its own around it).
+        their own ``compute``. Do not ``store()`` the result again. Where the answer's content
+        is not shared (the cache off, ``no_cache``, ``no_store``), ``ref`` (the request's
+        idempotency ref) still makes one call of one id and content across workers
+        (``_by_id``); without it, the cache off is ``compute()`` itself.
         """
-        if not self._cfg.enabled:
+        cfg = self._cfg
+        if ref is not None and (not cfg.enabled or req.cache.no_cache or req.cache.no_store):
+            return self._by_id(req, key, compute, ref)
+        if not cfg.enabled:
             return compute()
         return self._coalesce(req, key, compute)
 
@@ -158,6 +167,34 @@ class ResponseCache:
         ttl = None if no_store else (req.cache.ttl or self._cfg.ttl_seconds)
         # no_store answers never reach Redis, so other processes could not read them.
         return await self.coalescer.run(key, req.model or "", compute, remote=not no_store, ttl=ttl)
+
+    def id_key(self, req: Request, ref: IdemRef) -> str:
+        """The coalescing key of one request id (in its tenant) and content: ``idem_key``
+        plus the content's fingerprint, so an id reused with other content is apart."""
+        return f"{idem_key(req.tenant, req.id)}:{ref.fingerprint.hex()}"
+
+    async def _by_id(
+        self, req: Request, key: str, compute: Callable[[], Awaitable[Completion]],
+        ref: IdemRef,
+    ) -> Completion:
+        """One upstream call per request id and content, across workers, where the content's
+        lock does not apply: a record delivered twice at once (redelivered to the partition's
+        new owner by a rebalance while its first owner still calls; a producer's retry) waits
+        for the first one's answer instead of paying for it again. The answer is kept under
+        the id's key only as long as a waiter may wait for it (``coalesce_wait_seconds``
+        plus a lock's life, at most the id's idempotency ttl); identical content under other
+        ids shares one call within a process for ``no_store`` (as before), and ``no_cache``
+        stores its answer for others (as before)."""
+        cfg = self._cfg
+        ttl = max(1, min(ref.ttl, math.ceil(cfg.coalesce_wait_seconds + cfg.coalesce_lock_seconds)))
+        if cfg.enabled and req.cache.no_store:
+            compute = partial(self.coalescer.run, key, req.model or "", compute,
+                              remote=False, ttl=None)
+        comp = await self.coalescer.run(self.id_key(req, ref), req.model or "", compute,
+                                        remote=True, ttl=ttl)
+        if req.cache.no_cache:
+            await self.store(req, comp, key)  # a fresh answer only (``store`` skips the rest)
+        return comp
 
     # -- idempotency store ----------------------------------------------------------
 

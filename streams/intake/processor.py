@@ -82,7 +82,8 @@ class Cache(Protocol):
     async def prefetch(self, reqs: list[Request], topics: list[str]) -> list[Prefetched]:
         """The remembered output and the cached answer of many requests in one round trip."""
     def coalesce(
-        self, req: Request, key: str, compute: Callable[[], Awaitable[Completion]]
+        self, req: Request, key: str, compute: Callable[[], Awaitable[Completion]],
+        ref: IdemRef | None = None,
     ) -> Awaitable[Completion]: ...
 
 
@@ -278,7 +279,7 @@ class Processor:
             else:
                 ref = got.ref
                 comp = await self._cache.coalesce(
-                    req, got.key, partial(answer, req, self._dispatch)
+                    req, got.key, partial(answer, req, self._dispatch), ref
                 )
         except DispatchFailed as failed:
             return await self._letters.write(

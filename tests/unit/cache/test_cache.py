@@ -662,3 +662,80 @@ async def test_server_state_errors_still_open_the_circuit(error: str) -> None:
     fake.fail = False
     await cache.store(req(), comp())
     assert cache.redis_store.guard.degraded and fake.round_trips["pipeline"] == 0  # bypassed
+
+
+# -- one call per request id where the content's lock does not apply ------------------------
+
+
+async def _twice_at_once(control: dict[str, Any], enabled: bool = True,
+                         other: dict[str, Any] | None = None) -> tuple[int, list[Completion]]:
+    """Two workers (caches on one Redis) each get the same record at once (a rebalance's
+    redelivery while the first owner still calls); ``other``: the second's record differs."""
+    fake = FakeRedis()
+    a, _, _ = make(fake, enabled=enabled)
+    b, _, _ = make(fake, enabled=enabled)
+    calls = 0
+    go = asyncio.Event()
+
+    async def compute() -> Completion:
+        nonlocal calls
+        calls += 1
+        await go.wait()
+        return comp()
+
+    ra = req(cache=control) if control else req()
+    rb = req(**(other or {}), **({"cache": control} if control else {}))
+    runs = []
+    for c, r in ((a, ra), (b, rb)):
+        (got,) = await c.prefetch([r], ["llm.requests"])
+        runs.append(asyncio.ensure_future(c.coalesce(r, got.key, compute, got.ref)))
+        await asyncio.sleep(0.05)  # the first holds its lock before the second asks
+    go.set()
+    return calls, list(await asyncio.gather(*runs))
+
+
+@pytest.mark.parametrize(("control", "enabled"), [
+    ({}, False), ({"no_cache": True}, True), ({"no_store": True}, True), ({"no_store": True}, False),
+])
+async def test_a_record_delivered_twice_at_once_is_paid_once(
+    control: dict[str, Any], enabled: bool,
+) -> None:
+    # Before: with the cache off, no_cache or no_store the content's lock did not apply, and
+    # a redelivery to a partition's new owner while its first owner still called paid twice.
+    calls, (first, second) = await _twice_at_once(control, enabled)
+    assert calls == 1
+    assert not first.cached and second.cached and second.body == first.body
+
+
+async def test_an_id_reused_with_other_content_is_not_served_the_first_ones_answer() -> None:
+    calls, (first, second) = await _twice_at_once({}, False, other={"input": "another prompt"})
+    assert calls == 2 and not first.cached and not second.cached
+
+
+async def test_the_answer_under_the_id_lives_only_while_a_waiter_may_wait() -> None:
+    cache, fake, _ = make(enabled=False, coalesce_wait_seconds=5, coalesce_lock_seconds=2)
+    r = req()
+    (got,) = await cache.prefetch([r], ["llm.requests"])
+    await cache.coalesce(r, got.key, lambda: asyncio.sleep(0, comp()), got.ref)
+    ckey = cache.redis_store.ckey(cache.id_key(r, got.ref))
+    assert fake._get(ckey) is not None
+    assert 0 < (fake.ttl(ckey) or 0) <= 7
+    assert fake._get(cache.redis_store.lkey(cache.id_key(r, got.ref))) is None  # released
+    assert fake._get(cache.redis_store.ckey(cache.key(r))) is None  # the cache stays off
+
+
+async def test_no_store_still_shares_one_call_within_a_process_across_ids() -> None:
+    cache, _, _ = make()
+    calls = 0
+
+    async def compute() -> Completion:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        return comp()
+
+    rs = [req(id=f"r{i}", cache={"no_store": True}) for i in range(3)]
+    found = await cache.prefetch(rs, ["llm.requests"] * 3)
+    await asyncio.gather(*(cache.coalesce(r, g.key, compute, g.ref)
+                           for r, g in zip(rs, found, strict=True)))
+    assert calls == 1
