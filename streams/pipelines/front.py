@@ -39,6 +39,7 @@ from streams.output.records import Headers
 from streams.pipelines.compiled import CompiledPipeline
 from streams.pipelines.metrics import PipelineStageMetrics
 from streams.pipelines.schema import repair_messages
+from streams.pipelines.templates import Template
 
 RAW_ANSWER_CHARS = 2_000  # of the last answer, in an invalid_output dead letter
 _ID_MAX = 256
@@ -93,6 +94,7 @@ class PipelineFront:
         if fmt is not None:
             self._params["response_format"] = fmt
         self.metrics = PipelineStageMetrics(registry).bind(pipe.name)
+        self._constant: dict[tuple[str, str], Message] = {}
 
     # -- event -> request ---------------------------------------------------------------
 
@@ -106,18 +108,30 @@ class PipelineFront:
                                    f"{self._max_bytes} limit")
         return self.request(render_context(rec, event_value(value)))
 
-    def messages(self, ctx: dict[str, Any]) -> list[dict[str, Any]]:
+    def messages(self, ctx: dict[str, Any]) -> list[Message]:
         """The rendered chat messages; raises ``TemplateFailed``."""
         pipe = self.pipe
         assert pipe.user is not None  # settings.py: required unless the pipeline embeds
         out = []
         if pipe.system is not None:
-            out.append({"role": "system", "content": pipe.system.render(ctx)})
+            out.append(self._message("system", pipe.system, ctx))
         for user, assistant in pipe.few_shot:
-            out.append({"role": "user", "content": user.render(ctx)})
-            out.append({"role": "assistant", "content": assistant.render(ctx)})
-        out.append({"role": "user", "content": pipe.user.render(ctx)})
+            out.append(self._message("user", user, ctx))
+            out.append(self._message("assistant", assistant, ctx))
+        out.append(self._message("user", pipe.user, ctx))
         return out
+
+    def _message(self, role: str, template: Template, ctx: dict[str, Any]) -> Message:
+        """One message; a constant one (a system prompt without fields) is built once and
+        shared (messages are frozen). Every field is checked at start or is rendered text:
+        constructed without a second validation."""
+        if template.constant:
+            found = self._constant.get((role, template.source))
+            if found is None:
+                found = self._constant[(role, template.source)] = Message.model_construct(
+                    role=role, content=template.source)
+            return found
+        return Message.model_construct(role=role, content=template.render(ctx))
 
     def request(self, ctx: dict[str, Any]) -> Request:
         """The request an event's context renders to; raises ``TemplateFailed``."""
@@ -128,8 +142,7 @@ class PipelineFront:
             raise TemplateFailed(f"id: rendered an id of {len(rid)} characters (1-{_ID_MAX})")
         try:
             text = self.input(ctx) if self.pipe.input is not None else None
-            messages = None if text is not None else [
-                Message.model_construct(**m) for m in self.messages(ctx)]
+            messages = None if text is not None else self.messages(ctx)
         except TemplateFailed as exc:
             exc.request_id = rid  # the dead letter's id
             raise

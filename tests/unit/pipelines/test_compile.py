@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from streams.config import load_settings
 from streams.errors import ConfigError, TemplateFailed
@@ -138,7 +141,7 @@ async def test_shipped_pipelines_compile_and_render_their_examples(name: str) ->
 def test_a_plain_field_reads_as_jinja_renders_it(ctx: dict[str, Any]) -> None:
     fast = compile_template("id", "{{ event.a.b }}", pipeline="p")
     slow = compile_template("id", "{{ event.a.b }}{# no fast path #}", pipeline="p")
-    assert fast._path == ("a", "b") and slow._path is None
+    assert fast._plan == (("", ""), (("a", "b"),)) and slow._plan is None
     try:
         want = slow.render(ctx)
     except TemplateFailed as exc:
@@ -146,4 +149,47 @@ def test_a_plain_field_reads_as_jinja_renders_it(ctx: dict[str, Any]) -> None:
             fast.render(ctx)
     else:
         assert fast.render(ctx) == want
-    assert compile_template("id", "{{ event.items }}", pipeline="p")._path is None
+    assert compile_template("id", "{{ event.items }}", pipeline="p")._plan is None
+
+
+TEXTS = st.lists(st.sampled_from(["a", " ", "\n", "\r\n", "\r", "}", "{", "%", "#", "é", "\t",
+                                  "\x85", "\u2028"]), max_size=12).map("".join)
+VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from("abc"), inner,
+                                                                 max_size=3),
+    max_leaves=6)
+
+
+@given(texts=st.lists(TEXTS, min_size=2, max_size=4),
+       paths=st.lists(st.sampled_from(["a", "b", "a.c", "b.d.e", "x"]), min_size=1, max_size=3),
+       event=st.dictionaries(st.sampled_from(["a", "b", "x"]), VALUES, max_size=3))
+@hsettings(max_examples=300, deadline=None)
+def test_text_and_fields_render_as_jinja_renders_them(
+    texts: list[str], paths: list[str], event: dict[str, Any],
+) -> None:
+    # The plan's literals come from Jinja's own render (its newline handling), its fields are
+    # read as Jinja reads them, and anything else (a missing field) is Jinja's to answer.
+    source = texts[0] + "".join(f"{{{{ event.{p} }}}}{t}" for p, t in
+                                zip(paths, [*texts[1:], *[""] * len(paths)], strict=False))
+    try:
+        fast = compile_template("prompt.user", source, pipeline="p")
+        slow = compile_template("prompt.user", source, pipeline="p")
+    except ConfigError:
+        return  # the literal text is not a valid template on its own ("{%" ...)
+    slow._plan = None  # Jinja's own render
+    ctx = {"event": event}
+    try:
+        want = slow.render(ctx)
+    except TemplateFailed as exc:
+        with pytest.raises(TemplateFailed, match=re.escape(str(exc))):
+            fast.render(ctx)
+    else:
+        assert fast.render(ctx) == want
+
+
+def test_the_shipped_prompts_take_the_plan() -> None:
+    tpl = compile_template("prompt.user", "Subject: {{ event.subject }}\n\n{{ event.body }}\n",
+                           pipeline="p")
+    assert tpl._plan == (("Subject: ", "\n\n", ""), (("subject",), ("body",)))
+    assert tpl.render({"event": {"subject": "s", "body": 1}}) == "Subject: s\n\n1"
