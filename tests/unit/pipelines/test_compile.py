@@ -18,7 +18,7 @@ from streams.pipelines.compiled import compile_all, compile_pipeline, pipeline_s
 from streams.pipelines.render import read_event, render
 from streams.pipelines.schema import OutputChecker
 from streams.pipelines.settings import OutputConfig
-from streams.pipelines.templates import compile_template
+from streams.pipelines.templates import Template, compile_template
 from streams.tools.cli import main
 from tests.unit.pipelines.conftest import SCHEMA, pipeline, settings
 
@@ -133,6 +133,17 @@ async def test_shipped_pipelines_compile_and_render_their_examples(name: str) ->
         assert "--- input\nResetting your password\n\nOpen Settings" in texts[0]
 
 
+def _renders_as(fast: Template, slow: Template, ctx: dict[str, Any]) -> None:
+    """``fast`` renders ``ctx`` as ``slow`` does, or fails with the same error."""
+    try:
+        want = slow.render(ctx)
+    except TemplateFailed as exc:
+        with pytest.raises(TemplateFailed, match=re.escape(str(exc))):
+            fast.render(ctx)
+    else:
+        assert fast.render(ctx) == want
+
+
 @pytest.mark.parametrize("ctx", [
     {"event": {"a": {"b": "x"}}}, {"event": {"a": {"b": None}}}, {"event": {"a": {"b": 1.5}}},
     {"event": {"a": {"b": [1, "z"]}}}, {"event": {"a": {"b": True}}}, {"event": {"a": "str"}},
@@ -142,13 +153,7 @@ def test_a_plain_field_reads_as_jinja_renders_it(ctx: dict[str, Any]) -> None:
     fast = compile_template("id", "{{ event.a.b }}", pipeline="p")
     slow = compile_template("id", "{{ event.a.b }}{# no fast path #}", pipeline="p")
     assert fast._plan == (("", ""), (("a", "b"),)) and slow._plan is None
-    try:
-        want = slow.render(ctx)
-    except TemplateFailed as exc:
-        with pytest.raises(TemplateFailed, match=re.escape(str(exc))):
-            fast.render(ctx)
-    else:
-        assert fast.render(ctx) == want
+    _renders_as(fast, slow, ctx)
     assert compile_template("id", "{{ event.items }}", pipeline="p")._plan is None
 
 
@@ -178,14 +183,7 @@ def test_text_and_fields_render_as_jinja_renders_them(
     except ConfigError:
         return  # the literal text is not a valid template on its own ("{%" ...)
     slow._plan = None  # Jinja's own render
-    ctx = {"event": event}
-    try:
-        want = slow.render(ctx)
-    except TemplateFailed as exc:
-        with pytest.raises(TemplateFailed, match=re.escape(str(exc))):
-            fast.render(ctx)
-    else:
-        assert fast.render(ctx) == want
+    _renders_as(fast, slow, {"event": event})
 
 
 def test_the_shipped_prompts_take_the_plan() -> None:
