@@ -13,6 +13,13 @@ overload, trying them anyway only adds to what times out; an attempt Redis did n
 renewal is a ``force`` call too: a holder whose renewals are skipped for a lock's life loses
 its lock while it still computes, and another worker then pays the same call.
 
+On a single Redis server each batch is one Lua script (``_TRY_MANY``, ``_EXTEND_MANY``,
+``_FINISH_MANY``): the same commands in the same order per item, but one command for redis-py
+to pack and parse instead of two or three per item (that client's cost per command was most
+of what a lock cost a worker: 6 commands per request for the lock of one id). A cluster's
+keys of one batch live in many slots, so there (and for a batch whose script fails with a
+command error, e.g. a key of the wrong type) the items go as a pipeline of single commands.
+
 Usage::
 
     locks = RedisLocks(store, max_items=256)
@@ -23,12 +30,15 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
+
+from redis.exceptions import ResponseError
 
 from streams.cache.batching import Batcher
 from streams.cache.codec import Body, decode_body
 from streams.cache.store import RedisStore
 from streams.contract import Completion
+from streams.redis_cluster import is_cluster
 from streams.redis_guard import DOWN
 
 # Compare-and-delete / compare-and-extend: only the holder's token may touch its lock.
@@ -39,6 +49,42 @@ _EXTEND = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
     "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 )
+
+# The batch scripts: per item exactly the pipeline's commands, in the pipeline's order.
+# KEYS: lock, answer per item; ARGV: token, ttl_ms per item -> acquired (1/0), answer, holder
+_TRY_MANY = """
+local out = {}
+for i = 1, #KEYS / 2 do
+  local got = redis.call('set', KEYS[2*i-1], ARGV[2*i-1], 'NX', 'PX', ARGV[2*i])
+  out[3*i-2] = got and 1 or 0
+  out[3*i-1] = redis.call('get', KEYS[2*i])
+  out[3*i] = redis.call('get', KEYS[2*i-1])
+end
+return out
+"""
+# KEYS: lock per item; ARGV: token, ttl_ms per item -> 1 renewed / 0 not ours, per item
+_EXTEND_MANY = """
+local out = {}
+for i = 1, #KEYS do
+  out[i] = 0
+  if redis.call('get', KEYS[i]) == ARGV[2*i-1] then
+    out[i] = redis.call('pexpire', KEYS[i], ARGV[2*i])
+  end
+end
+return out
+"""
+# KEYS: answer, lock per item; ARGV: token, ttl (s), value ('' = none) per item -> stored
+_FINISH_MANY = """
+local stored = 0
+for i = 1, #KEYS / 2 do
+  if ARGV[3*i] ~= '' then
+    redis.call('set', KEYS[2*i-1], ARGV[3*i], 'EX', ARGV[3*i-1])
+    stored = stored + 1
+  end
+  if redis.call('get', KEYS[2*i]) == ARGV[3*i-2] then redis.call('del', KEYS[2*i]) end
+end
+return stored
+"""
 
 LockItem = tuple[str, str, int]  # key, token, ttl_ms (a lock attempt or a renewal)
 FinishItem = tuple[str, str, bytes | None, int]  # key, token, value to store, ttl
@@ -86,6 +132,7 @@ class RedisLocks:
 
     def __init__(self, store: RedisStore, max_items: int) -> None:
         self._store = store
+        self._scripted = not is_cluster(store.redis)  # one script per batch (module doc)
         self._locks: Batcher[LockItem, tuple[LockState, Body | None]] = Batcher(
             self._try_locks, max_items, store.tasks
         )
@@ -115,6 +162,15 @@ class RedisLocks:
         s = self._store
 
         async def go() -> list[Any]:
+            if self._scripted:
+                keys: list[Any] = []
+                args: list[Any] = []
+                for key, token, ttl_ms in items:
+                    keys += (s.lkey(key), s.ckey(key))
+                    args += (token, ttl_ms)
+                got = await self._script(_TRY_MANY, keys, args)
+                if got is not None:
+                    return cast(list[Any], got)
             pipe = s.redis.pipeline(transaction=False)
             for key, token, ttl_ms in items:
                 pipe.set(s.lkey(key), token, nx=True, px=ttl_ms)
@@ -159,6 +215,13 @@ class RedisLocks:
         s = self._store
 
         async def go() -> list[Any]:
+            if self._scripted:
+                args: list[Any] = []
+                for _, token, ttl_ms in items:
+                    args += (token, ttl_ms)
+                got = await self._script(_EXTEND_MANY, [s.lkey(key) for key, _, _ in items], args)
+                if got is not None:
+                    return cast(list[Any], got)
             pipe = s.redis.pipeline(transaction=False)
             for key, token, ttl_ms in items:
                 pipe.eval(_EXTEND, 1, s.lkey(key), token, ttl_ms)
@@ -169,6 +232,15 @@ class RedisLocks:
             return [True] * len(items)  # keep beating, Redis may come back
         ok = s.guard.replies("lock", res)
         return [not done or bool(r) for r, done in zip(res, ok, strict=True)]
+
+    async def _script(self, script: str, keys: list[Any], args: list[Any]) -> Any:
+        """One batch script's reply; None if Redis refused it with a command error (the
+        batch then goes as a pipeline, whose replies say which item failed)."""
+        try:
+            return await self._store.redis.eval(script, len(keys), *keys, *args)
+        except ResponseError as exc:
+            self._store.guard.replies("lock", [exc])  # noted (and counted) as a failed command
+            return None
 
     async def finish(
         self, key: str, token: str | None, comp: Completion | None, ttl: int | None
@@ -187,7 +259,16 @@ class RedisLocks:
     async def _finish_many(self, items: list[FinishItem]) -> list[None]:
         s = self._store
 
-        async def go() -> list[Any]:
+        async def go() -> list[Any] | int:
+            if self._scripted:
+                keys: list[Any] = []
+                args: list[Any] = []
+                for key, token, value, ttl in items:
+                    keys += (s.ckey(key), s.lkey(key))
+                    args += (token, ttl, b"" if value is None else value)
+                got = await self._script(_FINISH_MANY, keys, args)
+                if got is not None:
+                    return cast(int, got)  # the count of answers stored
             pipe = s.redis.pipeline(transaction=False)
             for key, token, value, ttl in items:
                 if value is not None:
@@ -196,13 +277,17 @@ class RedisLocks:
             return await pipe.execute(raise_on_error=False)
 
         res = await s.call("lock", go, force=True)
-        if res is not DOWN:
-            ok = iter(s.guard.replies("lock", res))
-            stored = 0
-            for _, _, value, _ in items:
-                if value is not None:
-                    stored += next(ok)
-                next(ok)  # the release
-            if stored:
-                s.metrics.writes.labels("cache").inc(stored)
+        stored = 0 if res is DOWN else res if isinstance(res, int) else self._stored(items, res)
+        if stored:
+            s.metrics.writes.labels("cache").inc(stored)
         return [None] * len(items)
+
+    def _stored(self, items: list[FinishItem], replies: list[Any]) -> int:
+        """How many answers a finish pipeline stored (its failed commands noted)."""
+        ok = iter(self._store.guard.replies("lock", replies))
+        stored = 0
+        for _, _, value, _ in items:
+            if value is not None:
+                stored += next(ok)
+            next(ok)  # the release
+        return stored

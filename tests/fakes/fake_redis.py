@@ -18,7 +18,7 @@ from typing import Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from streams.cache.locks import _EXTEND, _RELEASE
+from streams.cache.locks import _EXTEND, _EXTEND_MANY, _FINISH_MANY, _RELEASE, _TRY_MANY
 
 # Redis refuses an EX whose milliseconds overflow a signed 64-bit integer.
 MAX_EX = (2**63 - 1) // 1000
@@ -84,7 +84,26 @@ class FakeRedis:
         self.data[_b(key)] = (_b(value), None if ttl is None else time.monotonic() + ttl)
         return True
 
-    def _eval(self, script: str, numkeys: int, *args: Any) -> int:
+    def _eval(self, script: str, numkeys: int, *args: Any) -> Any:
+        keys, argv = args[:numkeys], args[numkeys:]
+        if script == _TRY_MANY:  # the batch scripts, command for command (``cache/locks.py``)
+            out: list[Any] = []
+            for i in range(numkeys // 2):
+                got = self._set(keys[2 * i], argv[2 * i], px=int(argv[2 * i + 1]), nx=True)
+                out += [1 if got else 0, self._get(keys[2 * i + 1]), self._get(keys[2 * i])]
+            return out
+        if script == _EXTEND_MANY:
+            return [self._eval(_EXTEND, 1, k, argv[2 * i], argv[2 * i + 1])
+                    for i, k in enumerate(keys)]
+        if script == _FINISH_MANY:
+            stored = 0
+            for i in range(numkeys // 2):
+                token, ttl, value = argv[3 * i:3 * i + 3]
+                if _b(value):
+                    self._set(keys[2 * i], value, ex=int(ttl))
+                    stored += 1
+                self._eval(_RELEASE, 1, keys[2 * i + 1], token)
+            return stored
         key, token = args[0], _b(args[1])
         if self._get(key) != token:
             return 0
@@ -110,7 +129,7 @@ class FakeRedis:
         await self._trip("set")
         return self._set(key, value, **kw)
 
-    async def eval(self, script: str, numkeys: int, *args: Any) -> int:
+    async def eval(self, script: str, numkeys: int, *args: Any) -> Any:
         await self._trip("eval")
         return self._eval(script, numkeys, *args)
 

@@ -282,3 +282,35 @@ async def test_unreachable_redis_is_fast_and_silent(prefix: str) -> None:
         assert cache.metrics.unchecked._value.get() == 1 + 1 + 50
     finally:
         await dead.aclose()
+
+
+@pytest.mark.parametrize("scripted", [True, False], ids=["script", "pipeline"])
+async def test_lock_batches_as_a_script_and_as_single_commands_agree(
+    redis_client: aioredis.Redis, prefix: str, scripted: bool
+) -> None:
+    # The batch script of one Redis server and the cluster's pipeline of single commands
+    # (``cache/locks.py``): the same states, answers and releases, on the real server.
+    from streams.cache.locks import LockState
+
+    cache = make(redis_client, prefix)
+    locks = cache._locks
+    locks._scripted = scripted
+    store = cache.redis_store
+    got = await asyncio.gather(locks.try_lock("a", "t1", 10_000), locks.try_lock("b", "t1", 10_000))
+    assert [g[0] for g in got] == [LockState.ACQUIRED, LockState.ACQUIRED]
+    await redis_client.pexpire(store.lkey("a"), 500)
+    got = await asyncio.gather(
+        locks.try_lock("a", "t1", 10_000),  # our own earlier attempt: ours, renewed
+        locks.try_lock("b", "t2", 10_000),  # another holder's
+    )
+    assert [g[0] for g in got] == [LockState.ACQUIRED, LockState.HELD]
+    assert await redis_client.pttl(store.lkey("a")) > 5_000
+    assert await asyncio.gather(locks.extend("a", "t1", 20_000), locks.extend("b", "t2", 20_000)
+                                ) == [True, False]
+    await asyncio.gather(locks.finish("a", "t1", comp("A"), 60), locks.finish("b", "t9", None, None))
+    assert await redis_client.get(store.lkey("a")) is None  # released by its holder
+    assert await redis_client.get(store.lkey("b")) == b"t1"  # not by another token
+    state, body = await locks.try_lock("a", "t3", 10_000)
+    assert state is LockState.ACQUIRED and body is not None  # the answer stored before release
+    assert body["choices"][0]["message"]["content"] == "A"
+    assert 0 < await redis_client.ttl(store.ckey("a")) <= 60
