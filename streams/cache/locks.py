@@ -32,13 +32,10 @@ import asyncio
 import enum
 from typing import Any, Protocol, cast
 
-from redis.exceptions import ResponseError
-
 from streams.cache.batching import Batcher
 from streams.cache.codec import Body, decode_body
 from streams.cache.store import RedisStore
 from streams.contract import Completion
-from streams.redis_cluster import is_cluster
 from streams.redis_guard import DOWN
 
 # Compare-and-delete / compare-and-extend: only the holder's token may touch its lock.
@@ -132,7 +129,6 @@ class RedisLocks:
 
     def __init__(self, store: RedisStore, max_items: int) -> None:
         self._store = store
-        self._scripted = not is_cluster(store.redis)  # one script per batch (module doc)
         self._locks: Batcher[LockItem, tuple[LockState, Body | None]] = Batcher(
             self._try_locks, max_items, store.tasks
         )
@@ -162,13 +158,13 @@ class RedisLocks:
         s = self._store
 
         async def go() -> list[Any]:
-            if self._scripted:
+            if s.scripted:
                 keys: list[Any] = []
                 args: list[Any] = []
                 for key, token, ttl_ms in items:
                     keys += (s.lkey(key), s.ckey(key))
                     args += (token, ttl_ms)
-                got = await self._script(_TRY_MANY, keys, args)
+                got = await self._store.run_script(_TRY_MANY, keys, args)
                 if got is not None:
                     return cast(list[Any], got)
             pipe = s.redis.pipeline(transaction=False)
@@ -215,11 +211,11 @@ class RedisLocks:
         s = self._store
 
         async def go() -> list[Any]:
-            if self._scripted:
+            if s.scripted:
                 args: list[Any] = []
                 for _, token, ttl_ms in items:
                     args += (token, ttl_ms)
-                got = await self._script(_EXTEND_MANY, [s.lkey(key) for key, _, _ in items], args)
+                got = await self._store.run_script(_EXTEND_MANY, [s.lkey(key) for key, _, _ in items], args)
                 if got is not None:
                     return cast(list[Any], got)
             pipe = s.redis.pipeline(transaction=False)
@@ -232,15 +228,6 @@ class RedisLocks:
             return [True] * len(items)  # keep beating, Redis may come back
         ok = s.guard.replies("lock", res)
         return [not done or bool(r) for r, done in zip(res, ok, strict=True)]
-
-    async def _script(self, script: str, keys: list[Any], args: list[Any]) -> Any:
-        """One batch script's reply; None if Redis refused it with a command error (the
-        batch then goes as a pipeline, whose replies say which item failed)."""
-        try:
-            return await self._store.redis.eval(script, len(keys), *keys, *args)
-        except ResponseError as exc:
-            self._store.guard.replies("lock", [exc])  # noted (and counted) as a failed command
-            return None
 
     async def finish(
         self, key: str, token: str | None, comp: Completion | None, ttl: int | None
@@ -260,13 +247,13 @@ class RedisLocks:
         s = self._store
 
         async def go() -> list[Any] | int:
-            if self._scripted:
+            if s.scripted:
                 keys: list[Any] = []
                 args: list[Any] = []
                 for key, token, value, ttl in items:
                     keys += (s.ckey(key), s.lkey(key))
                     args += (token, ttl, b"" if value is None else value)
-                got = await self._script(_FINISH_MANY, keys, args)
+                got = await self._store.run_script(_FINISH_MANY, keys, args)
                 if got is not None:
                     return cast(int, got)  # the count of answers stored
             pipe = s.redis.pipeline(transaction=False)

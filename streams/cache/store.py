@@ -7,11 +7,12 @@ Redis key layout (``prefix`` is ``redis.key_prefix``)::
     {prefix}:r:{tenant_tag}:{digest}   output record of an id      (cache.idempotency_ttl_seconds)
 
 Reads are micro-batched: every read of one event-loop tick (or up to ``cache.batch_max_keys``)
-shares one ``MGET``; writes share one pipeline. Redis errors never reach the caller: reads
-answer ``DOWN``, writes are skipped and counted, and after an outage error Redis is left alone
-for ``cache.redis_retry_seconds`` (``redis_guard.RedisGuard``). A ``force`` read or write (one
-that decides whether the upstream is paid: the idempotency store's, a coalesced answer's) is tried
-even then, and again after an outage error.
+shares one ``MGET``; writes share one pipeline (one Lua script on a single server). Redis
+errors never reach the caller: reads answer ``DOWN``, writes are skipped and counted, and
+after an outage error Redis is left alone for ``cache.redis_retry_seconds``
+(``redis_guard.RedisGuard``). A ``force`` read or write (one that decides whether the upstream
+is paid: the idempotency store's, a coalesced answer's) is tried even then, and again after an
+outage error.
 
 Usage::
 
@@ -29,6 +30,7 @@ from typing import Any, TypeVar, cast
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.exceptions import ResponseError
 
 from streams.cache.batching import Batcher
 from streams.cache.codec import Body, Read, encode_value
@@ -41,6 +43,12 @@ from streams.redis_io import RedisClient
 log = logging.getLogger("streams.cache")
 
 T = TypeVar("T")
+
+# A batch of writes as one script: per key ``SET key value EX ttl`` (ARGV: value, ttl per key).
+_SET_MANY = """
+for i = 1, #KEYS do redis.call('set', KEYS[i], ARGV[2*i-1], 'EX', ARGV[2*i]) end
+return #KEYS
+"""
 
 
 class CacheMetrics:
@@ -219,8 +227,33 @@ class RedisStore:
             return await mget_by_slot(self.redis, keys)  # type: ignore[arg-type]
         return await cast(Awaitable[list[bytes | None]], self.redis.mget(keys))
 
+    @property
+    def scripted(self) -> bool:
+        """Whether a batch of commands goes as one Lua script (a single server) or as a
+        pipeline of single commands (a cluster: a batch's keys sit in many slots)."""
+        return not self._cluster
+
+    async def run_script(self, script: str, keys: list[Any], args: list[Any]) -> Any:
+        """A batch script's reply, or None if Redis refused it with a command error (the
+        caller then sends the batch as a pipeline, whose replies say which item failed).
+
+        One script per batch instead of a command per item: redis-py's asyncio client
+        spends more CPU per command (packing, a timeout per reply, parsing) than Redis does
+        running it."""
+        try:
+            return await self.redis.eval(script, len(keys), *keys, *args)
+        except ResponseError:
+            return None
+
     async def _pipeline_set(self, items: list[tuple[str, bytes, int, bool]]) -> list[bool]:
         async def go() -> list[Any]:
+            if self.scripted:
+                args: list[Any] = []
+                for _, value, ttl, _ in items:
+                    args += (value, ttl)
+                done = await self.run_script(_SET_MANY, [i[0] for i in items], args)
+                if done is not None:
+                    return [True] * len(items)
             pipe = self.redis.pipeline(transaction=False)
             for key, value, ttl, _ in items:
                 pipe.set(key, value, ex=ttl)

@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from streams.cache.locks import _EXTEND, _EXTEND_MANY, _FINISH_MANY, _RELEASE, _TRY_MANY
+from streams.cache.store import _SET_MANY
 
 # Redis refuses an EX whose milliseconds overflow a signed 64-bit integer.
 MAX_EX = (2**63 - 1) // 1000
@@ -39,6 +40,11 @@ class FakeRedis:
         self.delay = 0.0
         self.hang = 0
         self.lose = 0
+
+    def batches(self) -> int:
+        """Round trips of batches: a pipeline each, or a script each (``cache/store.py``'s and
+        ``cache/locks.py``'s batches on a single server)."""
+        return self.round_trips["eval"] + self.round_trips["pipeline"]
 
     def get_connection_kwargs(self) -> dict[str, Any]:
         return {}
@@ -92,6 +98,10 @@ class FakeRedis:
                 got = self._set(keys[2 * i], argv[2 * i], px=int(argv[2 * i + 1]), nx=True)
                 out += [1 if got else 0, self._get(keys[2 * i + 1]), self._get(keys[2 * i])]
             return out
+        if script == _SET_MANY:
+            for i, key in enumerate(keys):
+                self._set(key, argv[2 * i], ex=int(argv[2 * i + 1]))
+            return len(keys)
         if script == _EXTEND_MANY:
             return [self._eval(_EXTEND, 1, k, argv[2 * i], argv[2 * i + 1])
                     for i, k in enumerate(keys)]

@@ -55,6 +55,7 @@ def ref(c: ResponseCache, rid: str = "r1", topic: str = "llm.requests", **kw: An
     return c.ref(req(id=rid, **kw), topic)
 
 
+
 async def looked(c: ResponseCache, r: Request, topic: str = "llm.requests") -> Completion | None:
     """The cached answer the batch path finds for ``r`` (its prefetch)."""
     (got,) = await c.prefetch([r], [topic])
@@ -139,10 +140,14 @@ async def test_lookups_and_recalls_of_one_tick_share_a_round_trip() -> None:
     assert fake.round_trips["mget"] == 1
 
 
-async def test_writes_are_pipelined() -> None:
-    cache, fake, _ = make()
-    await asyncio.gather(*(cache.store(req(f"p{i}"), comp()) for i in range(50)))
-    assert fake.round_trips["pipeline"] == 1 and len(fake.data) == 50
+async def test_writes_are_batched() -> None:
+    # One script for the batch on a single Redis; a cluster's store sends a pipeline
+    for scripted in (True, False):
+        cache, fake, _ = make()
+        cache.redis_store._cluster = not scripted
+        await asyncio.gather(*(cache.store(req(f"p{i}"), comp()) for i in range(50)))
+        trips = fake.round_trips["eval" if scripted else "pipeline"]
+        assert trips == 1 and sum(fake.round_trips.values()) == 1 and len(fake.data) == 50
 
 
 async def test_ttl_default_and_per_request() -> None:
@@ -222,15 +227,15 @@ async def test_redis_errors_never_raise_and_short_circuit(caplog: pytest.LogCapt
     caplog.set_level(logging.WARNING, logger="streams.cache")
     assert await looked(cache, req()) is None  # a prefetch decides payment: tried 3 times
     await cache.store(req(), comp())
-    assert fake.round_trips["mget"] == 3 and fake.round_trips["pipeline"] == 0  # circuit open
+    assert fake.round_trips["mget"] == 3 and fake.batches() == 0  # circuit open
     assert metric(reg, "errors", op="read") == 3
     assert metric(reg, "skipped_writes", reason="redis_unavailable") == 1
     clock.now += 1.5
     await cache.store(req(), comp())  # the retry is due: tried once, fails
-    assert fake.round_trips["pipeline"] == 1 and metric(reg, "errors", op="write") == 1
+    assert fake.batches() == 1 and metric(reg, "errors", op="write") == 1
     clock.now += 0.5
     await cache.store(req(), comp())  # the next one is not due yet (the delay doubled)
-    assert fake.round_trips["pipeline"] == 1
+    assert fake.batches() == 1
     assert len([r for r in caplog.records if "redis error" in r.getMessage()]) == 1
     fake.fail = False
     clock.now += 1.5
@@ -244,15 +249,15 @@ async def test_the_idempotency_store_is_tried_while_the_circuit_is_open() -> Non
     cache, fake, reg = make(clock=Clock(1000.0), redis_retry_seconds=60.0)
     fake.fail = True
     await cache.store(req(), comp())  # the circuit opens for 60 s
-    assert fake.round_trips["pipeline"] == 1
+    assert fake.batches() == 1
     x = ref(cache, "x")
     await cache.remember(x, b'{"id":"x"}')  # tried 3 times, failed: counted as skipped
     assert await recalled(cache, "x") is None  # tried 3 times
-    assert fake.round_trips["pipeline"] == 4 and fake.round_trips["mget"] == 3
+    assert fake.batches() == 4 and fake.round_trips["mget"] == 3
     assert metric(reg, "skipped_writes", reason="redis_unavailable") == 2
     fake.fail = False  # Redis answers again; the circuit is still open
     await cache.store(req(), comp())
-    assert fake.round_trips["pipeline"] == 4 and not fake.data  # a cache write waits
+    assert fake.batches() == 4 and not fake.data  # a cache write waits
     await cache.remember(x, b'{"id":"x"}')
     assert await recalled(cache, "x") == Recalled("response", b'{"id":"x"}')
     assert fake.round_trips["mget"] == 4
@@ -474,7 +479,7 @@ async def test_the_renewals_of_many_leaders_share_pipelines() -> None:
     await asyncio.gather(*(cache.coalesce(r, cache.key(r), slow(cache.key(r))) for r in rs))
     assert held == [True] * 50  # every lock outlived its 300 ms expiry
     # 50 locks, ~4 renewals each: one batch (a script on one server) per tick, not one each
-    assert fake.round_trips["eval"] + fake.round_trips["pipeline"] < 20
+    assert fake.batches() < 20
 
 
 async def test_a_stop_does_not_wait_for_lock_renewals() -> None:

@@ -12,6 +12,7 @@ def _open(reg: CollectorRegistry) -> float | None:
     return reg.get_sample_value("llm_streams_cache_circuit_open")
 
 
+
 async def test_the_circuit_gauge_is_1_from_an_error_until_a_call_succeeds() -> None:
     clock = Clock(1000.0)
     cache, fake, reg = make(clock=clock, redis_retry_seconds=1.0)
@@ -23,13 +24,13 @@ async def test_the_circuit_gauge_is_1_from_an_error_until_a_call_succeeds() -> N
     assert _open(reg) == 1
     clock.now += 10  # the retry is due, Redis still fails: still open
     await cache.store(req(), comp())
-    assert fake.round_trips["pipeline"] == 2 and _open(reg) == 1
+    assert fake.batches() == 2 and _open(reg) == 1
     fake.fail = False
     await cache.store(req(), comp())  # not due yet: the cache write is skipped, still open
-    assert fake.round_trips["pipeline"] == 2 and _open(reg) == 1
+    assert fake.batches() == 2 and _open(reg) == 1
     clock.now += 10
     await cache.store(req(), comp())  # due, and Redis answers: closed
-    assert fake.round_trips["pipeline"] == 3 and _open(reg) == 0
+    assert fake.batches() == 3 and _open(reg) == 0
 
 
 async def test_a_prefetch_that_succeeds_closes_the_circuit_at_once() -> None:
@@ -44,4 +45,4 @@ async def test_a_prefetch_that_succeeds_closes_the_circuit_at_once() -> None:
     fake.fail = False
     assert await looked(cache, req()) is not None and _open(reg) == 0
     await cache.store(req("other"), comp())
-    assert fake.round_trips["pipeline"] == 3
+    assert fake.batches() == 3
