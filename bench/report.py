@@ -276,6 +276,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "make bench-smoke    # python -m bench.run --size smoke (tiny sizes, about 2 minutes)",
         "make bench-compare A=REV B=REV  # python -m bench.run --compare A B --scenarios miss,hit --size full",
         "python -m bench.profile SCENARIO --set FIELD=VALUE   # py-spy on the worker during one run",
+        "python -m bench.inproc --redis-url URL [--cache] [--batch N --stream]   # CPU per miss in one process",
         "```",
         "",
         "Stand-ins: nginx (`return 200 '<fixed chat.completion JSON>'`) on two ports, used as two "
