@@ -10,8 +10,12 @@ one cut identical requests share a line (``runner.CutRunner._lines``); across cu
 - a request whose first delivery sits in a line of a cut still running rides on that line
   (``PartitionJobs.lines``, keyed by the request's idempotency key and content fingerprint,
   so an id reused with other content is apart): it is answered from that line's result, or
-  sent down the normal path with it if the line fails. Its own cut is done only once its
-  riders are settled (a done cut is skipped after a restart).
+  sent down the normal path with it if the line fails.
+
+A cut is done only once every request of it is settled (``settled``): a done cut's requests
+are skipped when the partition is read again after a restart, so one still on its way down
+the normal path (a failed line, a deadline) or riding on another cut's line would otherwise
+get no output at all.
 
 Usage::
 
@@ -102,11 +106,10 @@ class Repeats:
                     if pj.lines.get(ident) is helds:
                         del pj.lines[ident]
 
-    async def riders_settled(self, pj: PartitionJobs, active: ActiveCut, poll: float) -> None:
-        """Return once every request of the cut riding on another cut's line is settled (or
-        went down the normal path)."""
-        while any(h.rec.offset in pj.open and h.rec.offset not in pj.handled
-                  for h in active.riders):
+    async def settled(self, pj: PartitionJobs, active: ActiveCut, poll: float) -> None:
+        """Return once every request of the cut has its output acknowledged: those answered
+        by its lines, those riding on another cut's line, those sent down the normal path."""
+        while any(h.rec.offset in pj.open for h in (*active.held, *active.riders)):
             await asyncio.sleep(min(poll, 1.0))
 
     def _ident(self, held: Held) -> tuple[str, bytes]:

@@ -114,7 +114,7 @@ class CutRunner:
         finally:
             for by_key in lines.values():
                 self._repeats.close(pj, by_key)
-        await self._repeats.riders_settled(pj, active, self._poll)
+        await self._repeats.settled(pj, active, self._poll)  # a done cut is skipped on restart
         cut.done = True
         await d.store.save(cut)
 

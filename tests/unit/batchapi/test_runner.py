@@ -58,6 +58,7 @@ class Rig:
         self.publisher = FakePublisher()
         self.store = FakeStore()
         self.normal: list[tuple[list[int], str]] = []
+        self.settle_normal = True
         self.client = BatchClient(session)
         deps = RunnerDeps(self.settings, BatchPolicy(self.settings, self.metrics), self.client,
                           self.store, self.cache, self.publisher,  # type: ignore[arg-type]
@@ -71,6 +72,9 @@ class Rig:
 
     def _normal(self, pj: PartitionJobs, helds: list[Held], reason: str) -> None:
         self.normal.append(([h.rec.offset for h in helds], reason))
+        for h in helds:  # answered by the normal path at once (unless a test holds it)
+            if self.settle_normal:
+                pj.settle(h.rec.offset)
 
     def cut(self, prompts: list[str], parts: list[Part] | None = None) -> ActiveCut:
         helds = []
@@ -148,11 +152,13 @@ async def test_a_request_answered_by_a_normal_call_gets_no_second_output(rig: An
     r, mock, api = rig
     active = r.cut(["a", "b", "c", "d"])
     r.pj.handled.add(3)  # its deadline came before the job was built: not in it
+    r.pj.settle(3)  # (the normal path answered it)
     mock.behaviour.batch_delay_seconds = 0.5
     task = asyncio.create_task(r.runner.run(r.pj, active))
     while not api.stats["batches_created"]:
         await asyncio.sleep(0.01)
     r.pj.handled.add(1)  # its deadline came while the job ran
+    r.pj.settle(1)
     await task
     assert set(r.answers()) == {"r0", "r2"} and api.stats["lines_answered"] == 3
     assert r.metrics.late_dropped._value.get() == 1
@@ -192,6 +198,27 @@ async def test_a_rider_goes_down_the_normal_path_with_its_failed_line(rig: Any) 
     await asyncio.gather(task, r.runner.run(r.pj, second))
     assert r.normal == [([0, 1], "line_error")] and r.publisher.out == []
     assert second.cut.done and api.stats["batches_created"] == 1
+
+
+async def test_a_cut_is_done_only_once_its_requests_on_the_normal_path_are_answered(
+    rig: Any,
+) -> None:
+    # A done cut's requests are skipped when the partition is read again after a restart.
+    # Marked done while its failed line's requests were still on the normal path, a worker
+    # killed then left them with no output at all.
+    r, mock, _ = rig
+    mock.behaviour.batch_error_rate = 1.0
+    r.settle_normal = False
+    active = r.cut(["a", "b"])
+    task = asyncio.create_task(r.runner.run(r.pj, active))
+    while not r.normal:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    assert not active.cut.done and not task.done()
+    r.pj.settle(0)
+    r.pj.settle(1)  # the normal path's outputs acknowledged
+    await task
+    assert active.cut.done and r.store.saved[-1]["done"]
 
 
 async def test_a_request_parked_again_after_its_answer_is_republished_not_paid(rig: Any) -> None:
