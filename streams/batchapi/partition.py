@@ -23,7 +23,7 @@ import asyncio
 import heapq
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from streams.batchapi.jobs import Cut, Part
 from streams.batchapi.parking import ParkedRecord
@@ -45,6 +45,7 @@ class ActiveCut:
     cut: Cut
     held: list[Held]
     task: asyncio.Task[None] | None = None
+    riders: list[Held] = field(default_factory=list)  # answered by another cut's lines
 
 
 class PartitionJobs:
@@ -66,6 +67,11 @@ class PartitionJobs:
         self.pending: list[Held] = []
         self.open: dict[int, None] = {}  # unsettled offsets, ascending
         self.handled: set[int] = set()  # answered by a normal call while in a job
+        # The lines of this partition's running cuts, by the request they answer (its
+        # idempotency key and content's fingerprint): a request delivered twice (a producer's
+        # retry, a redelivery parked again) rides on the line of its first delivery's cut
+        # instead of paying a line of its own in a later cut (``runner.CutRunner``).
+        self.lines: dict[tuple[str, bytes], list[Held]] = {}
         self.position = -1  # next offset to read; -1 until known
         self._deadlines: list[tuple[int, int]] = []  # (deadline ms, offset): a heap
         self._by_offset: dict[int, Held] = {}

@@ -10,6 +10,12 @@ was cancelled sends all its requests there. Answers are stored in the response c
 the idempotency store before they are published; a request already answered by a normal
 call (its deadline came first) gets no second output.
 
+A request delivered twice (a producer's retry; a redelivery parked again after a crash
+between parking and the source's commit) is paid once: a new cut first republishes the
+remembered output of a request already answered, and a request whose first delivery sits
+in a line of a cut still running rides on that line (``PartitionJobs.lines``) instead of
+getting one of its own.
+
 Usage::
 
     runner = CutRunner(deps)
@@ -24,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 
@@ -34,8 +40,7 @@ from streams.batchapi.lines import Result, input_file, read_results
 from streams.batchapi.metrics import BatchMetrics
 from streams.batchapi.partition import ActiveCut, Held, PartitionJobs
 from streams.batchapi.policy import BatchPolicy
-from streams.cache.idempotency import IdemRef
-from streams.cache.responses import Prefetched
+from streams.batchapi.repeats import CHUNK, BatchCache, Repeats
 from streams.config import EndpointConfig, Settings
 from streams.contract import Completion, Request, response_record
 from streams.output.deadletters import DeadLetters
@@ -47,17 +52,6 @@ log = logging.getLogger("streams.batchapi")
 
 META_KEY = "llm_streams_job"  # the part's tag in the batch's metadata
 SUBMIT_TRIES = 3
-CHUNK = 512  # answers remembered and published together
-
-
-class BatchCache(Protocol):
-    """What the runner needs of ``streams.cache.ResponseCache``."""
-
-    def key(self, req: Request) -> str: ...
-    async def prefetch(self, reqs: list[Request], topics: list[str]) -> list[Prefetched]: ...
-    async def store(self, req: Request, comp: Completion, key: str | None = None) -> None: ...
-    async def remember(self, ref: IdemRef, value: bytes) -> None: ...
-
 
 
 @dataclass(slots=True)
@@ -83,10 +77,13 @@ class CutRunner:
         self._d = deps
         self._poll = deps.settings.batch_api.poll_seconds
         self._endpoints = {e.name: e for e in deps.settings.endpoints}
+        self._repeats = Repeats(deps.settings, deps.cache, deps.publisher)
 
     async def run(self, pj: PartitionJobs, active: ActiveCut) -> None:
         """Run the cut to its end; the partition's requests are settled as they are answered."""
         cut, d = active.cut, self._d
+        if not cut.parts:  # a new cut: what was answered already is only republished
+            await self._repeats.replay_answered(pj, active)
         lines = self._lines(pj, active)
         log.debug("cut %s: %d requests held, parts %s", cut.key, len(active.held),
                   [(p.tag, p.state, p.batch_id) for p in cut.parts])
@@ -112,7 +109,12 @@ class CutRunner:
                 await self._to_normal(pj, by_key, "submit_failed", part, "failed")
             else:
                 waiting.append((part, endpoint, by_key))
-        await asyncio.gather(*(self._follow(pj, active, p, e, k) for p, e, k in waiting))
+        try:
+            await asyncio.gather(*(self._follow(pj, active, p, e, k) for p, e, k in waiting))
+        finally:
+            for by_key in lines.values():
+                self._repeats.close(pj, by_key)
+        await self._repeats.settled(pj, active, self._poll)  # a done cut is skipped on restart
         cut.done = True
         await d.store.save(cut)
 
@@ -138,9 +140,13 @@ class CutRunner:
                 invalid.append(held)
                 continue
             tag = (endpoint, req.model)
+            if self._repeats.ride(pj, active, held, out.get(tag, {})):
+                continue  # on its first delivery's line, in a cut still running
             key = self._d.cache.key(req)
             cid = by_cache_key.setdefault(tag, {}).setdefault(key, str(held.rec.offset))
-            out.setdefault(tag, {}).setdefault(cid, []).append(held)
+            helds = out.setdefault(tag, {}).setdefault(cid, [])
+            helds.append(held)
+            self._repeats.offer(pj, held, helds)
         if invalid:
             pj.handled.update(h.rec.offset for h in invalid)
             self._normal(pj, invalid, "no_endpoint")
@@ -217,6 +223,7 @@ class CutRunner:
 
     async def _answer(self, pj: PartitionJobs, part: Part, by_key: dict[str, list[Held]],
                       results: dict[str, Result]) -> None:
+        self._repeats.close(pj, by_key)
         failed: list[Held] = []
         ready: list[tuple[Held, Completion]] = []
         for cid, helds in by_key.items():
@@ -292,6 +299,7 @@ class CutRunner:
 
     async def _to_normal(self, pj: PartitionJobs, by_key: dict[str, list[Held]], reason: str,
                          part: Part, state: str) -> None:
+        self._repeats.close(pj, by_key)
         helds = [h for hs in by_key.values() for h in hs
                  if h.rec.offset in pj.open and h.rec.offset not in pj.handled]
         pj.handled.update(h.rec.offset for h in helds)

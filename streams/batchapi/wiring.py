@@ -21,7 +21,8 @@ from streams.batchapi.jobs import JobStore, ensure_batch_topics
 from streams.batchapi.metrics import BatchMetrics
 from streams.batchapi.parking import Parking
 from streams.batchapi.policy import BatchPolicy
-from streams.batchapi.runner import BatchCache, CutRunner, RunnerDeps
+from streams.batchapi.repeats import BatchCache
+from streams.batchapi.runner import CutRunner, RunnerDeps
 from streams.config import Settings
 from streams.intake.processor import Answerer, Processor
 from streams.kafka_io import start_producer

@@ -58,6 +58,7 @@ class Rig:
         self.publisher = FakePublisher()
         self.store = FakeStore()
         self.normal: list[tuple[list[int], str]] = []
+        self.settle_normal = True
         self.client = BatchClient(session)
         deps = RunnerDeps(self.settings, BatchPolicy(self.settings, self.metrics), self.client,
                           self.store, self.cache, self.publisher,  # type: ignore[arg-type]
@@ -71,6 +72,9 @@ class Rig:
 
     def _normal(self, pj: PartitionJobs, helds: list[Held], reason: str) -> None:
         self.normal.append(([h.rec.offset for h in helds], reason))
+        for h in helds:  # answered by the normal path at once (unless a test holds it)
+            if self.settle_normal:
+                pj.settle(h.rec.offset)
 
     def cut(self, prompts: list[str], parts: list[Part] | None = None) -> ActiveCut:
         helds = []
@@ -83,6 +87,18 @@ class Rig:
         self.pj.pending.clear()
         cut = Cut(0, 0, len(prompts), len(prompts), parts=parts or [])
         return ActiveCut(cut, helds)
+
+    def cut_at(self, start: int, items: list[tuple[str, str]]) -> ActiveCut:
+        """A cut of requests (id, prompt) at parked offsets from ``start`` on."""
+        helds = []
+        for i, (rid, prompt) in enumerate(items):
+            req = Request(id=rid, input=prompt, model="m", priority=8)
+            rec = ParkedRecord(Source("req", 1, 100 + start + i, 0), b"k", orjson.dumps(
+                req.model_dump(mode="json")), start + i, 0.0)
+            helds.append(Held(rec, req))
+            self.pj.feed(helds[-1])
+        self.pj.pending.clear()
+        return ActiveCut(Cut(0, start, start + len(items), len(items)), helds)
 
     def answers(self) -> dict[str, dict[str, Any]]:
         return {v["id"]: v for _, _, v in self.publisher.out}
@@ -136,14 +152,84 @@ async def test_a_request_answered_by_a_normal_call_gets_no_second_output(rig: An
     r, mock, api = rig
     active = r.cut(["a", "b", "c", "d"])
     r.pj.handled.add(3)  # its deadline came before the job was built: not in it
+    r.pj.settle(3)  # (the normal path answered it)
     mock.behaviour.batch_delay_seconds = 0.5
     task = asyncio.create_task(r.runner.run(r.pj, active))
     while not api.stats["batches_created"]:
         await asyncio.sleep(0.01)
     r.pj.handled.add(1)  # its deadline came while the job ran
+    r.pj.settle(1)
     await task
     assert set(r.answers()) == {"r0", "r2"} and api.stats["lines_answered"] == 3
     assert r.metrics.late_dropped._value.get() == 1
+
+
+async def test_a_request_parked_again_while_its_job_runs_rides_on_its_line(rig: Any) -> None:
+    # Parked twice (a producer's retry, or parked again after a crash before the source's
+    # commit), in two cuts: one line is paid, both deliveries are answered from it. Before,
+    # the second cut paid a line of its own.
+    r, mock, api = rig
+    mock.behaviour.batch_delay_seconds = 0.3
+    first = r.cut_at(0, [("r0", "a")])
+    task = asyncio.create_task(r.runner.run(r.pj, first))
+    while not api.stats["batches_created"]:
+        await asyncio.sleep(0.01)
+    second = r.cut_at(1, [("r0", "a"), ("r1", "b"), ("r0", "other content")])
+    await asyncio.gather(task, r.runner.run(r.pj, second))
+    assert api.stats["lines_answered"] == 3  # "a" once; "b"; r0 with other content is apart
+    outs = [v for _, _, v in r.publisher.out]
+    assert sorted(v["id"] for v in outs) == ["r0", "r0", "r0", "r1"]
+    a = [v["output"] for v in outs if v["id"] == "r0" and v["batch_job"]["id"] == outs[0][
+        "batch_job"]["id"]]
+    assert len(a) == 2 and a[0] == a[1]  # both deliveries, one line's answer
+    assert r.pj.commit_offset() == 4 and first.cut.done and second.cut.done
+    assert r.pj.lines == {}  # nothing left registered once the cuts are done
+
+
+async def test_a_rider_goes_down_the_normal_path_with_its_failed_line(rig: Any) -> None:
+    r, mock, api = rig
+    mock.behaviour.batch_delay_seconds = 0.3
+    mock.behaviour.batch_error_rate = 1.0
+    first = r.cut_at(0, [("r0", "a")])
+    task = asyncio.create_task(r.runner.run(r.pj, first))
+    while not api.stats["batches_created"]:
+        await asyncio.sleep(0.01)
+    second = r.cut_at(1, [("r0", "a")])
+    await asyncio.gather(task, r.runner.run(r.pj, second))
+    assert r.normal == [([0, 1], "line_error")] and r.publisher.out == []
+    assert second.cut.done and api.stats["batches_created"] == 1
+
+
+async def test_a_cut_is_done_only_once_its_requests_on_the_normal_path_are_answered(
+    rig: Any,
+) -> None:
+    # A done cut's requests are skipped when the partition is read again after a restart.
+    # Marked done while its failed line's requests were still on the normal path, a worker
+    # killed then left them with no output at all.
+    r, mock, _ = rig
+    mock.behaviour.batch_error_rate = 1.0
+    r.settle_normal = False
+    active = r.cut(["a", "b"])
+    task = asyncio.create_task(r.runner.run(r.pj, active))
+    while not r.normal:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    assert not active.cut.done and not task.done()
+    r.pj.settle(0)
+    r.pj.settle(1)  # the normal path's outputs acknowledged
+    await task
+    assert active.cut.done and r.store.saved[-1]["done"]
+
+
+async def test_a_request_parked_again_after_its_answer_is_republished_not_paid(rig: Any) -> None:
+    r, _, api = rig
+    await r.runner.run(r.pj, r.cut_at(0, [("r0", "a")]))
+    second = r.cut_at(1, [("r0", "a")])
+    await r.runner.run(r.pj, second)
+    assert api.stats["lines_answered"] == 1 and api.stats["batches_created"] == 1
+    (_, _, first), (_, _, again) = r.publisher.out
+    assert again == first  # the remembered output record, as it was
+    assert r.pj.commit_offset() == 2 and second.cut.done and second.cut.parts == []
 
 
 async def test_a_resumed_part_finds_its_batch_instead_of_creating_another(rig: Any) -> None:
