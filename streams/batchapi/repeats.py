@@ -23,13 +23,13 @@ Usage::
     await repeats.replay_answered(pj, active)          # a new cut, before its lines
     if not repeats.ride(pj, active, held, this_cuts_lines): ...   # in _lines
     repeats.offer(pj, held, line)                       # the line ``held`` opened or joined
-    repeats.close(pj, by_key)                           # before answering those lines
+    repeats.close(pj, {tag: by_key})                    # before answering those lines
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+from typing import Any, Protocol
 
 from streams.batchapi.partition import ActiveCut, Held, PartitionJobs
 from streams.cache.idempotency import IdemRef
@@ -96,15 +96,31 @@ class Repeats:
         """``line`` (of a cut about to run) answers ``held``'s later deliveries too."""
         pj.lines.setdefault(self._ident(held), line)
 
-    def close(self, pj: PartitionJobs, by_key: dict[str, list[Held]]) -> None:
-        """No more riders for these lines: they are being answered (or sent to the normal
-        path) now. Synchronous, so no rider can join between this and the answer."""
-        for helds in by_key.values():
-            for held in helds:
-                if held.req is not None:
-                    ident = self._ident(held)
-                    if pj.lines.get(ident) is helds:
-                        del pj.lines[ident]
+    def close(self, pj: PartitionJobs, lines: dict[Any, dict[str, list[Held]]]) -> None:
+        """No more riders for these lines (by part, then custom id): they are being answered
+        (or sent to the normal path) now. Synchronous, so no rider can join between this and
+        the answer."""
+        for by_key in lines.values():
+            for helds in by_key.values():
+                for held in helds:
+                    if held.req is not None:
+                        ident = self._ident(held)
+                        if pj.lines.get(ident) is helds:
+                            del pj.lines[ident]
+
+    def abandon(self, pj: PartitionJobs, active: ActiveCut,
+                lines: dict[Any, dict[str, list[Held]]]) -> None:
+        """The cut failed before answering its lines (it is run again from its state): their
+        riders from other cuts, still unanswered, take the normal path (the run again builds
+        new lines, which they are not on)."""
+        self.close(pj, lines)
+        mine = {id(h) for h in active.held}
+        riders = [h for by_key in lines.values() for helds in by_key.values() for h in helds
+                  if id(h) not in mine and h.rec.offset in pj.open
+                  and h.rec.offset not in pj.handled]
+        if riders:
+            pj.handled.update(h.rec.offset for h in riders)
+            pj.normal(riders, "job_failed")
 
     async def settled(self, pj: PartitionJobs, active: ActiveCut, poll: float) -> None:
         """Return once every request of the cut has its output acknowledged: those answered

@@ -85,6 +85,22 @@ class CutRunner:
         if not cut.parts:  # a new cut: what was answered already is only republished
             await self._repeats.replay_answered(pj, active)
         lines = self._lines(pj, active)
+        try:
+            await self._run_lines(pj, active, lines)
+        except asyncio.CancelledError:  # a stop or a revoked partition: all is read again
+            self._repeats.close(pj, lines)
+            raise
+        except BaseException:
+            self._repeats.abandon(pj, active, lines)  # resumed by the coordinator
+            raise
+        self._repeats.close(pj, lines)
+        await self._repeats.settled(pj, active, self._poll)  # a done cut is skipped on restart
+        cut.done = True
+        await d.store.save(cut)
+
+    async def _run_lines(self, pj: PartitionJobs, active: ActiveCut,
+                         lines: dict[tuple[str, str], dict[str, list[Held]]]) -> None:
+        cut, d = active.cut, self._d
         log.debug("cut %s: %d requests held, parts %s", cut.key, len(active.held),
                   [(p.tag, p.state, p.batch_id) for p in cut.parts])
         if not cut.parts:  # a new cut: its parts, written before anything is uploaded
@@ -109,14 +125,7 @@ class CutRunner:
                 await self._to_normal(pj, by_key, "submit_failed", part, "failed")
             else:
                 waiting.append((part, endpoint, by_key))
-        try:
-            await asyncio.gather(*(self._follow(pj, active, p, e, k) for p, e, k in waiting))
-        finally:
-            for by_key in lines.values():
-                self._repeats.close(pj, by_key)
-        await self._repeats.settled(pj, active, self._poll)  # a done cut is skipped on restart
-        cut.done = True
-        await d.store.save(cut)
+        await asyncio.gather(*(self._follow(pj, active, p, e, k) for p, e, k in waiting))
 
     def _lines(self, pj: PartitionJobs, active: ActiveCut
                ) -> dict[tuple[str, str], dict[str, list[Held]]]:
@@ -223,7 +232,7 @@ class CutRunner:
 
     async def _answer(self, pj: PartitionJobs, part: Part, by_key: dict[str, list[Held]],
                       results: dict[str, Result]) -> None:
-        self._repeats.close(pj, by_key)
+        self._repeats.close(pj, {part.tag: by_key})
         failed: list[Held] = []
         ready: list[tuple[Held, Completion]] = []
         for cid, helds in by_key.items():
@@ -299,7 +308,7 @@ class CutRunner:
 
     async def _to_normal(self, pj: PartitionJobs, by_key: dict[str, list[Held]], reason: str,
                          part: Part, state: str) -> None:
-        self._repeats.close(pj, by_key)
+        self._repeats.close(pj, {part.tag: by_key})
         helds = [h for hs in by_key.values() for h in hs
                  if h.rec.offset in pj.open and h.rec.offset not in pj.handled]
         pj.handled.update(h.rec.offset for h in helds)

@@ -186,6 +186,31 @@ async def test_a_request_parked_again_while_its_job_runs_rides_on_its_line(rig: 
     assert r.pj.lines == {}  # nothing left registered once the cuts are done
 
 
+async def test_riders_of_a_cut_that_fails_take_the_normal_path(rig: Any) -> None:
+    # The first cut fails with an error (the coordinator runs it again from its state, with
+    # new lines): the request riding on its line from a later cut must not wait for a line
+    # nobody answers (its cut would never be done, its offset never committed).
+    r, mock, api = rig
+    mock.behaviour.batch_delay_seconds = 0.3
+    first = r.cut_at(0, [("r0", "a")])
+    task = asyncio.create_task(r.runner.run(r.pj, first))
+    while not api.stats["batches_created"]:
+        await asyncio.sleep(0.01)
+    second = r.cut_at(1, [("r0", "a")])
+    run = asyncio.create_task(r.runner.run(r.pj, second))
+    await asyncio.sleep(0.05)
+    assert second.riders and not run.done()
+
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("job store away")
+
+    r.client.retrieve = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        await task
+    await asyncio.wait_for(run, 5)
+    assert r.normal == [([1], "job_failed")] and second.cut.done and r.pj.lines == {}
+
+
 async def test_a_rider_goes_down_the_normal_path_with_its_failed_line(rig: Any) -> None:
     r, mock, api = rig
     mock.behaviour.batch_delay_seconds = 0.3
