@@ -100,6 +100,15 @@ class Rig:
         self.pj.pending.clear()
         return ActiveCut(Cut(0, start, start + len(items), len(items)), helds)
 
+    async def running(self, api: BatchApi, items: list[tuple[str, str]]
+                      ) -> tuple[ActiveCut, asyncio.Task[None]]:
+        """A first cut of ``items`` at offset 0, run until its batch is created."""
+        first = self.cut_at(0, items)
+        task = asyncio.create_task(self.runner.run(self.pj, first))
+        while not api.stats["batches_created"]:
+            await asyncio.sleep(0.01)
+        return first, task
+
     def answers(self) -> dict[str, dict[str, Any]]:
         return {v["id"]: v for _, _, v in self.publisher.out}
 
@@ -170,10 +179,7 @@ async def test_a_request_parked_again_while_its_job_runs_rides_on_its_line(rig: 
     # the second cut paid a line of its own.
     r, mock, api = rig
     mock.behaviour.batch_delay_seconds = 0.3
-    first = r.cut_at(0, [("r0", "a")])
-    task = asyncio.create_task(r.runner.run(r.pj, first))
-    while not api.stats["batches_created"]:
-        await asyncio.sleep(0.01)
+    first, task = await r.running(api, [("r0", "a")])
     second = r.cut_at(1, [("r0", "a"), ("r1", "b"), ("r0", "other content")])
     await asyncio.gather(task, r.runner.run(r.pj, second))
     assert api.stats["lines_answered"] == 3  # "a" once; "b"; r0 with other content is apart
@@ -192,10 +198,7 @@ async def test_riders_of_a_cut_that_fails_take_the_normal_path(rig: Any) -> None
     # nobody answers (its cut would never be done, its offset never committed).
     r, mock, api = rig
     mock.behaviour.batch_delay_seconds = 0.3
-    first = r.cut_at(0, [("r0", "a")])
-    task = asyncio.create_task(r.runner.run(r.pj, first))
-    while not api.stats["batches_created"]:
-        await asyncio.sleep(0.01)
+    first, task = await r.running(api, [("r0", "a")])
     second = r.cut_at(1, [("r0", "a")])
     run = asyncio.create_task(r.runner.run(r.pj, second))
     await asyncio.sleep(0.05)
@@ -215,10 +218,7 @@ async def test_a_rider_goes_down_the_normal_path_with_its_failed_line(rig: Any) 
     r, mock, api = rig
     mock.behaviour.batch_delay_seconds = 0.3
     mock.behaviour.batch_error_rate = 1.0
-    first = r.cut_at(0, [("r0", "a")])
-    task = asyncio.create_task(r.runner.run(r.pj, first))
-    while not api.stats["batches_created"]:
-        await asyncio.sleep(0.01)
+    first, task = await r.running(api, [("r0", "a")])
     second = r.cut_at(1, [("r0", "a")])
     await asyncio.gather(task, r.runner.run(r.pj, second))
     assert r.normal == [([0, 1], "line_error")] and r.publisher.out == []
