@@ -177,6 +177,10 @@ class PrivateRedis:
         if self.password is not None:
             args += ["--requirepass", self.password]
         args += self.extra_args
+        if "--cluster-enabled" in self.extra_args and "--cluster-port" not in self.extra_args:
+            # The cluster bus defaults to port + 10000, past 65535 for a free port above 55535
+            # (Linux hands out up to 60999): redis-server then exits at start.
+            args += ["--cluster-port", str(free_port())]
         with (self.dir / "server.log").open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.port, 20, self.proc)
