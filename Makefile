@@ -87,8 +87,11 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	test -x /usr/sbin/nginx || (apt-get update -qq && apt-get install -y -qq nginx-light)
 	touch $(BENCH_STAMP)
 
+# First where each path's CPU goes by library against its floor (bench/BREAKDOWN.md, under py-spy),
+# then the figures; BENCHMARKS.md carries both.
 bench: setup $(BENCH_STAMP)
-	scripts/with-stack.sh $(BIN)/python -m bench.run --size full --out BENCHMARKS.md --json bench/results.json
+	scripts/with-stack.sh sh -c '$(BIN)/python -m bench.breakdown --out bench/BREAKDOWN.md && \
+		$(BIN)/python -m bench.run --size full --out BENCHMARKS.md --json bench/results.json'
 
 # Tiny sizes, one run each (< 2 minutes): checks the harness, not the figures.
 bench-smoke: setup $(BENCH_STAMP)

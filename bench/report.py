@@ -13,6 +13,7 @@ from typing import Any
 from bench.procs import QUIX_PY
 
 FINDINGS = Path(__file__).with_name("FINDINGS.md")
+BREAKDOWN = Path(__file__).with_name("BREAKDOWN.md")  # python -m bench.breakdown (make bench runs it first)
 
 # Per scenario: title, what it does, and its rows (label, key, format).
 TABLES: dict[str, tuple[str, str, list[tuple[str, str, str]]]] = {
@@ -272,10 +273,11 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "```sh",
         "pip install -e '.[dev,bench]'   # the peers: openai, litellm, faststream (make bench adds .venv-quix)",
-        "make bench          # python -m bench.run --size full --out BENCHMARKS.md --json bench/results.json",
+        "make bench          # python -m bench.breakdown, then bench.run --size full --out BENCHMARKS.md",
         "make bench-smoke    # python -m bench.run --size smoke (tiny sizes, about 2 minutes)",
         "make bench-compare A=REV B=REV  # python -m bench.run --compare A B --scenarios miss,hit --size full",
         "python -m bench.profile SCENARIO --set FIELD=VALUE   # py-spy on the worker during one run",
+        "python -m bench.breakdown [--paths miss,hit,slow]   # CPU per request by library, worker and floor",
         "python -m bench.inproc --redis-url URL [--cache] [--batch N --stream]   # CPU per miss in one process",
         "```",
         "",
@@ -311,6 +313,13 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"\nrun failed: `{err}`")
     if doc["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
+    if BREAKDOWN.exists() and doc["size"] == "full":
+        lines += ["", "## Where a request's CPU goes, by library, against its floor", "",
+                  "`python -m bench.breakdown` (its docstring says how): each path's worker and floor "
+                  "under `py-spy record --gil` over the measured window, with the same stand-ins and "
+                  "sizes as above (the slow path paced at 2,000 req/s, which both sustain). py-spy's "
+                  "sampling raises CPU per request by a few per cent. The largest differences first.",
+                  "", BREAKDOWN.read_text().rstrip()]
     if FINDINGS.exists():  # hand-written: what the profiles show, kept next to the figures
         lines += ["", FINDINGS.read_text().rstrip()]
     return "\n".join(lines) + "\n"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
 from aiokafka import TopicPartition
 
 from bench import compare, probe, report
@@ -128,6 +130,19 @@ def test_tables_show_the_slow_upstream_tail_and_peer_versions() -> None:
     assert "| (e) faststream ? app" in md  # a peer's package that is not installed
     assert "| worker: loop lag p99 ms | 15 | (1 run) |" in md
     assert md.count("run failed: `boom`") == 1  # under the scenario's own table only
+
+
+def test_a_full_report_carries_the_breakdown_and_a_smoke_one_does_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    breakdown = tmp_path / "BREAKDOWN.md"
+    breakdown.write_text("### breakdown-marker-7\n")
+    monkeypatch.setattr(report, "BREAKDOWN", breakdown)
+    doc: dict[str, Any] = {"command": "python -m bench.run", "runs": 1, "notes": [], "targets": [],
+                           "machine": {"nproc": 2, "cpu_model": "x", "ram_gb": 1, "kernel": "k",
+                                       "python": "3", "nginx": "n", "packages": {}},
+                           "scenarios": {}}
+    assert "### breakdown-marker-7" in report.markdown({**doc, "size": "full"})
+    assert "### breakdown-marker-7" not in report.markdown({**doc, "size": "smoke"})
 
 
 def test_every_bench_module_imports() -> None:
