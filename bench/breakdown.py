@@ -168,8 +168,8 @@ def _median_groups(runs: list[Sampled]) -> dict[str, float]:
 class Sampler:
     """Wraps bench.harness.measure: py-spy samples the measured processes for its window."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, keep: Path | None = None) -> None:
+        self.folder = keep or folder  # raw profiles: kept with --keep, else removed with the run
         self.taken: list[Sampled] = []
         self._original = harness.measure
 
@@ -232,11 +232,14 @@ def main() -> int:
     p.add_argument("--slow-rate", type=float, default=2000.0, help="paced req/s of the slow path")
     p.add_argument("--size", choices=sorted(scenarios.SIZES), default="full")
     p.add_argument("--out", default="bench/BREAKDOWN.md")
+    p.add_argument("--keep", type=Path, help="a folder to keep py-spy's raw profiles in")
     args = p.parse_args()
     size = dataclasses.replace(scenarios.SIZES[args.size], slow_rate=args.slow_rate)
     paths = [x for x in args.paths.split(",") if x]
     procs = Procs()
-    sampler = Sampler(procs.tmp)
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    sampler = Sampler(procs.tmp, args.keep)
     sampler.install()
     rows: dict[str, tuple[list[Sampled], list[Sampled]]] = {}
 

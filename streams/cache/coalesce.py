@@ -240,10 +240,7 @@ class Coalescer:
             while self._held:
                 await asyncio.sleep(interval)
                 items = list(self._held)
-                renewed = await asyncio.gather(
-                    *(self._backend.extend(key, token, self._lock_ms) for key, token in items),
-                    return_exceptions=True,
-                )
+                renewed = await self._backend.extend_many(items, self._lock_ms)
                 for item, ok in zip(items, renewed, strict=True):
                     if isinstance(ok, BaseException):
                         if not isinstance(ok, Exception):

@@ -113,6 +113,11 @@ class LockBackend(Protocol):
         """Push the lock's expiry out; False once the lock is no longer ours."""
         ...
 
+    async def extend_many(self, held: list[tuple[str, str]], ttl_ms: int) -> list[bool | BaseException]:
+        """``extend`` for each (key, token) at once (the heartbeat's): an item's failure is its
+        exception in the list, not the call's."""
+        ...
+
     async def finish(
         self, key: str, token: str | None, comp: Completion | None, ttl: int | None
     ) -> None:
@@ -206,6 +211,12 @@ class RedisLocks:
 
     async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
         return await self._extends.submit((key, token, ttl_ms))
+
+    async def extend_many(self, held: list[tuple[str, str]], ttl_ms: int) -> list[bool | BaseException]:
+        # Futures of the batcher, not a task per lock: a worker reading ahead holds a lock per
+        # queued miss, thousands of them, all renewed in each beat.
+        futs = [self._extends.submit((key, token, ttl_ms)) for key, token in held]
+        return await asyncio.gather(*futs, return_exceptions=True)
 
     async def _extend_many(self, items: list[LockItem]) -> list[bool]:
         s = self._store

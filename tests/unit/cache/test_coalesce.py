@@ -44,6 +44,10 @@ class MemoryLocks:
     async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
         return key in self.held
 
+    async def extend_many(self, held: list[tuple[str, str]], ttl_ms: int) -> list[bool | BaseException]:
+        return list(await asyncio.gather(*(self.extend(k, t, ttl_ms) for k, t in held),
+                                         return_exceptions=True))
+
     async def finish(self, key: str, token: str | None, comp: Completion | None,
                      ttl: int | None) -> None:
         self.finished.append((key, token, comp, ttl))
