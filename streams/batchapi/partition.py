@@ -67,11 +67,11 @@ class PartitionJobs:
         self.pending: list[Held] = []
         self.open: dict[int, None] = {}  # unsettled offsets, ascending
         self.handled: set[int] = set()  # answered by a normal call while in a job
-        # The lines of this partition's running cuts, by the request they answer (its
-        # idempotency key and content's fingerprint): a request delivered twice (a producer's
-        # retry, a redelivery parked again) rides on the line of its first delivery's cut
-        # instead of paying a line of its own in a later cut (``runner.CutRunner``).
-        self.lines: dict[tuple[str, bytes], list[Held]] = {}
+        # The lines of this partition's running cuts, by what they answer (``Repeats.ident``:
+        # a content where answers may be shared, else an id and content): a request delivered
+        # twice (a producer's retry, a redelivery parked again), or one of the same shared
+        # content, rides on that line instead of paying a line of its own in a later cut.
+        self.lines: dict[tuple[str, ...], list[Held]] = {}
         self.position = -1  # next offset to read; -1 until known
         self._deadlines: list[tuple[int, int]] = []  # (deadline ms, offset): a heap
         self._by_offset: dict[int, Held] = {}

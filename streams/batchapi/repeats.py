@@ -10,7 +10,15 @@ one cut identical requests share a line (``runner.CutRunner._lines``); across cu
 - a request whose first delivery sits in a line of a cut still running rides on that line
   (``PartitionJobs.lines``, keyed by the request's idempotency key and content fingerprint,
   so an id reused with other content is apart): it is answered from that line's result, or
-  sent down the normal path with it if the line fails.
+  sent down the normal path with it if the line fails;
+- so does a request of another id with the same content, where answers may be shared (the
+  cache on, and not ``no_cache``), as the normal path's content lock makes it wait for the
+  call in flight. Lines are keyed the same way within a cut (``ident``): with the cache off
+  or ``no_cache``, identical requests of different ids each pay their own line, as they pay
+  their own call on the normal path.
+
+Of the requests a line answers, one is its payer; the others are published as the normal
+path publishes a coalesced answer: ``cached``, their cost counted as saved (``runner``).
 
 A cut is done only once every request of it is settled (``settled``): a done cut's requests
 are skipped when the partition is read again after a restart, so one still on its way down
@@ -57,6 +65,7 @@ class Repeats:
 
     def __init__(self, settings: Settings, cache: BatchCache, publisher: Publisher) -> None:
         self._responses = settings.topics.responses
+        self._shared = settings.cache.enabled
         self._cache = cache
         self._publisher = publisher
 
@@ -85,7 +94,7 @@ class Repeats:
              own: dict[str, list[Held]]) -> bool:
         """Put ``held`` on the line of its first delivery if that line is in another cut
         still running (``own``: this cut's lines of the same endpoint and model)."""
-        line = pj.lines.get(self._ident(held))
+        line = pj.lines.get(self.ident(held))
         if line is None or any(line is helds for helds in own.values()):
             return False
         line.append(held)
@@ -94,7 +103,7 @@ class Repeats:
 
     def offer(self, pj: PartitionJobs, held: Held, line: list[Held]) -> None:
         """``line`` (of a cut about to run) answers ``held``'s later deliveries too."""
-        pj.lines.setdefault(self._ident(held), line)
+        pj.lines.setdefault(self.ident(held), line)
 
     def close(self, pj: PartitionJobs, lines: dict[Any, dict[str, list[Held]]]) -> None:
         """No more riders for these lines (by part, then custom id): they are being answered
@@ -104,7 +113,7 @@ class Repeats:
             for helds in by_key.values():
                 for held in helds:
                     if held.req is not None:
-                        ident = self._ident(held)
+                        ident = self.ident(held)
                         if pj.lines.get(ident) is helds:
                             del pj.lines[ident]
 
@@ -128,7 +137,13 @@ class Repeats:
         while any(h.rec.offset in pj.open for h in (*active.held, *active.riders)):
             await asyncio.sleep(min(poll, 1.0))
 
-    def _ident(self, held: Held) -> tuple[str, bytes]:
-        assert held.req is not None
-        ref = self._cache.ref(held.req, held.rec.source.topic)
-        return ref.key, ref.fingerprint
+    def ident(self, held: Held) -> tuple[str, ...]:
+        """What makes parked requests one line: their content where answers may be shared
+        (the cache on, and not ``no_cache``: as the normal path's content lock), else their
+        id and content (one request delivered twice; as the normal path's id lock)."""
+        req = held.req
+        assert req is not None
+        if self._shared and not req.cache.no_cache:
+            return ("content", self._cache.key(req))
+        ref = self._cache.ref(req, held.rec.source.topic)
+        return ("id", ref.key, ref.fingerprint.hex())

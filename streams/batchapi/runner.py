@@ -41,6 +41,7 @@ from streams.batchapi.metrics import BatchMetrics
 from streams.batchapi.partition import ActiveCut, Held, PartitionJobs
 from streams.batchapi.policy import BatchPolicy
 from streams.batchapi.repeats import CHUNK, BatchCache, Repeats
+from streams.cache.codec import cached_completion
 from streams.config import EndpointConfig, Settings
 from streams.contract import Completion, Request, response_record
 from streams.output.deadletters import DeadLetters
@@ -129,9 +130,10 @@ class CutRunner:
 
     def _lines(self, pj: PartitionJobs, active: ActiveCut
                ) -> dict[tuple[str, str], dict[str, list[Held]]]:
-        """(endpoint, model) -> custom id -> the requests of that line (identical ones share it)."""
+        """(endpoint, model) -> custom id -> the requests of that line (those of one
+        ``Repeats.ident`` share it)."""
         out: dict[tuple[str, str], dict[str, list[Held]]] = {}
-        by_cache_key: dict[tuple[str, str], dict[str, str]] = {}
+        by_ident: dict[tuple[str, str], dict[tuple[str, ...], str]] = {}
         stored = {p.model: p.endpoint for p in active.cut.parts}
         invalid = []
         for held in active.held:
@@ -151,8 +153,8 @@ class CutRunner:
             tag = (endpoint, req.model)
             if self._repeats.ride(pj, active, held, out.get(tag, {})):
                 continue  # on its first delivery's line, in a cut still running
-            key = self._d.cache.key(req)
-            cid = by_cache_key.setdefault(tag, {}).setdefault(key, str(held.rec.offset))
+            ident = self._repeats.ident(held)
+            cid = by_ident.setdefault(tag, {}).setdefault(ident, str(held.rec.offset))
             helds = out.setdefault(tag, {}).setdefault(cid, [])
             helds.append(held)
             self._repeats.offer(pj, held, helds)
@@ -245,7 +247,8 @@ class CutRunner:
                 failed += live
                 continue
             comp = Completion(part.model, result.body, part.endpoint, 1, endpoints=[part.endpoint])
-            ready += [(h, comp) for h in live]
+            shared = cached_completion(result.body, part.model)  # paid once: by live[0]
+            ready += [(h, comp if i == 0 else shared) for i, h in enumerate(live)]
         if failed:
             pj.handled.update(h.rec.offset for h in failed)
             self._normal(pj, failed, "line_error")
@@ -267,7 +270,7 @@ class CutRunner:
             if got.recalled is not None and got.recalled.kind == "response":
                 out.append(OutRecord(responses, held.rec.key, got.recalled.value))
                 continue  # answered before a restart: republished as it was
-            cost = self._cost(req, comp)
+            cost = self._cost(comp, part.endpoint)
             value = self._record(held, req, comp, part, cost)
             if got.key not in stored:
                 stored.add(got.key)
@@ -276,7 +279,7 @@ class CutRunner:
             out.append(OutRecord(responses, held.rec.key, value))
             d.metrics.answered.inc()
             if d.costs is not None:
-                d.costs.count(req.tenant, d.model_label(comp.model), cost, False, comp.usage)
+                d.costs.count(req.tenant, d.model_label(comp.model), cost, comp.cached, comp.usage)
         await asyncio.gather(*writes)  # remembered before published, as in the processor
         refused = await d.publisher.publish_many(out)
         for (held, _), too_large in zip(chunk, refused, strict=True):
@@ -284,15 +287,18 @@ class CutRunner:
                 await d.letters.write(held.rec, too_large, held.req, None, 1, [part.endpoint])
             pj.settle(held.rec.offset)
 
-    def _cost(self, req: Request, comp: Completion) -> Cost | None:
-        """The batch price of an answer (None without a price), and what batching saved counted."""
+    def _cost(self, comp: Completion, endpoint: str) -> Cost | None:
+        """The batch price of an answer (None without a price), and what batching saved counted;
+        for a line's answer shared (``cached``), that price as saved: it was paid once."""
         pricing = self._d.pricing
         if pricing is None:
             return None
         usage = comp.body.get("usage") if isinstance(comp.body, dict) else None
         usage = usage if isinstance(usage, dict) else None
-        cost = pricing.price(comp.model, comp.endpoint, usage, batch=True)
-        normal = pricing.price(comp.model, comp.endpoint, usage)
+        cost = pricing.price(comp.model, endpoint, usage, batch=True)
+        if comp.cached:
+            return None if cost is None else cost.as_saved()
+        normal = pricing.price(comp.model, endpoint, usage)
         if cost is not None and normal is not None and normal.total > cost.total:
             self._d.metrics.cost_saved.inc(normal.total - cost.total)
         return cost

@@ -48,10 +48,10 @@ class FakeStore:
 
 class Rig:
     def __init__(self, url: str, session: aiohttp.ClientSession,
-                 pricing: dict[str, Any] | None = None) -> None:
+                 pricing: dict[str, Any] | None = None, cache: dict[str, Any] | None = None) -> None:
         self.settings = load_settings(environ={}, endpoints=[
             {"name": "b", "url": f"{url}/v1", "batch_api": True}],
-            batch_api={"enabled": True, "poll_seconds": 0.05}, pricing=pricing or {})
+            batch_api={"enabled": True, "poll_seconds": 0.05}, pricing=pricing or {}, cache=cache or {})
         reg = CollectorRegistry()
         self.metrics = BatchMetrics(reg)
         self.cache = ResponseCache(self.settings, FakeRedis(), reg)  # type: ignore[arg-type]
@@ -88,11 +88,12 @@ class Rig:
         cut = Cut(0, 0, len(prompts), len(prompts), parts=parts or [])
         return ActiveCut(cut, helds)
 
-    def cut_at(self, start: int, items: list[tuple[str, str]]) -> ActiveCut:
-        """A cut of requests (id, prompt) at parked offsets from ``start`` on."""
+    def cut_at(self, start: int, items: list[tuple[str, str]], **over: Any) -> ActiveCut:
+        """A cut of requests (id, prompt) at parked offsets from ``start`` on; ``over``: more
+        fields of every request (``cache={"no_cache": True}``)."""
         helds = []
         for i, (rid, prompt) in enumerate(items):
-            req = Request(id=rid, input=prompt, model="m", priority=8)
+            req = Request(id=rid, input=prompt, model="m", priority=8, **over)
             rec = ParkedRecord(Source("req", 1, 100 + start + i, 0), b"k", orjson.dumps(
                 req.model_dump(mode="json")), start + i, 0.0)
             helds.append(Held(rec, req))
@@ -100,10 +101,10 @@ class Rig:
         self.pj.pending.clear()
         return ActiveCut(Cut(0, start, start + len(items), len(items)), helds)
 
-    async def running(self, api: BatchApi, items: list[tuple[str, str]]
+    async def running(self, api: BatchApi, items: list[tuple[str, str]], **over: Any
                       ) -> tuple[ActiveCut, asyncio.Task[None]]:
         """A first cut of ``items`` at offset 0, run until its batch is created."""
-        first = self.cut_at(0, items)
+        first = self.cut_at(0, items, **over)
         task = asyncio.create_task(self.runner.run(self.pj, first))
         while not api.stats["batches_created"]:
             await asyncio.sleep(0.01)
@@ -133,6 +134,8 @@ async def test_identical_requests_share_a_line_and_every_one_is_answered(rig: An
     answers = r.answers()
     assert set(answers) == {f"r{i}" for i in range(5)} and len(r.publisher.out) == 5
     assert answers["r0"]["output"] == answers["r2"]["output"] != answers["r1"]["output"]
+    # one pays the line; the others are published as a coalesced answer is
+    assert [answers[f"r{i}"]["cached"] for i in range(5)] == [False, False, True, False, True]
     job = answers["r4"]["batch_job"]
     assert job["id"].startswith("batch-") and job["submitted_at"].endswith("Z")
     assert r.pj.commit_offset() == 5 and active.cut.done
@@ -310,5 +313,68 @@ async def test_a_job_answer_costs_the_batch_price_and_counts_the_saving() -> Non
                 saved += normal / 2
             assert saved > 0
             assert r.metrics.cost_saved._value.get() == pytest.approx(saved, abs=1e-12)
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("where", ["no_cache", "cache_off"])
+async def test_identical_requests_of_other_ids_pay_their_own_lines_where_answers_are_not_shared(
+        where: str) -> None:
+    # As on the normal path (no content lock there): a user asking the same prompt under
+    # several ids with no_cache, or with the cache off, wants that many answers (sampling).
+    # Before, they shared one line and got one answer.
+    mock = MockLLM(MockBehaviour(batch_delay_seconds=0.1), rng=random.Random(3))
+    server = TestServer(mock.app())
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            off = where == "cache_off"
+            r = Rig(str(server.make_url("")).rstrip("/"), session,
+                    cache={"enabled": False} if off else None)
+            over: dict[str, Any] = {} if off else {"cache": {"no_cache": True}}
+            active = r.cut_at(0, [("r0", "a"), ("r1", "a"), ("r0", "a"), ("r2", "a")], **over)
+            await r.runner.run(r.pj, active)
+            api = mock.batches
+            assert api.stats["lines_answered"] == 3  # r0 (delivered twice: one line), r1, r2
+            outs = [v for _, _, v in r.publisher.out]
+            assert sorted(v["id"] for v in outs) == ["r0", "r0", "r1", "r2"]
+            assert [v["cached"] for v in outs].count(False) == 3
+            assert r.pj.commit_offset() == 4 and active.cut.done
+    finally:
+        await server.close()
+
+
+async def test_a_request_of_another_id_with_the_same_content_rides_on_the_running_line(
+        rig: Any) -> None:
+    # The cache on: the normal path makes it wait for the call in flight (the content lock);
+    # a later cut paid a line of its own for it.
+    r, mock, api = rig
+    mock.behaviour.batch_delay_seconds = 0.3
+    first, task = await r.running(api, [("r0", "a")])
+    second = r.cut_at(1, [("r5", "a"), ("r6", "b")])
+    await asyncio.gather(task, r.runner.run(r.pj, second))
+    assert api.stats["lines_answered"] == 2  # "a" once, "b"
+    answers = r.answers()
+    assert answers["r5"]["output"] == answers["r0"]["output"]
+    assert answers["r5"]["cached"] and not answers["r0"]["cached"] and not answers["r6"]["cached"]
+    assert r.pj.commit_offset() == 3 and first.cut.done and second.cut.done
+    assert r.pj.lines == {}
+
+
+async def test_a_shared_line_is_paid_once_and_saved_for_the_others() -> None:
+    mock = MockLLM(MockBehaviour(batch_delay_seconds=0.1), rng=random.Random(3))
+    server = TestServer(mock.app())
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            r = Rig(str(server.make_url("")).rstrip("/"), session, pricing={
+                "m": {"input_per_mtok": 2.0, "output_per_mtok": 8.0, "batch_discount": 0.5}})
+            await r.runner.run(r.pj, r.cut(["a", "a", "a"]))
+            docs = [r.answers()[f"r{i}"] for i in range(3)]
+            price = docs[0]["cost"]["total"]
+            assert price > 0 and docs[0]["cost"]["saved"] == 0.0
+            for doc in docs[1:]:
+                assert doc["cost"]["total"] == 0.0
+                assert doc["cost"]["saved"] == pytest.approx(price, abs=1e-12)
     finally:
         await server.close()
