@@ -6,6 +6,7 @@ The real client, cache (on a fake Redis) and runner; a fake job store and publis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from typing import Any
@@ -116,14 +117,21 @@ class Rig:
 
 @pytest.fixture
 async def rig() -> AsyncIterator[tuple[Rig, MockLLM, BatchApi]]:
+    async with rig_of() as got:
+        yield got
+
+
+@contextlib.asynccontextmanager
+async def rig_of(**settings: Any) -> AsyncIterator[tuple[Rig, MockLLM, BatchApi]]:
+    """A rig on the mock's Batch API in process; ``settings``: Rig's pricing or cache."""
     mock = MockLLM(MockBehaviour(batch_delay_seconds=0.1), rng=random.Random(3))
-    app = mock.app()
-    server = TestServer(app)
+    server = TestServer(mock.app())
     await server.start_server()
-    api = mock.batches
-    async with aiohttp.ClientSession() as session:
-        yield Rig(str(server.make_url("")).rstrip("/"), session), mock, api
-    await server.close()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Rig(str(server.make_url("")).rstrip("/"), session, **settings), mock, mock.batches
+    finally:
+        await server.close()
 
 
 async def test_identical_requests_share_a_line_and_every_one_is_answered(rig: Any) -> None:
@@ -294,27 +302,22 @@ async def test_the_mock_cancels_lists_and_refuses_what_it_cannot_take(rig: Any) 
     assert api.stats["batches_cancelled"] == 1
 
 
+PRICES = {"m": {"input_per_mtok": 2.0, "output_per_mtok": 8.0, "batch_discount": 0.5}}
+
+
 async def test_a_job_answer_costs_the_batch_price_and_counts_the_saving() -> None:
-    mock = MockLLM(MockBehaviour(batch_delay_seconds=0.1), rng=random.Random(3))
-    server = TestServer(mock.app())
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession() as session:
-            r = Rig(str(server.make_url("")).rstrip("/"), session, pricing={
-                "m": {"input_per_mtok": 2.0, "output_per_mtok": 8.0, "batch_discount": 0.5}})
-            active = r.cut(["a", "b"])
-            await r.runner.run(r.pj, active)
-            saved = 0.0
-            for doc in r.answers().values():
-                u = doc["usage"]
-                normal = u["prompt_tokens"] * 2.0 / 1e6 + u["completion_tokens"] * 8.0 / 1e6
-                assert doc["cost"]["total"] == pytest.approx(normal / 2, abs=1e-12)
-                assert doc["cost"]["saved"] == 0.0 and doc["batch_job"]["id"]  # a paid call
-                saved += normal / 2
-            assert saved > 0
-            assert r.metrics.cost_saved._value.get() == pytest.approx(saved, abs=1e-12)
-    finally:
-        await server.close()
+    async with rig_of(pricing=PRICES) as (r, _, _):
+        active = r.cut(["a", "b"])
+        await r.runner.run(r.pj, active)
+        saved = 0.0
+        for doc in r.answers().values():
+            u = doc["usage"]
+            normal = u["prompt_tokens"] * 2.0 / 1e6 + u["completion_tokens"] * 8.0 / 1e6
+            assert doc["cost"]["total"] == pytest.approx(normal / 2, abs=1e-12)
+            assert doc["cost"]["saved"] == 0.0 and doc["batch_job"]["id"]  # a paid call
+            saved += normal / 2
+        assert saved > 0
+        assert r.metrics.cost_saved._value.get() == pytest.approx(saved, abs=1e-12)
 
 
 @pytest.mark.parametrize("where", ["no_cache", "cache_off"])
@@ -323,25 +326,16 @@ async def test_identical_requests_of_other_ids_pay_their_own_lines_where_answers
     # As on the normal path (no content lock there): a user asking the same prompt under
     # several ids with no_cache, or with the cache off, wants that many answers (sampling).
     # Before, they shared one line and got one answer.
-    mock = MockLLM(MockBehaviour(batch_delay_seconds=0.1), rng=random.Random(3))
-    server = TestServer(mock.app())
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession() as session:
-            off = where == "cache_off"
-            r = Rig(str(server.make_url("")).rstrip("/"), session,
-                    cache={"enabled": False} if off else None)
-            over: dict[str, Any] = {} if off else {"cache": {"no_cache": True}}
-            active = r.cut_at(0, [("r0", "a"), ("r1", "a"), ("r0", "a"), ("r2", "a")], **over)
-            await r.runner.run(r.pj, active)
-            api = mock.batches
-            assert api.stats["lines_answered"] == 3  # r0 (delivered twice: one line), r1, r2
-            outs = [v for _, _, v in r.publisher.out]
-            assert sorted(v["id"] for v in outs) == ["r0", "r0", "r1", "r2"]
-            assert [v["cached"] for v in outs].count(False) == 3
-            assert r.pj.commit_offset() == 4 and active.cut.done
-    finally:
-        await server.close()
+    off = where == "cache_off"
+    async with rig_of(cache={"enabled": False} if off else None) as (r, _, api):
+        over: dict[str, Any] = {} if off else {"cache": {"no_cache": True}}
+        active = r.cut_at(0, [("r0", "a"), ("r1", "a"), ("r0", "a"), ("r2", "a")], **over)
+        await r.runner.run(r.pj, active)
+        assert api.stats["lines_answered"] == 3  # r0 (delivered twice: one line), r1, r2
+        outs = [v for _, _, v in r.publisher.out]
+        assert sorted(v["id"] for v in outs) == ["r0", "r0", "r1", "r2"]
+        assert [v["cached"] for v in outs].count(False) == 3
+        assert r.pj.commit_offset() == 4 and active.cut.done
 
 
 async def test_a_request_of_another_id_with_the_same_content_rides_on_the_running_line(
@@ -362,19 +356,11 @@ async def test_a_request_of_another_id_with_the_same_content_rides_on_the_runnin
 
 
 async def test_a_shared_line_is_paid_once_and_saved_for_the_others() -> None:
-    mock = MockLLM(MockBehaviour(batch_delay_seconds=0.1), rng=random.Random(3))
-    server = TestServer(mock.app())
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession() as session:
-            r = Rig(str(server.make_url("")).rstrip("/"), session, pricing={
-                "m": {"input_per_mtok": 2.0, "output_per_mtok": 8.0, "batch_discount": 0.5}})
-            await r.runner.run(r.pj, r.cut(["a", "a", "a"]))
-            docs = [r.answers()[f"r{i}"] for i in range(3)]
-            price = docs[0]["cost"]["total"]
-            assert price > 0 and docs[0]["cost"]["saved"] == 0.0
-            for doc in docs[1:]:
-                assert doc["cost"]["total"] == 0.0
-                assert doc["cost"]["saved"] == pytest.approx(price, abs=1e-12)
-    finally:
-        await server.close()
+    async with rig_of(pricing=PRICES) as (r, _, _):
+        await r.runner.run(r.pj, r.cut(["a", "a", "a"]))
+        docs = [r.answers()[f"r{i}"] for i in range(3)]
+        price = docs[0]["cost"]["total"]
+        assert price > 0 and docs[0]["cost"]["saved"] == 0.0
+        for doc in docs[1:]:
+            assert doc["cost"]["total"] == 0.0
+            assert doc["cost"]["saved"] == pytest.approx(price, abs=1e-12)
