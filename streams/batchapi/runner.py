@@ -270,7 +270,7 @@ class CutRunner:
             if got.recalled is not None and got.recalled.kind == "response":
                 out.append(OutRecord(responses, held.rec.key, got.recalled.value))
                 continue  # answered before a restart: republished as it was
-            cost = self._cost(comp, part.endpoint)
+            cost = batch_cost(d.pricing, d.metrics, comp, part.endpoint)
             value = self._record(held, req, comp, part, cost)
             if got.key not in stored:
                 stored.add(got.key)
@@ -286,22 +286,6 @@ class CutRunner:
             if too_large is not None:
                 await d.letters.write(held.rec, too_large, held.req, None, 1, [part.endpoint])
             pj.settle(held.rec.offset)
-
-    def _cost(self, comp: Completion, endpoint: str) -> Cost | None:
-        """The batch price of an answer (None without a price), and what batching saved counted;
-        for a line's answer shared (``cached``), that price as saved: it was paid once."""
-        pricing = self._d.pricing
-        if pricing is None:
-            return None
-        usage = comp.body.get("usage") if isinstance(comp.body, dict) else None
-        usage = usage if isinstance(usage, dict) else None
-        cost = pricing.price(comp.model, endpoint, usage, batch=True)
-        if comp.cached:
-            return None if cost is None else cost.as_saved()
-        normal = pricing.price(comp.model, endpoint, usage)
-        if cost is not None and normal is not None and normal.total > cost.total:
-            self._d.metrics.cost_saved.inc(normal.total - cost.total)
-        return cost
 
     def _record(self, held: Held, req: Request, comp: Completion, part: Part,
                 cost: Cost | None) -> bytes:
@@ -326,6 +310,23 @@ class CutRunner:
     def _normal(self, pj: PartitionJobs, helds: list[Held], reason: str) -> None:
         pj.normal(helds, reason)
 
+
+
+def batch_cost(pricing: Pricing | None, metrics: BatchMetrics, comp: Completion, endpoint: str
+               ) -> Cost | None:
+    """The batch price of an answer (None without a price), and what batching saved counted;
+    for a line's answer shared (``cached``), that price as saved: it was paid once."""
+    if pricing is None:
+        return None
+    usage = comp.body.get("usage") if isinstance(comp.body, dict) else None
+    usage = usage if isinstance(usage, dict) else None
+    cost = pricing.price(comp.model, endpoint, usage, batch=True)
+    if comp.cached:
+        return None if cost is None else cost.as_saved()
+    normal = pricing.price(comp.model, endpoint, usage)
+    if cost is not None and normal is not None and normal.total > cost.total:
+        metrics.cost_saved.inc(normal.total - cost.total)
+    return cost
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace(
