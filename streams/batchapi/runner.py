@@ -311,7 +311,6 @@ class CutRunner:
         pj.normal(helds, reason)
 
 
-
 def batch_cost(pricing: Pricing | None, metrics: BatchMetrics, comp: Completion, endpoint: str
                ) -> Cost | None:
     """The batch price of an answer (None without a price), and what batching saved counted;
@@ -327,6 +326,7 @@ def batch_cost(pricing: Pricing | None, metrics: BatchMetrics, comp: Completion,
     if cost is not None and normal is not None and normal.total > cost.total:
         metrics.cost_saved.inc(normal.total - cost.total)
     return cost
+
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace(
