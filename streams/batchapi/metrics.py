@@ -32,7 +32,7 @@ class BatchMetrics:
         self.fallbacks = Counter(
             "llm_streams_batch_fallbacks", "Requests that took the normal path instead of (or "
             "after) a batch job, by reason (deadline, line_error, job_failed, no_endpoint, "
-            "submit_failed)", ["reason"], registry=registry)
+            "submit_failed, budget)", ["reason"], registry=registry)
         self.late_dropped = Counter(
             "llm_streams_batch_late_results_dropped", "Batch results dropped because the "
             "request was answered by a normal call already", registry=registry)

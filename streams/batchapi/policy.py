@@ -6,7 +6,9 @@ model, and either it says ``batch_api: true`` or it leaves the choice to the pol
 least ``min_slack_seconds`` away. A request whose deadline is within
 ``fallback_slack_seconds`` never qualifies (it would fall back at once). A request marked
 ``batch_api: true`` that no batch-capable endpoint can take goes the normal way, counted
-and logged at most once per interval.
+and logged at most once per interval. So does a request of a tenant with budgets: a job's
+lines are not reserved against them, and the normal path's reservation is what makes a
+budget hold (counted as ``budget``).
 
 Usage::
 
@@ -23,6 +25,7 @@ from collections.abc import Callable
 
 from streams.batchapi.metrics import BatchMetrics
 from streams.config import EndpointConfig, Settings
+from streams.config_tenants import tenant_config, tenant_name
 from streams.contract import Request
 from streams.logs import LogThrottle, request_extra
 
@@ -37,6 +40,7 @@ class BatchPolicy:
     ) -> None:
         self._cfg = settings.batch_api
         self._endpoints = [e for e in settings.endpoints if e.batch_api and e.weight > 0]
+        self._tenants = settings.tenants
         self._metrics = metrics
         self._clock = clock
         self._unserved = LogThrottle(settings.cache.error_log_interval_seconds, time.monotonic)
@@ -71,5 +75,8 @@ class BatchPolicy:
                     log.warning("batch_api requested but no batch-capable endpoint serves "
                                 "model %r: normal path (%d since last report)", req.model,
                                 count, extra=request_extra(req.id))
+            return False
+        if tenant_config(self._tenants, tenant_name(req.tenant)).budgets:
+            self._metrics.fallbacks.labels("budget").inc()
             return False
         return True

@@ -54,6 +54,27 @@ def test_the_policy_parks_exactly_what_the_contract_says(
     assert policy.wants(req) is expected
 
 
+def test_a_tenant_with_budgets_takes_the_normal_path_where_its_budgets_hold() -> None:
+    # A job's lines were paid with no reservation against the tenant's budgets: a tenant could
+    # spend past its budget through the Batch API.
+    metrics = BatchMetrics(CollectorRegistry())
+    settings = _settings().model_copy(update={"tenants": load_settings(environ={}, tenants={
+        "capped": {"budgets": [{"window": "day", "cost": 5.0}]}, "free": {"weight": 2}}).tenants})
+    policy = BatchPolicy(settings, metrics, clock=lambda: NOW)
+    for tenant, parked in (("capped", False), ("free", True), (None, True), ("other", True)):
+        for flag in (True, None):
+            req = Request(id="r", input="x", model="m", priority=9, batch_api=flag, tenant=tenant)
+            assert policy.wants(req) is parked, (tenant, flag)
+    assert metrics.fallbacks.labels("budget")._value.get() == 2
+    # the budgets of ``default`` apply to every tenant not named, and to requests without one
+    settings = _settings().model_copy(update={"tenants": load_settings(environ={}, tenants={
+        "default": {"budgets": [{"window": "hour", "tokens": 1000}]}, "free": {}}).tenants})
+    policy = BatchPolicy(settings, metrics, clock=lambda: NOW)
+    assert not policy.wants(Request(id="r", input="x", model="m", priority=9))
+    assert not policy.wants(Request(id="r", input="x", model="m", priority=9, tenant="other"))
+    assert policy.wants(Request(id="r", input="x", model="m", priority=9, tenant="free"))
+
+
 def test_a_request_for_batch_without_a_batch_endpoint_is_counted() -> None:
     policy, metrics = _policy()
     assert not policy.wants(Request(id="r", input="x", model="other", batch_api=True))
