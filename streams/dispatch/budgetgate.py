@@ -90,11 +90,18 @@ class BudgetGate:
     def hold(self, tenant: str | None, model: str, messages: ChatMessages, params: Params,
              priority: int) -> Hold | None:
         """The request's claim, or None when its tenant has no budgets (nothing to do)."""
+        if not tenant_config(self._tenants, tenant_name(tenant)).budgets:
+            return None
+        prompt, completion = estimate_parts(messages, params)
+        return self.hold_tokens(tenant, model, prompt, completion, priority)
+
+    def hold_tokens(self, tenant: str | None, model: str, prompt: int, completion: int,
+                    priority: int) -> Hold | None:
+        """``hold`` from estimated tokens (an embedding input: no completion)."""
         name = tenant_name(tenant)
         cfg = tenant_config(self._tenants, name)
         if not cfg.budgets:
             return None
-        prompt, completion = estimate_parts(messages, params)
         cost = self._pricing.estimate(model, prompt, completion)
         return Hold(name, model, prompt + completion, cost, priority, self._clock(),
                     cfg.on_exhausted)

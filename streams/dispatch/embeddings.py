@@ -47,7 +47,13 @@ from streams.dispatch.embedcalls import (
 from streams.dispatch.scheduler import Scheduler
 from streams.dispatch.telemetry import EmbeddingMetrics
 from streams.embedding import estimate_input_tokens
-from streams.errors import DeadlineExpired, DispatchFailed, NoEndpoint, ValidationFailed
+from streams.errors import (
+    BudgetExceeded,
+    DeadlineExpired,
+    DispatchFailed,
+    NoEndpoint,
+    ValidationFailed,
+)
 
 log = logging.getLogger("streams.embeddings")
 
@@ -100,6 +106,28 @@ class EmbeddingBatcher:
             raise DispatchFailed(ValidationFailed(
                 f"input of ~{tokens} tokens is too large for any endpoint (largest tpm {largest})"
             ), 0, [])
+        gate = parts.budgets  # the tenant's budgets, reserved as for a chat call
+        hold = None if gate is None else gate.hold_tokens(req.tenant, model, tokens, 0, req.priority)
+        if gate is None or hold is None:
+            return await self._batched(req, model, tokens)
+        try:
+            if not await gate.reserve(hold, req.deadline):
+                self.metrics.inputs.labels("expired").inc()
+                raise DispatchFailed(DeadlineExpired(
+                    f"deadline {req.deadline} passed while waiting for the tenant's budget"), 0, [])
+        except BudgetExceeded as exc:
+            self.metrics.inputs.labels("budget").inc()
+            raise DispatchFailed(exc, 0, []) from exc
+        try:
+            comp = await self._batched(req, model, tokens)
+        except BaseException:
+            gate.release(hold)
+            raise
+        gate.settle(hold, comp.body, comp.endpoint or "")
+        return comp
+
+    async def _batched(self, req: Request, model: str, tokens: int) -> Completion:
+        parts = self._d.parts
         params = dict(req.params)
         key = (model, orjson.dumps(params, option=orjson.OPT_SORT_KEYS))
         group = self._groups.get(key)

@@ -16,8 +16,10 @@ from streams.config import EndpointConfig, Settings
 from streams.contract import Completion, Params, Request
 from streams.dispatch.dispatcher import Dispatcher
 from streams.dispatch.parts import build_dispatcher
+from streams.embedding import estimate_input_tokens
 from streams.errors import (
     AttemptsExhausted,
+    BudgetExceeded,
     DeadlineExpired,
     DispatchFailed,
     StreamsError,
@@ -352,4 +354,25 @@ def test_a_bug_in_a_call_fails_each_input_instead_of_stranding_it() -> None:
             got = await _all(d, [_req(i) for i in range(5)])
         assert all(isinstance(g, RuntimeError) for g in got)  # the processor dead-letters these
 
+    run(main)
+
+
+def test_embedding_inputs_are_held_to_their_tenants_budget() -> None:
+    # Embedding calls bypassed tenant budgets: a tenant with a budget could embed without limit.
+    async def main(clock: VirtualClock) -> None:
+        await asyncio.sleep(math.ceil(clock() / 60) * 60 - clock() + 1)  # a fresh minute
+        each = estimate_input_tokens(_req(0).input or "")
+        d, up, registry = _make(clock, tenants={"t": {
+            "budgets": [{"window": "minute", "tokens": 3 * each}], "on_exhausted": "reject"}})
+        async with d:
+            results = await _all(d, [_req(i, tenant="t") for i in range(6)] + [_req(9)])
+        ok = [r for r in results[:6] if isinstance(r, Completion)]
+        refused = [r for r in results[:6] if isinstance(r, DispatchFailed)]
+        assert len(ok) == 3 and len(refused) == 3  # reserved together: three fit the minute
+        assert all(isinstance(r.error, BudgetExceeded) for r in refused)
+        assert isinstance(results[6], Completion)  # another tenant, no budget
+        sent = [text for _, _, inputs in up.calls for text in inputs]
+        assert len(sent) == 4 and "text number 9" in sent
+        assert registry.get_sample_value("llm_streams_embedding_inputs_total",
+                                         {"outcome": "budget"}) == 3
     run(main)
