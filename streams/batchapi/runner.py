@@ -272,9 +272,12 @@ class CutRunner:
                 continue  # answered before a restart: republished as it was
             cost = batch_cost(d.pricing, d.metrics, comp, part.endpoint)
             value = self._record(held, req, comp, part, cost)
-            if got.key not in stored:
+            if got.key not in stored and not req.cache.no_store:
+                # the line's answer once per cache key, whichever of its requests may store it
+                # (a shared one is published as cached, but its body is the line's fresh answer)
                 stored.add(got.key)
-                writes.append(d.cache.store(req, comp, got.key))
+                fresh = Completion(part.model, comp.body, part.endpoint, 1, endpoints=[part.endpoint])
+                writes.append(d.cache.store(req, fresh, got.key))
             writes.append(d.cache.remember(got.ref, value))
             out.append(OutRecord(responses, held.rec.key, value))
             d.metrics.answered.inc()

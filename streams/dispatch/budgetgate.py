@@ -90,18 +90,17 @@ class BudgetGate:
     def hold(self, tenant: str | None, model: str, messages: ChatMessages, params: Params,
              priority: int) -> Hold | None:
         """The request's claim, or None when its tenant has no budgets (nothing to do)."""
-        if not tenant_config(self._tenants, tenant_name(tenant)).budgets:
-            return None
-        prompt, completion = estimate_parts(messages, params)
-        return self.hold_tokens(tenant, model, prompt, completion, priority)
+        return self.hold_tokens(tenant, model, priority, lambda: estimate_parts(messages, params))
 
-    def hold_tokens(self, tenant: str | None, model: str, prompt: int, completion: int,
-                    priority: int) -> Hold | None:
-        """``hold`` from estimated tokens (an embedding input: no completion)."""
+    def hold_tokens(self, tenant: str | None, model: str, priority: int,
+                    estimate: Callable[[], tuple[int, int]]) -> Hold | None:
+        """``hold`` from estimated (prompt, completion) tokens, estimated only for a tenant with
+        budgets (an embedding input: its own estimate, no completion)."""
         name = tenant_name(tenant)
         cfg = tenant_config(self._tenants, name)
         if not cfg.budgets:
             return None
+        prompt, completion = estimate()
         cost = self._pricing.estimate(model, prompt, completion)
         return Hold(name, model, prompt + completion, cost, priority, self._clock(),
                     cfg.on_exhausted)

@@ -107,7 +107,8 @@ class EmbeddingBatcher:
                 f"input of ~{tokens} tokens is too large for any endpoint (largest tpm {largest})"
             ), 0, [])
         gate = parts.budgets  # the tenant's budgets, reserved as for a chat call
-        hold = None if gate is None else gate.hold_tokens(req.tenant, model, tokens, 0, req.priority)
+        hold = None if gate is None else gate.hold_tokens(req.tenant, model, req.priority,
+                                                          lambda: (tokens, 0))
         if gate is None or hold is None:
             return await self._batched(req, model, tokens)
         try:

@@ -364,3 +364,16 @@ async def test_a_shared_line_is_paid_once_and_saved_for_the_others() -> None:
         for doc in docs[1:]:
             assert doc["cost"]["total"] == 0.0
             assert doc["cost"]["saved"] == pytest.approx(price, abs=1e-12)
+
+
+async def test_a_shared_line_is_cached_even_when_its_payer_may_not_store(rig: Any) -> None:
+    # The first request of a line was no_store: its answer was not stored, and the key was
+    # marked stored, so the line's other requests (who may store) left the cache empty.
+    r, _, _ = rig
+    first = r.cut_at(0, [("r0", "a")], cache={"no_store": True})
+    second = r.cut_at(1, [("r1", "a")])
+    active = ActiveCut(Cut(0, 0, 2, 2), [*first.held, *second.held])
+    await r.runner.run(r.pj, active)
+    assert {v["id"] for _, _, v in r.publisher.out} == {"r0", "r1"}
+    found = await r.cache.prefetch([second.held[0].req], ["requests"])
+    assert found[0].hit is not None
