@@ -6,14 +6,18 @@ for an in-flight slot, a rate limit, its fair share); on a machine whose event l
 lock may have expired meanwhile and another worker taken it, called and published. So the
 coalescer sets a check for its dispatch (a context variable: it follows the dispatch into
 the dispatcher without a parameter on every layer between), and the dispatcher runs it once
-it holds a grant, right before each attempt. The check renews the lock; a lock that is no
-longer ours raises ``ClaimLost`` and the call is not made (the grant is given back).
+it holds a grant for an attempt, before it waits for the grant's rate slot (at most
+``RESERVE_AHEAD_SECONDS`` or four slots ahead). The check renews the lock; a lock that is no
+longer ours raises ``ClaimLost`` and the call is not made (the grant is given back). Made
+after the wait, a slow check (Redis failing over) would hold back sends whose slots passed
+meanwhile, and they would go at once, above the limit; made before it, a check that takes the
+request past its slot makes it ask for a new one (``calls.py``).
 
 Usage::
 
     token = CLAIM.set(lambda: locks.extend(key, token, ttl_ms))   # the coalescer
     ...
-    await check_claim()   # the dispatcher, before each attempt; raises ClaimLost
+    await check_claim()   # the dispatcher, for each grant; raises ClaimLost
 """
 
 from __future__ import annotations

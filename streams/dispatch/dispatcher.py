@@ -201,6 +201,11 @@ class Dispatcher:
             if grant is None:  # the deadline came while waiting
                 self._check_deadline(req.deadline, attempts, ticket.tried)
                 continue
+            try:  # the last look (the lock may have gone while we waited), before the slot:
+                await check_claim()  # a slow answer (a Redis failover) then delays the wait
+            except BaseException:    # for the slot, never the send after it
+                self._admission.release(grant, None)
+                raise
             if grant.at and not await self._caller.until_slot(grant, ticket):
                 continue  # cooling down since, or woke too late for the slot: ask again
             if self._expired(req.deadline):
@@ -209,11 +214,6 @@ class Dispatcher:
             if gate is not None and hold is not None and not gate.covers(hold):
                 self._admission.release(grant, None)  # the wait crossed a budget window
                 continue
-            try:
-                await check_claim()  # the last look: the lock may have gone while we waited
-            except BaseException:
-                self._admission.release(grant, None)
-                raise
             attempts += 1
             ticket.tried.append(grant.endpoint.name)
             try:

@@ -359,6 +359,32 @@ async def answered(stack: Stack, docs: Iterable[dict[str, Any]], n: int | None =
         return await col.wait_for(len(values) if n is None else n, timeout)
 
 
+async def drained(mocks: Iterable[Mock], quiet: float = 0.5, timeout: float = 30.0) -> float:
+    """Wait until the mocks take no new call for ``quiet`` seconds; return ``time.time()``
+    then. A mock stamps a call when its loop gets to it, so calls a killed worker sent just
+    before it died can be stamped after the kill: once drained, every call stamped before the
+    returned time came from before it (the mock's clock for its calls)."""
+    mocks = list(mocks)
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        calls = sum([(await m.stats())["calls"] for m in mocks])
+        if calls == last:
+            return time.time()
+        last = calls
+        await asyncio.sleep(quiet)
+    raise TimeoutError(f"the mocks were still taking calls after {timeout} s")
+
+
+def calls_by_prompt(logs: Iterable[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each prompt's call times (``stats(log=True)``'s ``calls_log`` of one or more mocks)."""
+    times: dict[str, list[float]] = {}
+    for log in logs:
+        for c in log["calls_log"]:
+            times.setdefault(c["prompt"], []).append(c["t"])
+    return times
+
+
 async def kill_when_half_answered(stack: Stack, col: Collector, n: int) -> float:
     """A worker on the stack answers until ``col`` holds outputs for half of ``n`` requests,
     then is SIGKILLed (also if anything before fails). Returns the kill's ``time.time()``

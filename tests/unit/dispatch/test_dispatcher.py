@@ -486,7 +486,7 @@ def test_a_dispatch_whose_claim_was_lost_while_waiting_makes_no_call() -> None:
     # Scale 1-3-1 under load: a worker took a request's coalescing lock, then waited seconds
     # for an in-flight slot; its lock expired meanwhile (a lagging event loop), another worker
     # took it, called and published, and the first worker's call came after that answer. The
-    # dispatcher looks at the claim once it holds a grant, right before the call.
+    # dispatcher looks at the claim once it holds a grant, before waiting for its slot.
     async def main(clock: VirtualClock) -> None:
         d, up, _ = _make(clock, [_ep("a")], latency=1.0, limits={"max_inflight": 1})
         ours = {"r1": True, "r2": False}  # r2's lock went to another worker while it waited
