@@ -108,6 +108,11 @@ class PipelineMetrics:
             "finished (their output was published)",
             ["topic"],
         )
+        self.handed_over = counter(
+            "llm_streams_answers_handed_over",
+            "Answers not published here: their partition went to another worker during the "
+            "call, which publishes them from the idempotency store",
+        )
         self.loop_stalls = Histogram(
             "llm_streams_event_loop_stall_seconds",
             "Stalls of the worker's event loop (a 20 ms timer fired 50 ms or more late)",
@@ -141,6 +146,14 @@ class PipelineMetrics:
             self.count_tokens(comp.model, usage)
         self.costs.count(tenant, self.model_label(comp.model), cost, comp.cached, usage)
         return outcome
+
+    def handed_over_answer(self, tenant: str | None, comp: Completion, cost: Cost | None) -> str:
+        """An answer left to its partition's new owner to publish (``intake/owner.py``): paid
+        here, so its tokens and cost count here, but not as an output; its outcome."""
+        self.handed_over.inc()
+        self.count_tokens(comp.model, comp.usage)
+        self.costs.count(tenant, self.model_label(comp.model), cost, comp.cached, comp.usage)
+        return "handed_over"
 
     def output(self, outcome: str) -> None:
         """One output record under ``outcome`` (replayed, a dead letter's type...)."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -261,7 +261,7 @@ class CutRunner:
         reqs = [h.req for h, _ in chunk if h.req is not None]
         found = await d.cache.prefetch(reqs, [h.rec.source.topic for h, _ in chunk])
         out: list[OutRecord] = []
-        writes = []
+        writes: list[Coroutine[Any, Any, object]] = []
         stored: set[str] = set()
         responses = d.settings.topics.responses
         for (held, comp), got in zip(chunk, found, strict=True):

@@ -92,8 +92,9 @@ class IdempotencyStore:
 
     async def remember(
         self, ref: IdemRef, value: bytes, kind: Kind = "response", ttl: int | None = None
-    ) -> None:
-        """Keep the exact output record so a redelivery republishes it without upstream.
+    ) -> bool:
+        """Keep the exact output record so a redelivery republishes it without upstream; True
+        when it is kept.
 
         It replaces whatever the id held (the latest content of an id wins).
         """
@@ -101,8 +102,8 @@ class IdempotencyStore:
                    + encode_value(value, self._cfg.compress_min_bytes))
         if len(encoded) > self._cfg.max_value_bytes:
             self._store.metrics.skipped.labels("too_large").inc()
-            return
-        await self._store.write(ref.key, encoded, ttl or ref.ttl, "idempotency", force=True)
+            return False
+        return await self._store.write(ref.key, encoded, ttl or ref.ttl, "idempotency", force=True)
 
     def note_replay(self, kind: Kind = "response") -> None:
         """Count a redelivered id answered from the store (the caller republishes)."""

@@ -204,9 +204,9 @@ class ResponseCache:
 
     async def remember(
         self, ref: IdemRef, value: bytes, kind: Kind = "response", ttl: int | None = None
-    ) -> None:
-        """Keep the exact output record (``IdempotencyStore.remember``)."""
-        await self.idempotency.remember(ref, value, kind, ttl)
+    ) -> bool:
+        """Keep the exact output record (``IdempotencyStore.remember``); True when kept."""
+        return await self.idempotency.remember(ref, value, kind, ttl)
 
     def note_replay(self, kind: Kind = "response") -> None:
         """Count a redelivered id answered from the idempotency store."""

@@ -199,13 +199,15 @@ class RedisStore:
         futs = [self._reads.submit((k, force)) for k in keys]
         return [await f for f in futs]
 
-    async def write(self, key: str, value: bytes, ttl: int, store: str, force: bool = False) -> None:
-        """Set ``key`` for ``ttl`` seconds; counted under ``store``, or as skipped."""
+    async def write(self, key: str, value: bytes, ttl: int, store: str, force: bool = False) -> bool:
+        """Set ``key`` for ``ttl`` seconds; counted under ``store``, or as skipped. True when
+        Redis took it."""
         ok = (force or self.guard.available()) and await self._writes.submit((key, value, ttl, force))
         if ok:
             self.metrics.writes.labels(store).inc()
         else:
             self.metrics.skipped.labels("redis_unavailable").inc()
+        return bool(ok)
 
     def flush(self) -> None:
         """Send the pending reads and writes now."""

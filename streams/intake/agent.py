@@ -132,6 +132,7 @@ def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def _assigned(sender: Any, assigned: set[Any], **_: Any) -> None:
         # faust's own topics (its leader topic) are assigned too: count only ours
+        runtime.on_assigned(assigned)
         mine = sum(1 for tp in assigned if tp.topic == s.topics.requests)
         runtime.assigned = mine
         runtime.metrics.assigned_partitions.set(mine)

@@ -39,6 +39,7 @@ from streams.errors import (
     ValidationFailed,
 )
 from streams.intake.front import Front, NativeFront
+from streams.intake.owner import Ownership
 from streams.metrics import PipelineMetrics
 from streams.output.deadletters import DeadLetters
 from streams.output.records import OutRecord, Publisher
@@ -77,7 +78,7 @@ class Answerer(Protocol):
 class Cache(Protocol):
     """The response cache and idempotency store (``streams.cache.ResponseCache``)."""
 
-    async def remember(self, ref: IdemRef, value: bytes) -> None: ...
+    async def remember(self, ref: IdemRef, value: bytes) -> bool: ...
     def note_replay(self) -> None: ...
     async def prefetch(self, reqs: list[Request], topics: list[str]) -> list[Prefetched]:
         """The remembered output and the cached answer of many requests in one round trip."""
@@ -107,8 +108,10 @@ class Processor:
         clock: Callable[[], float] = time.time,
         front: Front | None = None,
         parking: Parker | None = None,
+        owner: Ownership | None = None,
     ) -> None:
         self._parking = parking
+        self._owner = owner  # which source partitions are ours (owner.py); None: all of them
         self._publisher = publisher
         self._dispatch = dispatcher.dispatch  # bound once: one lookup less per miss
         self._cache = cache
@@ -327,7 +330,9 @@ class Processor:
             if cache is not None and ref is not None and not comp.cached:
                 # Remembered before it is published (and so before its offset is committed):
                 # whoever saw this answer, a redelivery of the id never pays for it again.
-                await cache.remember(ref, value)
+                if (await cache.remember(ref, value) and self._owner is not None
+                        and not await self._owner.keeps(rec.source.topic, rec.source.partition)):
+                    return self._metrics.handed_over_answer(req.tenant, comp, cost)
             await self._publisher.publish(self._topics.responses, rec.key, value,
                                           self._front.headers(rec))
         except OutputTooLarge as exc:

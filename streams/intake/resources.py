@@ -23,6 +23,7 @@ from streams.config import Settings
 from streams.dispatch.parts import build_dispatcher
 from streams.dispatch.upstream import UpstreamClient
 from streams.intake.front import Front
+from streams.intake.owner import Ownership
 from streams.intake.processor import Processor
 from streams.kafka_io import start_producer
 from streams.metrics import PipelineMetrics, start_http
@@ -32,7 +33,7 @@ from streams.redis_io import RedisClient, open_redis
 
 async def open_resources(
     stack: AsyncExitStack, s: Settings, registry: CollectorRegistry, metrics: PipelineMetrics,
-    front: Front | None, ready: Callable[[], bool],
+    front: Front | None, ready: Callable[[], bool], owner: Ownership | None = None,
 ) -> tuple[Processor, RedisClient]:
     """Open the worker's resources on ``stack``; its processor and its Redis client."""
     publisher = await stack.enter_async_context(
@@ -52,7 +53,8 @@ async def open_resources(
     cache = await stack.enter_async_context(ResponseCache(s, redis, registry))
     parking = await stack.enter_async_context(batch_parts(  # work that can wait (batchapi)
         s, publisher, dispatcher, cache, metrics, registry, session))
-    processor = Processor(s, publisher, dispatcher, cache, metrics, front=front, parking=parking)
+    processor = Processor(s, publisher, dispatcher, cache, metrics, front=front, parking=parking,
+                          owner=owner)
     if s.metrics.port:
         runner = await start_http(registry, s.metrics.host, s.metrics.port, ready)
         stack.push_async_callback(runner.cleanup)

@@ -35,6 +35,7 @@ from streams.contract import Source
 from streams.intake.acks import AckTracker
 from streams.intake.finished import Ledger
 from streams.intake.front import Front
+from streams.intake.owner import Ownership
 from streams.intake.probes import Probes
 from streams.intake.processor import InRecord, Processor, cancelling
 from streams.intake.resources import open_resources
@@ -79,11 +80,15 @@ class Runtime:
         self._consumed = self.metrics.consumed.labels(settings.topics.requests)
         self._skipped = self.metrics.skipped_finished.labels(settings.topics.requests)
         self._gate = Slots(BATCHES_AHEAD)
+        # an answer whose partition went to another worker is left to it (owner.py); a
+        # rebalance that takes longer than this is not waited out
+        self.owner = Ownership(2 * settings.kafka.session_timeout_seconds)
 
     async def start(self) -> None:
         stack = self._stack
         self._processor, redis = await open_resources(
-            stack, self.settings, self.registry, self.metrics, self._front, self.ready)
+            stack, self.settings, self.registry, self.metrics, self._front, self.ready,
+            self.owner)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, self._log_state, loop)
         stack.callback(loop.remove_signal_handler, signal.SIGUSR1)
@@ -246,6 +251,10 @@ class Runtime:
 
     def on_revoked(self, revoked: set[Any]) -> None:
         self._tracker.revoke(revoked)
+        self.owner.revoked()
+
+    def on_assigned(self, assigned: set[Any]) -> None:
+        self.owner.assigned((tp.topic, tp.partition) for tp in assigned)
 
     async def drain(self) -> None:
         """Stop accepting; give in-flight work the grace period, then cancel the rest."""

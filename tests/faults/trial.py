@@ -35,6 +35,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from streams.intake.finished import Runs, decode
 from tests.integration.harness import Collector, Mock, Output, Stack, Worker, start_worker
 
 SIZE = os.environ.get("FAULTS_SIZE", "small")
@@ -93,6 +94,9 @@ class _Sent:
         return min(times) if times else None
 
 
+# An output this close before a SIGKILL came after the dead worker's last commit (the fault
+# suite commits every 0.5 s).
+KILL_WINDOW_SECONDS = 1.0
 ROWS: list[Row] = []  # every verdict of this session, for the summary and the README
 
 
@@ -125,6 +129,9 @@ class Trial:
         self.started: float | None = None
         self.seconds = 0.0
         self.kills: list[int] = []  # requests in flight in each worker at its SIGKILL
+        # the offsets each sample's commits named finished above the committed one
+        self.finished: list[tuple[float, dict[int, Runs]]] = []
+        self.kill_times: list[float] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -166,10 +173,11 @@ class Trial:
                         await admin.start()
                     got = await admin.list_consumer_group_offsets(self.stack.group)
                     seen = time.time()
-                    self.samples.append((seen, {
-                        tp.partition: meta.offset for tp, meta in got.items()
-                        if tp.topic == self.stack.requests and meta.offset >= 0
-                    }))
+                    mine = {tp.partition: meta for tp, meta in got.items()
+                            if tp.topic == self.stack.requests and meta.offset >= 0}
+                    self.samples.append((seen, {p: m.offset for p, m in mine.items()}))
+                    self.finished.append((seen, {p: decode(m.metadata, m.offset)
+                                                 for p, m in mine.items() if m.metadata}))
                 except Exception:  # the broker is away or the group is forming: next time
                     if admin is not None:
                         with contextlib.suppress(Exception):
@@ -219,6 +227,7 @@ class Trial:
             held = 0
         worker.kill()
         self.kills.append(held)
+        self.kill_times.append(time.time())
         return held
 
     # -- collecting --------------------------------------------------------------------------
@@ -271,6 +280,28 @@ class Trial:
 
     def outputs_of(self, topic: str) -> list[Output]:
         return [o for s in self.sent.values() for o in s.outputs if o.topic == topic]
+
+    def duplicate_causes(self) -> tuple[int, int, int]:
+        """Of the records output more than once, how many (a) a commit sampled between their
+        first and second output named done (committed, or finished above the committed
+        offset): redone although the group knew; (b) none did, and the first output came less
+        than ``KILL_WINDOW_SECONDS`` before a SIGKILL: published after the dead worker's last
+        commit; (c) none did, at another time: finished by a worker after its partition was
+        revoked, and redone by the new owner."""
+        named = at_kill = other = 0
+        kills = sorted(self.kill_times)
+        for (part, off), sent in self.sent.items():
+            if len(sent.outputs) < 2:
+                continue
+            t1, t2 = sorted(o.timestamp / 1000 for o in sent.outputs)[:2]
+            if (any(t1 < t < t2 and c.get(part, -1) > off for t, c in self.samples)
+                    or any(t1 < t < t2 and off in f.get(part, ()) for t, f in self.finished)):
+                named += 1
+            elif any(0 <= k - t1 < KILL_WINDOW_SECONDS for k in kills):
+                at_kill += 1
+            else:
+                other += 1
+        return named, at_kill, other
 
     # -- the invariant -----------------------------------------------------------------------
 
@@ -375,6 +406,11 @@ class Trial:
         stalled = await self.stalled()
         extra = [f"{redone:,} upstream calls redone for requests unanswered at a crash or "
                  "rebalance (at-least-once)"] if redone else []
+        if duplicates:
+            named, at_kill, other = self.duplicate_causes()
+            extra.append(f"records output twice: {named:,} named done by a commit before the "
+                         f"redo, {at_kill:,} first output under {KILL_WINDOW_SECONDS:.0f} s "
+                         f"before a kill, {other:,} at other times")
         row = Row(self.scenario, len(self.sent), outputs, lost, duplicates, len(late),
                   round(self.seconds, 1), "; ".join(filter(None, [notes, *extra])),
                   stalled=len(stalled),

@@ -3,7 +3,8 @@
 One partition; its first record waits on a slow endpoint, so the committed offset stays at it
 while the records behind it are answered and published. The worker is killed, a new one
 starts at the committed offset: it must answer the slow record and republish none of the
-others (the commit's metadata named them finished).
+others (the commit's metadata named them finished). And at a rebalance, the answers still in
+flight on the old owner are published once, by the new owner.
 """
 
 from __future__ import annotations
@@ -96,3 +97,49 @@ async def test_sigkill_republishes_nothing_finished_above_the_commit(
     assert skipped == N, f"the new worker skipped {skipped} of {N} finished records"
     assert metadata.startswith("lls1:")
     assert (await _committed(stack))[0] == N + 2  # the partition committed to its end
+
+
+@pytest.mark.timeout(300)
+async def test_a_rebalance_hands_the_new_owner_the_answers_still_in_flight(
+    stack: Stack, mocks: list[Mock]
+) -> None:
+    """A worker holds every record in a slow call when a second one joins and takes some of its
+    partitions. The first one's answers for those partitions come back after the rebalance:
+    kept in the idempotency store, left for the new owner to publish (``intake/owner.py``).
+    Before, both published them: every record of a moved partition was output twice."""
+    stack.endpoints = [{"name": f"slow-{i}", "url": f"{m.url}/v1", "timeout_seconds": 120}
+                       for i, m in enumerate(mocks)]
+    stack.overrides["kafka.partitions"] = 4
+    for m in mocks:
+        await m.configure(latency_ms=15_000)
+    n = 200
+    docs = [{"id": f"r{i}", "input": f"slow {i}"} for i in range(n)]
+    first = start_worker(stack)
+    second = None
+    try:
+        await first.ready()
+        async with Collector(stack) as col:
+            await produce(stack.requests, encode(docs), keys=[f"k{i}".encode() for i in range(n)])
+            deadline = time.monotonic() + 60
+            while sum([(await m.stats())["distinct_prompts"] for m in mocks]) < n:
+                assert time.monotonic() < deadline, "the records were never all called"
+                await asyncio.sleep(0.2)
+            second = start_worker(stack)  # joins: a rebalance while every call is in flight
+            await second.ready()
+            await col.wait_for(n, timeout=120)
+            await asyncio.sleep(3)  # anything published twice arrives now
+            for _ in range(5):
+                await col.poll()
+            handed = await first.metric("llm_streams_answers_handed_over_total")
+            moved = await second.metric("llm_streams_assigned_partitions")
+    finally:
+        codes = [w.stop() for w in (first, second) if w is not None]
+    assert codes == [0] * len(codes)
+    per_id = Counter(o.value.get("id") for o in col.outputs)
+    again = sorted(rid for rid, k in per_id.items() if k > 1)
+    assert not again, f"{len(again)} records output twice, e.g. {again[:5]}"
+    assert set(per_id) == {d["id"] for d in docs}
+    assert all(o.value["status"] == "ok" for o in col.outputs)
+    calls = sum([(await m.stats())["calls"] for m in mocks])
+    assert calls == n, f"{calls} upstream calls for {n} records"
+    assert moved > 0 and handed > 0, (moved, handed)  # the scenario happened
