@@ -24,6 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from streams.config import Settings
 from streams.contract import Completion
+from streams.intake.owner import HANDED_OVER
 from streams.pricing import Cost
 from streams.tenancy import CostMetrics, TenantLabels
 
@@ -153,7 +154,7 @@ class PipelineMetrics:
         self.handed_over.inc()
         self.count_tokens(comp.model, comp.usage)
         self.costs.count(tenant, self.model_label(comp.model), cost, comp.cached, comp.usage)
-        return "handed_over"
+        return HANDED_OVER
 
     def output(self, outcome: str) -> None:
         """One output record under ``outcome`` (replayed, a dead letter's type...)."""

@@ -112,6 +112,17 @@ class AckTracker(Generic[T]):
             return []
         return self._release(part)
 
+    def forget(self, tp: TP, offset: int) -> list[T]:
+        """Stop tracking an offset whose output is another owner's to publish (``owner.py``):
+        if its partition comes back, its redelivery is new work, not a finished entry. Returns
+        the tokens now safe to ack, in offset order."""
+        part = self._parts.get(tp)
+        if part is None or part.entries.pop(offset, None) is None:
+            return []
+        del part.offsets[bisect.bisect_left(part.offsets, offset)]
+        self._size -= 1
+        return self._release(part)
+
     def pending(self, tp: TP) -> list[T]:
         """Tokens whose offset is finished, now releasable (after a redelivery rebind)."""
         part = self._parts.get(tp)

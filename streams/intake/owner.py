@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
+HANDED_OVER = "handed_over"  # the outcome of an answer left to the new owner
+
 
 class Ownership:
     """The partitions of the last assignment, and whether a rebalance is under way."""

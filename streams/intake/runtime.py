@@ -35,7 +35,7 @@ from streams.contract import Source
 from streams.intake.acks import AckTracker
 from streams.intake.finished import Ledger
 from streams.intake.front import Front
-from streams.intake.owner import Ownership
+from streams.intake.owner import HANDED_OVER, Ownership
 from streams.intake.probes import Probes
 from streams.intake.processor import InRecord, Processor, cancelling
 from streams.intake.resources import open_resources
@@ -229,7 +229,10 @@ class Runtime:
                 return
             self._slots.release()
             self.metrics.in_flight.dec()
-            self._ack_all(tracker.finish(entry[0], rec.source.offset))
+            if outcome == HANDED_OVER:  # its new owner publishes it: a redelivery here redoes it
+                self._ack_all(tracker.forget(entry[0], rec.source.offset))
+            else:
+                self._ack_all(tracker.finish(entry[0], rec.source.offset))
 
         try:
             try:

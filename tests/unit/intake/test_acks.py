@@ -104,3 +104,18 @@ def test_len_counts_every_tracked_offset_until_released() -> None:
     tr.add(TP, 3, 33)  # redelivered from faust's committed position: 1 and 2 are dropped
     assert len(tr) == 3 and tr.describe()[str(TP)] == (2, 3, 1)  # 3 (finished) and 4
     assert tr.pending(TP) == [33] and len(tr) == 2
+
+
+def test_a_forgotten_offset_is_new_work_when_redelivered_and_holds_nothing_back() -> None:
+    """An answer handed over to a partition's new owner is forgotten, not finished: if the
+    partition comes back, its redelivery starts the work again (finished, it was acked with no
+    output: records lost in the scale 1-3-1 fault scenario)."""
+    t: AckTracker[str] = AckTracker()
+    for off in (5, 6, 7):
+        assert t.add("p", off, f"m{off}")
+    assert t.finish("p", 6) == []
+    t.revoke(["p"])  # the partition went to another worker, then 5's answer came back
+    assert t.forget("p", 5) == []  # 6 released with its stale token: nothing to ack
+    assert len(t) == 1 and t.forget("p", 5) == []
+    assert t.add("p", 5, "again")  # the partition is back here: new work, not finished
+    assert t.finish("p", 5) == ["again"]
