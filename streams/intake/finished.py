@@ -5,7 +5,7 @@ offset back while thousands of later records are answered and published. After a
 rebalance the new owner starts at the committed offset, so all of them would be answered
 (and published) again. As Confluent's Parallel Consumer does, every commit carries the set of
 offsets at or above the committed one whose output is already published, and the next owner
-skips them (``Ledger``).
+skips them (``ledger.Ledger``).
 
 The encoding (``encode``/``decode``) is a short ASCII string: ``MAGIC`` then base64 (URL
 alphabet, no padding) of zlib-compressed bytes: a format byte, the committed offset and the
@@ -16,10 +16,17 @@ metadata is empty (today's behaviour: everything above the committed offset is r
 Metadata that is not ours, is corrupt, or names another committed offset decodes to nothing:
 an offset is skipped only on positive evidence, so the worst case is a redone record.
 
+A commit's metadata names only what finished before it; what is published after the last
+commit is marked in Redis (``marks.py``) under the partition's *token*, which every commit of
+ours carries (``MAGIC_TOKEN``, then the token, a dot and the encoding above, possibly empty).
+A commit written by anything else (an offset reset, a new consumer of the group) carries none,
+so the marks of an older history are never read back: the next owner draws a new token.
+
 Usage::
 
-    meta = encode(committed, finished_offsets, max_bytes=4096)
+    meta = encode(committed, finished_offsets, max_bytes=4096, token=new_token())
     runs = decode(meta, committed)     # Runs; empty when foreign or corrupt
+    token = token_of(meta)             # None when foreign or corrupt
     if offset in runs: ...
 """
 
@@ -28,13 +35,14 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import re
+import secrets
 import zlib
-from collections.abc import Hashable, Iterable
-from typing import Any, Protocol
-
-from streams.intake.acks import AckTracker
+from collections.abc import Iterable
 
 MAGIC = "lls1:"
+MAGIC_TOKEN = "lls2:"
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{11}")  # new_token(): 8 random bytes, URL-safe base64
 _BITSET = 0x62  # b"b"
 _RUNS = 0x72  # b"r"
 # Decoding bounds (what a hostile or corrupt string may cost us): the span a set may cover
@@ -112,22 +120,39 @@ class Runs:
         return Runs(sorted(self.runs() + other.runs()))
 
 
-def encode(base: int, finished: Runs, max_bytes: int = 4096) -> str:
-    """Metadata naming the offsets of ``finished`` at or above ``base`` (the committed offset).
+def new_token() -> str:
+    """A partition history's token: 11 URL-safe characters."""
+    return secrets.token_urlsafe(8)
 
-    At most ``max_bytes`` characters: the lowest runs that fit, or ``""``.
+
+def token_of(metadata: str | None) -> str | None:
+    """The token a commit's metadata carries; None when it has none (or is not ours)."""
+    if not metadata or not metadata.startswith(MAGIC_TOKEN):
+        return None
+    token = metadata[len(MAGIC_TOKEN):len(MAGIC_TOKEN) + 11]
+    ok = _TOKEN.fullmatch(token) and metadata[len(MAGIC_TOKEN) + 11:len(MAGIC_TOKEN) + 12] == "."
+    return token if ok else None
+
+
+def encode(base: int, finished: Runs, max_bytes: int = 4096, token: str = "") -> str:
+    """Metadata naming the offsets of ``finished`` at or above ``base`` (the committed offset),
+    and ``token`` when given.
+
+    At most ``max_bytes`` characters: the lowest runs that fit, or only the token, or ``""``.
     """
+    head = f"{MAGIC_TOKEN}{token}." if token else MAGIC
+    bare = head if token and len(head) <= max_bytes else ""
     runs = [(s - base, e - base) for s, e in finished.from_(base).runs()[:_MAX_RUNS]]
     while runs and runs[-1][1] > MAX_SPAN:  # beyond what decode() accepts: drop, never clip wrongly
         s, e = runs.pop()
         if s < MAX_SPAN:
             runs.append((s, MAX_SPAN))
     if not runs:
-        return ""
-    writer = _Writer(base, runs)
+        return bare
+    writer = _Writer(base, runs, head)
     # The longest prefix of runs that fits: grow k fourfold while it fits (a set that fits
     # costs one or two tries), then bisect between the last fit (lo) and the first miss (hi).
-    lo, hi, best = 0, len(runs) + 1, ""
+    lo, hi, best = 0, len(runs) + 1, bare
     k = min(len(runs), 256)
     while k < hi:
         text = writer.text(k)
@@ -151,7 +176,8 @@ def encode(base: int, finished: Runs, max_bytes: int = 4096) -> str:
 class _Writer:
     """Encodes prefixes of one list of runs (relative to ``base``), each run's bytes made once."""
 
-    def __init__(self, base: int, runs: list[tuple[int, int]]) -> None:
+    def __init__(self, base: int, runs: list[tuple[int, int]], magic: str = MAGIC) -> None:
+        self._magic = magic
         self._head = _varint(base)
         self._runs = runs
         self._pieces: list[bytes] = []
@@ -181,13 +207,17 @@ class _Writer:
             as_bits = bytes([_BITSET]) + self._head + bytes(bits)
             raw = min(raw, as_bits, key=len)
         packed = base64.urlsafe_b64encode(zlib.compress(raw, 6)).rstrip(b"=")
-        return MAGIC + packed.decode("ascii")
+        return self._magic + packed.decode("ascii")
 
 
 def decode(metadata: str | None, base: int | None) -> Runs:
     """The finished offsets ``metadata`` names for committed offset ``base``; empty when the
     metadata is absent, foreign, corrupt, or was written for another committed offset."""
-    if not metadata or base is None or not metadata.startswith(MAGIC):
+    if not metadata or base is None:
+        return Runs()
+    if token_of(metadata) is not None:
+        metadata = MAGIC + metadata[len(MAGIC_TOKEN) + 12:]
+    if not metadata.startswith(MAGIC) or metadata == MAGIC:
         return Runs()
     try:
         text = metadata[len(MAGIC):].encode("ascii")
@@ -260,82 +290,3 @@ def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise ValueError("varint too long")
-
-
-class CommitMetadata(Protocol):
-    """The metadata each commit carries, and what is read back at an assignment
-    (``finished.Ledger``: the offsets finished above the committed one)."""
-
-    def written(self, tp: Hashable, offset: int) -> str:
-        """The metadata for a commit of ``offset`` on ``tp``."""
-        ...
-
-    def read(self, tp: Hashable, offset: int | None, metadata: str | None) -> int:
-        """The committed offset and metadata found for ``tp`` at an assignment."""
-        ...
-
-    def grew(self, tp: Hashable, offset: int) -> bool:
-        """True when more offsets above ``offset`` finished than its last commit named."""
-        ...
-
-
-class Ledger:
-    """Per partition, the offsets known finished: read back from the commit at assignment,
-    and the tracker's finished entries; writes the metadata of each commit.
-
-    Methods are called on the event loop (the transport calls ``written`` before it hands a
-    commit to its thread, and ``read`` after the seek to the committed offsets).
-
-    Usage::
-
-        ledger = Ledger(tracker, max_bytes=4096)
-        ledger.read(tp, committed, metadata)     # after an assignment's seek
-        if ledger.skips(tp, offset): ...         # published already: finish it, do not redo it
-        metadata = ledger.written(tp, offset)    # for a commit of ``offset``
-    """
-
-    def __init__(self, tracker: AckTracker[Any], max_bytes: int = 4096) -> None:
-        self._tracker = tracker
-        self._max_bytes = max_bytes
-        self._known: dict[Hashable, Runs] = {}
-        self._named: dict[Hashable, tuple[int, int]] = {}  # tp -> (offset, finished) last written
-
-    def read(self, tp: Hashable, offset: int | None, metadata: str | None) -> int:
-        """The commit found at an assignment; returns how many offsets it names finished."""
-        runs = decode(metadata, offset) if self._max_bytes else Runs()
-        if runs:
-            self._known[tp] = runs
-        else:
-            self._known.pop(tp, None)
-        return len(runs)
-
-    def skips(self, tp: Hashable, offset: int) -> bool:
-        """True when the commit read at assignment names ``offset`` finished."""
-        known = self._known.get(tp)
-        return known is not None and offset in known
-
-    def grew(self, tp: Hashable, offset: int) -> bool:
-        """True when more offsets at or above ``offset`` are finished than the last metadata
-        written for ``offset`` named (a commit of the same offset would tell more)."""
-        if not self._max_bytes:
-            return False
-        last = self._named.get(tp)
-        finished = len(self._tracker.finished_from(tp, offset))
-        return finished > 0 and (last is None or last[0] != offset or last[1] < finished)
-
-    def written(self, tp: Hashable, offset: int) -> str:
-        """The metadata for a commit of ``offset`` (the next offset to read) on ``tp``."""
-        if not self._max_bytes:
-            return ""
-        finished = self._tracker.finished_from(tp, offset)
-        self._named[tp] = (offset, len(finished))
-        done = Runs.of(finished)
-        known = self._known.get(tp)
-        if known is not None:
-            known = known.from_(offset)  # what the committed offset passed is settled
-            if known:
-                self._known[tp] = known
-                done = done.union(known)
-            else:
-                del self._known[tp]
-        return encode(offset, done, self._max_bytes)

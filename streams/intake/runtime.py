@@ -33,8 +33,9 @@ from prometheus_client import CollectorRegistry
 from streams.config import Settings
 from streams.contract import Source
 from streams.intake.acks import AckTracker
-from streams.intake.finished import Ledger
 from streams.intake.front import Front
+from streams.intake.ledger import Ledger
+from streams.intake.marks import PublishedMarks
 from streams.intake.owner import HANDED_OVER, Ownership
 from streams.intake.probes import Probes
 from streams.intake.processor import InRecord, Processor, cancelling
@@ -89,6 +90,9 @@ class Runtime:
         self._processor, redis = await open_resources(
             stack, self.settings, self.registry, self.metrics, self._front, self.ready,
             self.owner)
+        # published offsets are marked in Redis at once, for the next owner (marks.py)
+        self.finished.marks = PublishedMarks(redis, self.settings.redis.key_prefix)
+        stack.push_async_callback(self.finished.marks.close)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, self._log_state, loop)
         stack.callback(loop.remove_signal_handler, signal.SIGUSR1)
@@ -232,6 +236,7 @@ class Runtime:
             if outcome == HANDED_OVER:  # its new owner publishes it: a redelivery here redoes it
                 self._ack_all(tracker.forget(entry[0], rec.source.offset))
             else:
+                self.finished.published(entry[0], rec.source.offset)
                 self._ack_all(tracker.finish(entry[0], rec.source.offset))
 
         try:

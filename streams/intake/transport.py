@@ -51,7 +51,7 @@ from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, AppT, TransportT
 from mode import Service, ServiceT
 
-from streams.intake.finished import CommitMetadata
+from streams.intake.ledger import CommitMetadata
 
 log = logging.getLogger("streams.kafka")
 
@@ -137,8 +137,7 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
     async def seek_to_committed(self) -> Mapping[TP, int]:
         found: dict[TP, tuple[int | None, str]] = await self.call_thread(self._seek_committed)
         if (hook := self._metadata()) is not None:  # back on the event loop
-            for tp, (offset, metadata) in found.items():
-                hook.read(tp, offset, metadata)
+            await hook.read_all(found)
         return {tp: offset for tp, (offset, _) in found.items()}  # type: ignore[misc]
 
     async def _seek_committed(self) -> dict[TP, tuple[int | None, str]]:

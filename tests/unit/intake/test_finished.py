@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.intake.acks import AckTracker
-from streams.intake.finished import MAGIC, MAX_SPAN, Ledger, Runs, decode, encode
+from streams.intake.finished import (
+    MAGIC,
+    MAX_SPAN,
+    Runs,
+    decode,
+    encode,
+    new_token,
+    token_of,
+)
+from streams.intake.ledger import Ledger
 
 offsets_above = st.sets(st.integers(min_value=0, max_value=50_000), max_size=3000)
 bases = st.integers(min_value=0, max_value=2**62)
@@ -144,5 +153,56 @@ def test_what_the_ledger_read_back_is_kept_until_the_commit_passes_it() -> None:
     assert ledger.skips(tp, 101) and ledger.skips(tp, 200) and not ledger.skips(tp, 100)
     assert decode(ledger.written(tp, 102), 102) == Runs([(102, 103), (200, 201)])
     assert not ledger.skips(tp, 101)  # below the committed offset: settled
-    assert ledger.written(tp, 201) == "" and not ledger.skips(tp, 200)
+    token = token_of(ledger.written(tp, 102))
+    assert token is not None  # drawn at the read: the commit it read carried none
+    # nothing above 201 is finished: the metadata carries the token alone
+    assert ledger.written(tp, 201) == f"lls2:{token}." and not ledger.skips(tp, 200)
     assert ledger.read(tp, 100, "garbage") == 0 and not ledger.skips(tp, 200)
+
+
+@settings(max_examples=200, deadline=None)
+@given(base=bases, rel=offsets_above, max_bytes=st.integers(min_value=0, max_value=600))
+def test_a_token_rides_every_commit_that_has_room_for_it(base: int, rel: set[int],
+                                                          max_bytes: int) -> None:
+    token = new_token()
+    meta = encode(base, Runs.of(base + r for r in rel), max_bytes=max_bytes, token=token)
+    assert len(meta) <= max_bytes
+    head = f"lls2:{token}."
+    if len(head) <= max_bytes:  # the token fits: it is there, with the lowest runs that fit
+        assert meta.startswith(head) and token_of(meta) == token
+        named = decode(meta, base)
+        assert set(named.offsets()) <= {base + r for r in rel}
+        assert named == Runs.of(base + r for r in rel) or len(meta) > max_bytes - 40
+    else:
+        assert meta == ""
+
+
+@given(st.text(max_size=40))
+def test_a_token_is_read_only_from_a_well_formed_head(text: str) -> None:
+    token = token_of(text)
+    assert token is None or (text.startswith(f"lls2:{token}.") and len(token) == 11)
+    assert decode(text, 0) == Runs() or text.startswith(("lls1:", "lls2:"))
+
+
+def test_foreign_or_malformed_tokens_are_not_ours() -> None:
+    assert token_of("lls1:abc") is None and token_of("") is None and token_of(None) is None
+    assert token_of("lls2:short.") is None
+    assert token_of("lls2:{bad{token}.") is None  # no Redis hash tag can be smuggled in
+    assert token_of("lls2:AAAAAAAAAAA") is None  # no dot
+    assert token_of("lls2:AAAAAAAAAAA.") == "AAAAAAAAAAA"
+    assert decode("lls2:AAAAAAAAAAA.", 5) == Runs()
+    assert decode("lls2:AAAAAAAAAAA.garbage", 5) == Runs()
+
+
+def test_the_ledger_keeps_the_token_it_read_and_draws_one_for_a_commit_without() -> None:
+    tracker: AckTracker[str] = AckTracker()
+    ledger = Ledger(tracker)
+    a, b = ("t", 0), ("t", 1)
+    ledger.read(a, 10, encode(10, Runs(), token="AAAAAAAAAAA"))
+    ledger.read(b, 10, encode(10, Runs([(11, 12)])))  # an older worker's: no token
+    assert token_of(ledger.written(a, 10)) == "AAAAAAAAAAA"
+    drawn = token_of(ledger.written(b, 10))
+    assert drawn is not None and drawn != "AAAAAAAAAAA"
+    ledger.read(b, 0, "")  # an offset reset: a commit with no metadata
+    again = token_of(ledger.written(b, 0))
+    assert again is not None and again != drawn  # the older history's marks are not read

@@ -85,7 +85,7 @@ async def test_offsets_a_commit_names_finished_are_acked_in_order_and_not_redone
     assert sorted(doc["id"] for _, _, doc in pub.out) == ["r10", "r13", "r15"]
     assert sorted(disp.calls) == ["r10", "r13", "r15"]
     assert rt.metrics.skipped_finished.labels(TOPIC)._value.get() == 3
-    assert rt.finished.written(tp, 16) == ""
+    assert decode(rt.finished.written(tp, 16), 16) == Runs()  # its token alone
 
 
 async def test_corrupt_or_foreign_metadata_redoes_everything() -> None:
@@ -190,3 +190,39 @@ async def test_a_stray_cancellation_escaping_the_processor_dead_letters_what_is_
     await rt.submit_batch(events([orjson.dumps({"id": f"r{i}", "input": f"q{i}"}) for i in range(2)]))
     await _until(lambda: len(app.consumer.acked) == 2)
     assert [doc["error"]["type"] for _, _, doc in pub.out] == ["internal", "internal"]
+
+
+class _Marks:
+    """What the runtime asks ``marks.py`` to mark (Redis itself: test_published_marks.py)."""
+
+    def __init__(self) -> None:
+        self.added: list[tuple[object, str, int, int]] = []
+
+    def add(self, tp: object, token: str, offset: int, floor: int) -> None:
+        self.added.append((tp, token, offset, floor))
+
+
+async def test_each_published_offset_is_marked_under_its_token_and_no_handed_over_one() -> None:
+    from streams.intake.processor import Processor
+    from tests.unit.intake.test_owner import MovingDispatcher
+
+    settings = load_settings(environ={})
+    pub = FakePublisher()
+    rt, app = runtime(settings, pub, FakeDispatcher())
+    assert rt._processor is not None
+    p0, p1 = (TOPIC, 0), (TOPIC, 1)
+    rt.owner.assigned({p0, p1})
+    # every call meets a rebalance that leaves partition 1 ours and gives 0 to another worker
+    rt._processor = Processor(settings, pub, MovingDispatcher(rt.owner, {p1}),
+                              rt._processor._cache, rt.metrics, owner=rt.owner)
+    marks = _Marks()
+    rt.finished.marks = marks  # type: ignore[assignment]
+    rt.finished.read(p0, 3, encode(3, Runs(), token="AAAAAAAAAAA"))
+    rt.finished.read(p1, 5, "")  # no token of ours: one is drawn
+    token = rt.finished.written(p1, 5)[5:16]
+    await rt.submit_batch(events([orjson.dumps({"id": "r0", "input": "a"})], partition=0, start=3)
+                          + events([orjson.dumps({"id": "r1", "input": "b"})], partition=1,
+                                   start=5))
+    await _until(lambda: len(app.consumer.acked) == 1 and len(pub.out) == 1)
+    assert [doc["id"] for _, _, doc in pub.out] == ["r1"]  # r0's went to partition 0's owner
+    assert marks.added == [(p1, token, 5, 5)]

@@ -111,9 +111,8 @@ class _Hook:
     def written(self, tp: Any, offset: int) -> str:
         return f"m{tp.partition}@{offset}"
 
-    def read(self, tp: Any, offset: int | None, metadata: str | None) -> int:
-        self.read_back.append((tp, offset, metadata))
-        return 0
+    async def read_all(self, found: dict[Any, tuple[int | None, str]]) -> None:
+        self.read_back += [(tp, offset, metadata) for tp, (offset, metadata) in found.items()]
 
 
 def _thread(fake: _FakeAiokafka, assigned: set[Any], hook: _Hook | None = None) -> Any:
