@@ -87,13 +87,17 @@ async def test_scale_one_three_one_with_thousands_in_flight(
             # however fast the previous cycle went (a record answered is not in flight).
             await trial.send([trial.request(i) for i in range(c * chunk, (c + 1) * chunk)])
             grew.append(await _until_in_flight(first, trial, 1500))
+            trial.events.append((time.time(), "joining"))
             joiners = [fleet.start(), fleet.start()]  # 1 -> 3: rebalance with ~2000 in flight
             await asyncio.gather(*(w.ready() for w in joiners))
+            trial.events.append((time.time(), "joined"))
             # the joiners take partitions with records waiting: each fills its own slots
             held = [await _until_in_flight(w, trial, 300) for w in joiners]
             await keep_polling(trial, 2.0)
             shrank.append(sum(held))
+            trial.events.append((time.time(), "leaving"))
             await stop_all(joiners)  # 3 -> 1: both leave at once, draining what they hold
+            trial.events.append((time.time(), "left"))
         await trial.wait_all(timeout=pick(300, 900))
         assert first.alive()
         await stop_all(fleet.running)

@@ -132,6 +132,7 @@ class Trial:
         # the offsets each sample's commits named finished above the committed one
         self.finished: list[tuple[float, dict[int, Runs]]] = []
         self.kill_times: list[float] = []
+        self.events: list[tuple[float, str]] = []  # what a scenario did when (FAULTS_DUPS_DIR)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -393,11 +394,24 @@ class Trial:
             if len(self.collector.outputs) == before:
                 return
 
+    def _dump_duplicates(self, where: str) -> None:
+        """Each record output twice (times, values), the commits sampled and the kills."""
+        dups = [{"partition": p, "offset": o,
+                 "outputs": [(out.timestamp, out.value) for out in sent.outputs]}
+                for (p, o), sent in self.sent.items() if len(sent.outputs) > 1]
+        doc = {"dups": dups, "samples": self.samples, "kills": self.kill_times, "events": self.events,
+               "finished": [(t, {p: f.runs() for p, f in fs.items()}) for t, fs in self.finished]}
+        name = "".join(c if c.isalnum() else "_" for c in self.scenario)
+        with open(os.path.join(where, f"{name}.json"), "wb") as fh:
+            fh.write(orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS))
+
     async def verdict(self, notes: str = "") -> Row:
         """Check the invariant (asserts), record and return the table row."""
         await self.drain()
         calls = await self.upstream_calls()
         late, redone, foreign_calls = self._late_calls(calls)
+        if where := os.environ.get("FAULTS_DUPS_DIR"):  # for a look at each duplicate by hand
+            self._dump_duplicates(where)
         outputs = sum(len(s.outputs) for s in self.sent.values())
         lost = len(self.missing())
         duplicates = outputs - self.answered
