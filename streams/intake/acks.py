@@ -134,12 +134,6 @@ class AckTracker(Generic[T]):
         self._size -= before - len(part.offsets)
         return out
 
-    def head(self, tp: TP) -> int | None:
-        """The lowest tracked offset of ``tp`` (unfinished: a finished head is released), or
-        None when nothing is tracked: every offset below it that this worker was given is done."""
-        part = self._parts.get(tp)
-        return part.offsets[0] if part is not None and part.offsets else None
-
     def finished_from(self, tp: TP, base: int) -> list[int]:
         """Offsets at or above ``base`` that are finished but not yet released, in order."""
         part = self._parts.get(tp)

@@ -40,10 +40,6 @@ class CommitMetadata(Protocol):
         """True when more offsets above ``offset`` finished than its last commit named."""
         ...
 
-    def base(self, tp: Hashable, committed: int | None) -> int | None:
-        """The offset a commit of ``tp`` may name when its committed one did not move."""
-        ...
-
 
 class Ledger:
     """Per partition, the offsets known finished: read back from the commit at assignment,
@@ -111,14 +107,6 @@ class Ledger:
         """True when the commit read at assignment names ``offset`` finished."""
         known = self._known.get(tp)
         return known is not None and offset in known
-
-    def base(self, tp: Hashable, committed: int | None) -> int | None:
-        """The offset to commit again, with metadata, when only the finished set above it grew:
-        the committed offset; with none yet (a new group, a partition whose head has been slow
-        since), the lowest tracked offset, unfinished, below which all this worker was given is
-        done. Without that first commit neither the metadata nor the marks' token would reach
-        the next owner, and it would redo everything."""
-        return committed if committed is not None else self._tracker.head(tp)
 
     def grew(self, tp: Hashable, offset: int) -> bool:
         """True when more offsets at or above ``offset`` are finished than the last metadata

@@ -247,9 +247,9 @@ class DirectDeliveryConsumer(driver.Consumer):
         offsets: dict[TP, int] = super()._filter_committable_offsets(tps)
         if (hook := getattr(self.transport, "commit_metadata", None)) is not None:
             for tp in self.assignment():
-                base = hook.base(tp, self._committed_offset.get(tp))  # no commit yet: the head
-                if tp not in offsets and base is not None and hook.grew(tp, base):
-                    offsets[tp] = base
+                committed = self._committed_offset.get(tp)
+                if tp not in offsets and committed and hook.grew(tp, committed):
+                    offsets[tp] = committed
         return offsets
 
     def _can_deliver_now(self, tp: Any) -> bool:

@@ -56,31 +56,25 @@ def slow_head_stack(stack: Stack, mocks: list[Mock]) -> Stack:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize(("metadata_bytes", "first"), [(4096, True), (20, True), (4096, False)],
-                         ids=["metadata", "marks", "no-commit-before-the-head"])
+@pytest.mark.parametrize("metadata_bytes", [4096, 20])
 async def test_sigkill_republishes_nothing_finished_above_the_commit(
-    slow_head_stack: Stack, mocks: list[Mock], metadata_bytes: int, first: bool
+    slow_head_stack: Stack, mocks: list[Mock], metadata_bytes: int
 ) -> None:
     """With 20 bytes, a commit's metadata has room for the partition's token alone: the
     finished records are named only by the marks in Redis (``intake/marks.py``), as are
-    records published after the last commit before a crash. Without a first record, the slow
-    head is the partition's first: no commit exists, and the worker commits the head's own
-    offset to carry the metadata (before, nothing was committed and everything was redone)."""
+    records published after the last commit before a crash."""
     stack = slow_head_stack
     stack.overrides["kafka.commit_metadata_max_bytes"] = metadata_bytes
     await mocks[0].configure(latency_ms=60_000)
     worker = start_worker(stack)
     await worker.ready()
-    head = 1 if first else 0
-    if first:
-        await produce(stack.requests,
-                      encode([{"id": "first", "input": "x", "model": "fast-model"}]))
+    await produce(stack.requests, encode([{"id": "first", "input": "x", "model": "fast-model"}]))
     docs: list[dict[str, Any]] = [{"id": "head", "input": "slow one", "model": "slow-model"}]
     docs += [{"id": f"r{i}", "input": f"fast {i}", "model": "fast-model"} for i in range(N)]
     async with Collector(stack) as col:
-        await col.wait_for(head, timeout=60)
+        await col.wait_for(1, timeout=60)
         await produce(stack.requests, encode(docs))
-        await col.wait_for(N + head, timeout=120)  # everything but the head
+        await col.wait_for(N + 1, timeout=120)  # everything but the head (offset 1)
         assert "head" not in col.ids()
         # the commit interval is 0.5 s: a few of them after the last output, its offset is
         # in a commit (the committed offset itself stays at the head)
@@ -89,13 +83,13 @@ async def test_sigkill_republishes_nothing_finished_above_the_commit(
             await asyncio.sleep(0.5)
         await asyncio.sleep(2)
         committed, metadata = await _committed(stack)
-        assert committed == head, "the slow head was committed past"
+        assert committed == 1, "the slow head was committed past"
         worker.kill()
         await mocks[0].configure(latency_ms=0)
         worker = start_worker(stack)
         try:
             await worker.ready()
-            outs = await col.wait_for(N + 1 + head, timeout=120)
+            outs = await col.wait_for(N + 2, timeout=120)
             await asyncio.sleep(3)  # anything republished arrives now
             for _ in range(5):
                 await col.poll()
@@ -105,13 +99,13 @@ async def test_sigkill_republishes_nothing_finished_above_the_commit(
     per_id = Counter(o.value.get("id") for o in col.outputs)
     again = sorted((rid for rid, n in per_id.items() if n > 1), key=str)
     assert not again, f"{len(again)} finished records republished after the kill, e.g. {again[:5]}"
-    assert per_id["head"] == 1 and len(outs) == N + 1 + head
+    assert per_id["head"] == 1 and len(outs) == N + 2
     assert skipped == N, f"the new worker skipped {skipped} of {N} finished records"
     token = token_of(metadata)
     assert token is not None
     if metadata_bytes == 20:
         assert metadata == f"lls2:{token}."  # no room to name an offset
-    assert (await _committed(stack))[0] == N + 1 + head  # the partition committed to its end
+    assert (await _committed(stack))[0] == N + 2  # the partition committed to its end
 
 
 @pytest.mark.timeout(300)

@@ -206,17 +206,3 @@ def test_the_ledger_keeps_the_token_it_read_and_draws_one_for_a_commit_without()
     ledger.read(b, 0, "")  # an offset reset: a commit with no metadata
     again = token_of(ledger.written(b, 0))
     assert again is not None and again != drawn  # the older history's marks are not read
-
-
-def test_with_no_commit_yet_the_metadata_rides_a_commit_of_the_unfinished_head() -> None:
-    tracker: AckTracker[str] = AckTracker()
-    ledger = Ledger(tracker)
-    tp = ("t", 0)
-    assert ledger.base(tp, None) is None  # nothing tracked: nothing to say
-    for off in range(5, 9):
-        tracker.add(tp, off, f"m{off}")
-    tracker.finish(tp, 7)
-    assert ledger.base(tp, None) == 5 and ledger.grew(tp, 5)  # 5 runs: 7 finished above it
-    assert ledger.base(tp, 0) == 0  # a committed offset of 0 is one
-    assert tracker.finish(tp, 5) == ["m5"]
-    assert ledger.base(tp, None) == 6  # the head moved: everything below it is done
