@@ -26,7 +26,7 @@ log = logging.getLogger("streams.worker")
 
 class CommitMetadata(Protocol):
     """The metadata each commit carries, and what is read back at an assignment
-    (``finished.Ledger``: the offsets finished above the committed one)."""
+    (``Ledger``: the offsets finished above the committed one)."""
 
     def written(self, tp: Hashable, offset: int) -> str:
         """The metadata for a commit of ``offset`` on ``tp``."""
@@ -104,7 +104,8 @@ class Ledger:
             self.marks.add(tp, token, offset, self._floor[tp])
 
     def skips(self, tp: Hashable, offset: int) -> bool:
-        """True when the commit read at assignment names ``offset`` finished."""
+        """True when the commit read at assignment, or a mark above it, names ``offset``
+        published (``read_all``)."""
         known = self._known.get(tp)
         return known is not None and offset in known
 
