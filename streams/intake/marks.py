@@ -5,7 +5,8 @@ only those finished before that commit. Whatever is published after the last com
 answered again by the next owner after a crash: the SIGKILL loop of the fault suite killed a
 worker right after a rebalance, while it published what came back during it, and nearly every
 duplicate was an output published 0.03 to 0.16 s before the kill. So each published offset is
-also marked here, at most ``delay`` after its acknowledgement, and an assignment reads the
+also marked here, ``delay`` after its acknowledgement (later while the previous write is
+still under way: one write at a time), and an assignment reads the
 marks above the committed offset together with the commit's metadata (``Ledger.read_all``).
 
 Trust: a mark is written only once the output is acknowledged, and it is read only under the
