@@ -16,13 +16,15 @@ none; its partition gets a new token, so marks of an older history are never rea
 positive evidence skips a record: marks that are lost, late or unreadable leave it redone.
 
 Keys: ``{prefix}:p:{token}:{topic}:{partition}``, a sorted set of runs ``"start-end"``
-(half-open) scored by their end. Each write drops the runs below the committed offset (settled)
-and sets the key's TTL (``ttl``). No hash tag: one command touches one key (Redis Cluster).
+(half-open) scored by their end. A write drops the runs below the committed offset (settled)
+when that offset moved since the key's last trim, and sets the key's TTL (``ttl``) when it was
+not set in the last hour; after a failed write, every key gets both again. No hash tag: one
+command touches one key (Redis Cluster).
 
 Usage::
 
     marks = PublishedMarks(redis, "llmstreams")
-    marks.add(tp, token, offset, committed)          # on the loop; written within ``delay``
+    marks.add(tp, token, offset, committed)          # on the loop; written about ``delay`` later
     got = await marks.read({tp: (token, committed)})  # tp -> Runs above committed
     await marks.close()                               # writes what is left
 """
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from typing import Any
@@ -43,6 +46,8 @@ log = logging.getLogger("streams.worker")
 
 _RUN = re.compile(rb"(\d{1,19})-(\d{1,19})")
 MAX_READ = 100_000  # runs read per partition at an assignment (more: the rest is redone)
+REFRESH_SECONDS = 3600.0  # a key's TTL is set again after this long (it is days)
+MAX_KEYS = 65_536  # keys whose trim and TTL are remembered (more: forgotten, sent again)
 
 
 class PublishedMarks:
@@ -60,6 +65,8 @@ class PublishedMarks:
         self._timer: asyncio.TimerHandle | None = None
         self._writing: asyncio.Task[None] | None = None
         self._failed = LogThrottle(30.0, time.monotonic)
+        self._refresh = min(REFRESH_SECONDS, ttl / 2)
+        self._upkept: dict[str, tuple[int, float]] = {}  # key -> (trimmed below, TTL set at)
 
     def key(self, tp: Any, token: str) -> str:
         return f"{self._prefix}:p:{token}:{tp.topic}:{tp.partition}"
@@ -93,18 +100,35 @@ class PublishedMarks:
             self._writing = None
 
     async def _write(self, batch: dict[str, tuple[list[int], int]]) -> None:
+        """One pipeline: per key a ZADD of the runs, a trim when its commit moved since the last
+        trim, and its TTL when not set for ``refresh`` seconds (a write sends 1 to 3 commands
+        per key, most often 1)."""
         pipe = self._redis.pipeline(transaction=False)
+        now = time.monotonic()
+        upkeep: list[tuple[str, tuple[int, float]]] = []
         for key, (offsets, floor) in batch.items():
-            runs = Runs.of(offsets).runs()
-            pipe.zadd(key, {f"{s}-{e}": e for s, e in runs})
-            pipe.zremrangebyscore(key, "-inf", floor)
-            pipe.expire(key, self._ttl)
+            pipe.zadd(key, {f"{s}-{e}": e for s, e in Runs.of(offsets).runs()})
+            trimmed, expired = self._upkept.get(key, (-1, -math.inf))
+            if floor > trimmed:  # the commit moved: drop the runs it settled
+                pipe.zremrangebyscore(key, "-inf", floor)
+                trimmed = floor
+            if now - expired >= self._refresh:
+                pipe.expire(key, self._ttl)
+                expired = now
+            upkeep.append((key, (trimmed, expired)))
         try:
             replies = await pipe.execute(raise_on_error=False)
         except REDIS_ERRORS as exc:
             replies = [exc]
-        if (errors := [r for r in replies if isinstance(r, BaseException)]) \
-                and (count := self._failed.due()):
+        if not (errors := [r for r in replies if isinstance(r, BaseException)]):
+            if len(self._upkept) > MAX_KEYS:
+                self._upkept.clear()
+            self._upkept.update(upkeep)
+            return
+        # Redis failed or was replaced (a restart loses keys with their TTLs): every key gets
+        # its trim and TTL again at its next write
+        self._upkept.clear()
+        if count := self._failed.due():
             log.warning("could not mark published offsets in redis (%s): those records are"
                         " answered again after a crash (%d failed writes since last report)",
                         type(errors[0]).__name__, count)
