@@ -28,12 +28,14 @@ more: ``streams/intake/stalls.py``) wakes late for the slots it reserved and giv
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,36 @@ def _worker_stalls(logs: list[Path]) -> list[tuple[float, float]]:
             for m in STALL_LINE.finditer(p.read_text(errors="replace"))]
 
 
+PARTITIONS = 4  # the Stack's requests topic
+
+
+async def _settled(procs: list[Any], partitions: int, timeout: float = 60.0) -> None:
+    """Until every worker holds some of the partitions and together all of them, for 1 s: a
+    rebalance inside the measured span would pause every worker (a fixed sleep was too short
+    on a loaded machine)."""
+    deadline, since = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        held = [await w.metric("llm_streams_assigned_partitions") for w in procs]
+        if sum(held) == partitions and all(held):
+            since = since or time.monotonic()
+            if time.monotonic() - since >= 1.0:
+                return
+        else:
+            since = None
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the group did not settle in {timeout:.0f} s: {held}")
+
+
+REBALANCE_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \S+ "
+                            r"[^\n]*because it is rebalancing")
+
+
+def _rebalances(logs: list[Path]) -> list[float]:
+    """When the workers' logs say a rebalance was under way (epoch s)."""
+    return [datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp() for p in logs
+            for m in REBALANCE_LINE.finditer(p.read_text(errors="replace"))]
+
+
 def _prompt(i: int) -> str:
     """Prompts of 60 to 260 characters, so tpm requests differ in cost."""
     head = f"quota request {i} "
@@ -129,7 +161,7 @@ async def _run(tmp: Path, variant: Variant, workers: int) -> dict[str, Any]:
         procs = [start_worker(stack) for _ in range(workers)]
         for w in procs:
             await w.ready()
-        await asyncio.sleep(3.0 if workers > 1 else 0.5)  # let the group settle
+        await _settled(procs, PARTITIONS)
         # A backlog the limit cannot serve in the measured span (about 45 s of it).
         per_req = sum(variant.per_request(_prompt(i)) for i in range(200)) / 200
         n = int(variant.per_second * 45 / per_req)
@@ -150,12 +182,16 @@ async def _run(tmp: Path, variant: Variant, workers: int) -> dict[str, Any]:
             w.stop()
         mock.stop()
     frozen = _worker_stalls([w.log for w in procs])
+    rebalanced = _rebalances([w.log for w in procs])
+    # kept beside the workers' logs for a failure's post-mortem
+    (stack.tmp / "calls.json").write_text(json.dumps({"calls": calls, "stalls": stalls}))
     ok = [c for c in calls if c["status"] == 200]
     assert len(ok) == len(calls), "the mock refused calls"
     times = [c["t"] for c in ok]
     costs = [variant.per_request(c["prompt"]) for c in ok]
     start = times[0] + SETTLE
     span = [(t, c) for t, c in zip(times, costs, strict=True) if start <= t < start + WINDOW]
+    in_span = [round(t - start, 2) for t in rebalanced if start <= t < start + WINDOW]
     served = sum(c for _, c in span) / WINDOW
     t_span = [t for t, _ in span]
     c_span = [c for _, c in span]
@@ -171,7 +207,8 @@ async def _run(tmp: Path, variant: Variant, workers: int) -> dict[str, Any]:
             "served": served, "share": served / variant.per_second,
             "max_1s": most_all, "min_1s": least_1s, "max_request": max(costs),
             "judged": judged, "steady_judged": steady_judged, "stalls": len(stalls),
-            "worker_stalls": len(frozen), "raw": (most_raw, least_raw)}
+            "worker_stalls": len(frozen), "raw": (most_raw, least_raw),
+            "rebalances_in_span": in_span}
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -185,7 +222,7 @@ async def test_limits_deliver_the_quota_and_never_more(tmp_path: Path, workers: 
               f"{r['limit']:.0f}/s; 1 s windows: max {r['max_1s']}, min {r['min_1s']} "
               f"({r['judged']:.0%} judged; mock stalls {r['stalls']}; worker stalls "
               f"{r['worker_stalls']}, {r['steady_judged']:.0%} judged for steady; all windows: "
-              f"max, min {r['raw']})")
+              f"max, min {r['raw']}; rebalances at {r['rebalances_in_span']} s into the span)")
     for v, r in zip(VARIANTS, results, strict=True):
         limit = v.per_second
         assert r["share"] >= SHARE, r
