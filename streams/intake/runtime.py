@@ -43,7 +43,8 @@ from streams.intake.resources import open_resources
 from streams.intake.slots import Slots
 from streams.intake.stalls import LoopWatch
 from streams.intake.stopping import task_lines
-from streams.intake.transport import consumer_state, is_stale, unreadable_partitions
+from streams.intake.transport import consumer_state, is_stale
+from streams.intake.unreadable import unreadable_partitions
 from streams.metrics import PipelineMetrics, configured_models
 
 log = logging.getLogger("streams.worker")

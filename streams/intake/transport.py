@@ -22,7 +22,20 @@ when a rebalance begins. That costs more than our whole cache-hit path (BENCHMAR
 ``DirectDeliveryConsumer`` awaits the conductor's callback directly whenever it cannot block:
 flow is not suspended, flow control is active and every channel of the record's partition
 has room in its queue. Otherwise (a rebalance, a full buffer) it takes faust's own path,
-unchanged. The rest of ``_drain_messages`` is faust-streaming 0.15.3's, line for line;
+unchanged.
+
+It also drops a record gone stale while the loop awaited: faust's loop awaits an inline
+commit (every ``broker_commit_every`` acks; a commit can take a second) and the delivery, and
+a rebalance can revoke the partition and seek it to its committed offset meanwhile. faust would
+then deliver the record fetched before the seek and set the partition's read offset to it,
+over the seek's: the records from the committed offset up to it would be dropped as already
+read, never answered. The commit then stays behind them (the partition stalls until the next
+rebalance), or, when the stale record is the one right after the committed offset, commits
+over it (faust's check of the acks' head lets one offset through). Here a record is
+delivered only if no seek or revoke came since it was fetched, and the read offset is set
+only if none came during its delivery (the seek fetches it again).
+
+The rest of ``_drain_messages`` is faust-streaming 0.15.3's, line for line;
 ``tests/unit/intake/test_transport.py`` fails when the installed faust's own ``_drain_messages``
 differs from the one this copy was made from, so an upgrade is reviewed.
 
@@ -37,13 +50,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Mapping
 from time import monotonic
 from typing import Any, cast
 
 import aiokafka
-from aiokafka.consumer.fetcher import FetchResult
 from aiokafka.errors import CommitFailedError, OffsetMetadataTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -52,6 +63,7 @@ from faust.types import TP, AppT, TransportT
 from mode import Service, ServiceT
 
 from streams.intake.ledger import CommitMetadata
+from streams.intake.unreadable import SafeResults
 
 log = logging.getLogger("streams.kafka")
 
@@ -88,8 +100,8 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
         max_records: int | None = None,
     ) -> Any:
         fetcher = consumer._fetcher
-        if fetcher is not None and type(fetcher._records) is not _SafeResults:
-            fetcher._records = _SafeResults(self.unreadable, fetcher._records)
+        if fetcher is not None and type(fetcher._records) is not SafeResults:
+            fetcher._records = SafeResults(self.unreadable, fetcher._records)
         return await super()._fetch_records(
             consumer, active_partitions, timeout=timeout, max_records=max_records
         )
@@ -154,87 +166,6 @@ class _ConsumerThread(driver.AIOKafkaConsumerThread):
         return out
 
 
-class _SafeResults(OrderedDict[Any, Any]):
-    """The fetcher's buffer of fetched results, giving each result a ``_SafeGetall``."""
-
-    def __init__(self, unreadable: dict[TP, tuple[int, str]], results: Mapping[Any, Any]) -> None:
-        super().__init__()
-        self._unreadable = unreadable
-        for tp, result in results.items():
-            self[tp] = result
-
-    def __setitem__(self, tp: Any, result: Any) -> None:
-        if type(result) is FetchResult:
-            result.getall = _SafeGetall(result, self._unreadable)
-        super().__setitem__(tp, result)
-
-
-class _SafeGetall:
-    """aiokafka's ``FetchResult.getall`` that stops at a batch it cannot decode.
-
-    aiokafka decodes (decompresses, checks CRCs) lazily while ``fetched_records`` iterates
-    every partition's result; an error there escapes ``getmany`` after the records of the
-    partitions already drained were taken (their positions advanced), so they would be
-    lost, and faust then kills the worker. Here the records before the bad batch are
-    returned, the position stops at the bad batch, and the result stays in the fetcher's
-    buffer, so aiokafka does not fetch that partition again until a seek or a rebalance.
-    """
-
-    def __init__(self, result: FetchResult, unreadable: dict[TP, tuple[int, str]]) -> None:
-        self._result = result
-        self._unreadable = unreadable
-        self._held_at: int | None = None
-
-    def __call__(self, max_records: int | None = None) -> list[Any]:
-        result = self._result
-        if self._held_at is not None:
-            return []
-        tp = result._topic_partition
-        if not result.check_assignment(tp) or not result.has_more():
-            return []
-        records = result._partition_records
-        out: list[Any] = []
-        try:
-            for msg in records:
-                out.append(msg)
-                if max_records is not None and len(out) >= max_records:
-                    result._update_position()
-                    return out
-        except Exception as exc:  # whatever decoding these bytes raised: this partition's problem
-            result._update_position()  # past what we return, up to the bad batch
-            self._hold(tp, records.next_fetch_offset, exc)
-            return out
-        result._update_position()
-        result._partition_records = None
-        return out
-
-    def _hold(self, tp: Any, offset: int, exc: Exception) -> None:
-        result = self._result
-        self._held_at = offset
-        reason = f"{type(exc).__name__}: {exc}"
-        self._unreadable[tp] = (offset, reason)
-        log.error("partition %s[%d] cannot be read at offset %d (%s); holding it, the other "
-                  "partitions go on (a restart or rebalance tries again)",
-                  tp.topic, tp.partition, offset, reason)
-        assignment = result._assignment
-
-        def held() -> bool:  # until a rebalance or a seek moves the partition elsewhere
-            still = (assignment.active and tp in assignment.tps
-                     and assignment.state_value(tp).position == offset)
-            if not still:
-                self._unreadable.pop(tp, None)
-            return bool(still)
-
-        result.has_more = held
-
-
-def unreadable_partitions(app: Any) -> dict[TP, tuple[int, str]]:
-    """Partitions held because a batch cannot be decoded: tp -> (offset, reason)."""
-    consumer = getattr(app, "_consumer", None)
-    thread = getattr(consumer, "_thread", None) if consumer is not None else None
-    return dict(getattr(thread, "unreadable", None) or {})
-
-
 class DirectDeliveryConsumer(driver.Consumer):
     """See the module docstring."""
 
@@ -251,6 +182,19 @@ class DirectDeliveryConsumer(driver.Consumer):
                 if tp not in offsets and committed and hook.grew(tp, committed):
                     offsets[tp] = committed
         return offsets
+
+    moves = 0  # seeks and revokes so far (where to read next was set by a rebalance)
+
+    async def perform_seek(self) -> None:
+        self.moves += 1
+        try:
+            await super().perform_seek()
+        finally:
+            self.moves += 1
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self.moves += 1
+        await super().on_partitions_revoked(revoked)
 
     def _can_deliver_now(self, tp: Any) -> bool:
         """True when the conductor's callback for ``tp`` cannot block (nothing to abandon)."""
@@ -300,6 +244,7 @@ class DirectDeliveryConsumer(driver.Consumer):
                             num_since_yield = 0
 
                         offset = message.offset
+                        moves = self.moves  # llm-streams
                         r_offset = get_read_offset(tp)
                         if r_offset is None or offset >= r_offset:
                             gap = offset - (r_offset or 0)
@@ -312,14 +257,19 @@ class DirectDeliveryConsumer(driver.Consumer):
                                 if self._n_acked >= commit_every:
                                     self._n_acked = 0
                                     await self.commit()
-                            # llm-streams: the one change (see the module docstring).
+                            # llm-streams: a seek or revoke while we awaited (the inline
+                            # commit) made this record stale (see the module docstring).
+                            if self.moves != moves:
+                                continue
+                            # llm-streams: the direct delivery (see the module docstring).
                             if can_deliver_now(tp):
                                 await callback(message)
                             else:
                                 await self.wait_first(
                                     callback(message), self.suspend_flow.wait()
                                 )
-                            set_read_offset(tp, offset)
+                            if self.moves == moves:  # llm-streams: else the seek's offset stands
+                                set_read_offset(tp, offset)
                         else:
                             self.log.dev(
                                 "DROPPED MESSAGE ROFF %r: k=%r v=%r",

@@ -3,8 +3,12 @@ isolation level, and a partition held at a batch that cannot be decoded."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,6 +25,7 @@ from streams.intake import transport as faust_io
 from streams.intake.agent import build_app
 from streams.intake.runtime import Runtime
 from streams.intake.transport import DirectDeliveryConsumer, DirectDeliveryTransport
+from streams.intake.unreadable import SafeResults
 
 
 def test_copied_drain_matches_the_installed_faust() -> None:
@@ -237,7 +242,7 @@ def test_a_batch_that_cannot_be_decoded_holds_its_partition(
     state = _State(0)
     result = _fetch_result(tp, _Records(0, end, bad), state)
     unreadable: dict[Any, tuple[int, str]] = {}
-    results = faust_io._SafeResults(unreadable, {tp: result})
+    results = SafeResults(unreadable, {tp: result})
     got: list[int] = []
     for _ in range(end + 2):  # what fetched_records does: getall, then has_more
         got += results[tp].getall(max_records)
@@ -253,3 +258,86 @@ def test_a_batch_that_cannot_be_decoded_holds_its_partition(
         assert not results[tp].has_more() and unreadable == {}
     else:
         assert unreadable == {} and not results[tp].has_more()
+
+
+class _Drain:
+    """What ``_drain_messages`` reads of its consumer, for one batch of fetched records; a
+    rebalance (revoke, then the seek to the committed offset) may come while it awaits."""
+
+    consumer_stopped_errors = ()
+
+    def __init__(self, read: int, offsets: list[int], *, rebalance_in: str,
+                 commit_every: int | None = None) -> None:
+        self.tp = TP("req", 0)
+        self._read_offset = defaultdict(lambda: None, {self.tp: read})
+        self._offsets = offsets
+        self._rebalance_in, self._rebalanced = rebalance_in, False
+        self._commit_every, self._n_acked = commit_every, 1
+        self._stopped = asyncio.Event()
+        self.moves = 0
+        self.delivered: list[int] = []
+        self.diag = SimpleNamespace(set_flag=lambda f: None, unset_flag=lambda f: None)
+        self.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda t: True))
+        self.suspend_flow = asyncio.Event()
+        self.should_stop = False
+        self.dropped: list[int] = []
+        self.log = SimpleNamespace(dev=lambda fmt, off, *a: self.dropped.append(off),
+                                   info=logging.info, exception=logging.exception)
+        self.transport = SimpleNamespace(app=SimpleNamespace(should_stop=False))
+
+    def _rebalance(self, where: str, committed: int = 650) -> None:
+        if where == self._rebalance_in and not self._rebalanced:
+            self._rebalanced = True
+            self.moves += 3  # the revoke, and the seek (before and after)
+            self._read_offset[self.tp] = committed  # faust's perform_seek
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
+        for off in self._offsets:
+            yield self.tp, SimpleNamespace(offset=off, topic="req", key=None, value=None)
+        self._stopped.set()
+
+    async def callback(self, message: Any) -> None:
+        self.delivered.append(message.offset)
+        await asyncio.sleep(0)
+        self._rebalance("delivery")
+
+    async def commit(self) -> None:
+        await asyncio.sleep(0)
+        self._rebalance("commit")
+
+    def _can_deliver_now(self, tp: Any) -> bool:
+        return True
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def _add_gap(self, tp: Any, start: int, end: int) -> None:
+        raise AssertionError(f"a gap {start}..{end}: no record was skipped")
+
+
+async def _drain(fake: _Drain) -> None:
+    fetcher = SimpleNamespace(_stopped=asyncio.Event())
+    await DirectDeliveryConsumer._drain_messages(fake, fetcher)  # type: ignore[arg-type]
+
+
+async def test_a_seek_during_a_delivery_sets_where_to_read_next() -> None:
+    # 701 is delivered while a rebalance seeks the partition back to its commit, 650: the
+    # records from 650 are fetched again and must be delivered, not dropped as already read
+    fake = _Drain(700, [701, 650, 651], rebalance_in="delivery")
+    await _drain(fake)
+    assert fake.delivered == [701, 650, 651] and fake.dropped == []
+    assert fake._read_offset[fake.tp] == 651
+
+
+async def test_a_record_fetched_before_a_seek_during_the_inline_commit_is_not_delivered() -> None:
+    fake = _Drain(700, [701, 650, 651], rebalance_in="commit", commit_every=1)
+    await _drain(fake)
+    assert fake.delivered == [650, 651] and fake.dropped == []  # 701 comes again after them
+    assert fake._read_offset[fake.tp] == 651
+
+
+async def test_without_a_rebalance_each_record_sets_the_read_offset() -> None:
+    fake = _Drain(700, [701, 702], rebalance_in="never", commit_every=1)
+    await _drain(fake)
+    assert fake.delivered == [701, 702]
+    assert fake._read_offset[fake.tp] == 702
