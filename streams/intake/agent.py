@@ -21,6 +21,7 @@ import faust
 from faust.types import TransportT
 
 from streams.config import Settings
+from streams.intake.assignor import PartitionAssignor
 from streams.intake.runtime import Runtime
 from streams.intake.stopping import STOP_MARGIN_SECONDS, STOP_STEP_SECONDS, _StopWatchdog, _within
 from streams.intake.transport import new_transport
@@ -83,6 +84,9 @@ def build_app(settings: Settings, runtime: Runtime) -> StreamsApp:
         topic_partitions=s.kafka.partitions,
         topic_replication_factor=s.kafka.replication_factor,
         stream_wait_empty=False,  # we drain ourselves; faust's wait would hold rebalances hostage
+        # no tables, no standbys: every worker's share within one of the others' (assignor.py)
+        table_standby_replicas=0,
+        PartitionAssignor=PartitionAssignor,
         broker_commit_interval=s.kafka.commit_interval_seconds,
         broker_session_timeout=s.kafka.session_timeout_seconds,
         consumer_auto_offset_reset="earliest",

@@ -223,6 +223,21 @@ async def running(stack: Stack, n: int = 1, *, settle: float = 0.0, clean_exit: 
         assert codes == [0] * n, f"worker exit codes {codes}"
 
 
+async def settled_shares(workers: list[Worker], partitions: int, stable: float = 1.0,
+                         timeout: float = 60.0) -> list[int]:
+    """Each worker's count of assigned partitions once together they hold all ``partitions``
+    and nothing changed for ``stable`` seconds."""
+    deadline, since, last = time.monotonic() + timeout, time.monotonic(), None
+    while time.monotonic() < deadline:
+        held = [int(await w.metric("llm_streams_assigned_partitions")) for w in workers]
+        if held != last or sum(held) != partitions:
+            since, last = time.monotonic(), held
+        elif time.monotonic() - since >= stable:
+            return held
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the group did not settle in {timeout:.0f} s: {last}")
+
+
 def window_sums(times: list[float], costs: list[int], width: float,
                  stalls: list[tuple[float, float]]) -> tuple[int, int, float]:
     """(max, min) of the units in any half-open window [t, t + width) starting at a call or just

@@ -47,6 +47,7 @@ from tests.integration.harness import (
     Stack,
     encode,
     produce,
+    settled_shares,
     start_mocks,
     start_worker,
     window_sums,
@@ -88,23 +89,6 @@ def _worker_stalls(logs: list[Path]) -> list[tuple[float, float]]:
 
 
 PARTITIONS = 4  # the Stack's requests topic
-
-
-async def _settled(procs: list[Any], partitions: int, timeout: float = 60.0) -> None:
-    """Until every worker holds some of the partitions and together all of them, for 1 s: a
-    rebalance inside the measured span would pause every worker (a fixed sleep was too short
-    on a loaded machine)."""
-    deadline, since = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        held = [await w.metric("llm_streams_assigned_partitions") for w in procs]
-        if sum(held) == partitions and all(held):
-            since = since or time.monotonic()
-            if time.monotonic() - since >= 1.0:
-                return
-        else:
-            since = None
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"the group did not settle in {timeout:.0f} s: {held}")
 
 
 REBALANCE_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ \S+ "
@@ -161,7 +145,10 @@ async def _run(tmp: Path, variant: Variant, workers: int) -> dict[str, Any]:
         procs = [start_worker(stack) for _ in range(workers)]
         for w in procs:
             await w.ready()
-        await _settled(procs, PARTITIONS)
+        # measured once the group is settled with a share for each worker: a rebalance inside
+        # the span pauses every worker (a fixed sleep was too short on a loaded machine)
+        held = await settled_shares(procs, PARTITIONS)
+        assert all(held), f"a worker holds no partition: {held}"
         # A backlog the limit cannot serve in the measured span (about 45 s of it).
         per_req = sum(variant.per_request(_prompt(i)) for i in range(200)) / 200
         n = int(variant.per_second * 45 / per_req)
